@@ -1,0 +1,28 @@
+# Two commands do all the set-up on a fresh machine: `make report` and `make test`.
+# torch is pinned to the CPU build this workplace keeps on disk; override with TORCH_SPEC=...
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+MODEL ?= resnet18
+ARGS ?= --stem cifar --batch 64 --input 3x32x32 --optimizer adam --measure
+BIN := $(VENV)/bin
+
+.PHONY: setup report test clean
+
+$(BIN)/memfit: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/memfit
+
+report: setup
+	$(BIN)/memfit report $(MODEL) $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q -n 2 --durations=15
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

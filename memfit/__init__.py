@@ -1,0 +1,25 @@
+"""memfit: make PyTorch training fit a memory budget.
+
+Example:
+    >>> import torch, memfit
+    >>> net = memfit.models.create("resnet18", stem="cifar", num_classes=10)
+    >>> print(memfit.estimate(net, torch.randn(8, 3, 32, 32), optimizer="adam"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from . import models
+from .api import estimate, measure
+from .errors import MemfitError, MemfitInputError, MemfitTraceError
+from .report import MemoryReport
+
+__all__ = [
+    "estimate",
+    "measure",
+    "MemoryReport",
+    "MemfitError",
+    "MemfitInputError",
+    "MemfitTraceError",
+    "models",
+]
+__version__ = "0.1.0"

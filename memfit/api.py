@@ -1,0 +1,157 @@
+"""The public functions: estimate (predicted) and measure (measured) a training step's memory."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+
+from . import costmodel, workspace
+from .capture import LeafSpec, as_input_tuple, capture, check_model
+from .graph import MemGraph
+from .measurement import measure_step
+from .report import LayerRow, MemoryReport
+from .trainstep import OptimizerSpec, StepConfig
+
+__all__ = ["estimate", "measure", "report_from_graph"]
+
+_SHOWN_OPS = ("call_module", "call_function", "call_method")
+
+
+def _config(optimizer: OptimizerSpec, amp: str | None, loss_fn: Callable[[Any], torch.Tensor] | None) -> StepConfig:
+    return StepConfig(optimizer=optimizer, amp=amp, loss_fn=loss_fn)
+
+
+def report_from_graph(graph: MemGraph, model_name: str) -> MemoryReport:
+    """The predicted MemoryReport of a captured (and calibrated) MemGraph."""
+    sim = costmodel.simulate(graph)
+    layers = [
+        LayerRow(
+            name=info.module_path or info.name,
+            kind=info.module_type or info.target,
+            output_shape=" ".join(str(list(s)) for s in info.output_shapes) or "--",
+            params=info.param_numel,
+            saved_bytes=info.saved_bytes,
+            flops=info.fwd_flops,
+        )
+        for info in graph.nodes
+        if info.op in _SHOWN_OPS and info.output_shapes
+    ]
+    breakdown = dict(sim.at_peak)
+    breakdown["workspace"] = sim.peak_workspace_bytes
+    return MemoryReport(
+        source="predicted",
+        model=model_name,
+        description=graph.description,
+        batch_size=graph.batch_size,
+        parameters_bytes=graph.baseline_bytes("parameter"),
+        buffers_bytes=graph.baseline_bytes("buffer"),
+        inputs_bytes=graph.baseline_bytes("input"),
+        gradients_bytes=graph.allocated_bytes("gradient"),
+        optimizer_bytes=graph.baseline_bytes("optimizer"),
+        activations_bytes=graph.allocated_bytes("activation"),
+        peak_bytes=sim.peak_bytes,
+        tensor_peak_bytes=sim.tensor_peak_bytes,
+        peak_phase=sim.peak_phase,
+        peak_breakdown=breakdown,
+        phase_peaks=sim.phase_peaks,
+        layers=layers,
+        notes=[f"Peak while running: {sim.peak_node or '(start of step)'} in {sim.peak_phase}"],
+    )
+
+
+def estimate(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    *,
+    optimizer: OptimizerSpec = "sgd",
+    amp: str | None = None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    leaf_modules: Iterable[type[torch.nn.Module] | str] = (),
+    calibrate: bool = True,
+) -> MemoryReport:
+    """Predict the memory of one training step without allocating it.
+
+    The model is traced with torch.fx and one steady-state step (forward, loss, backward,
+    optimizer step) is dry-run under FakeTensorMode; kernel workspaces are calibrated on small
+    real copies of the layers that need them.
+
+    Args:
+        model: The network; it is not modified.
+        example_inputs: A tensor or tuple of tensors shaped like a training batch.
+        optimizer: ``"sgd"``, ``"momentum"``, ``"adam"``, ``"adamw"``, a factory
+            ``params -> Optimizer``, or None (no optimizer step).
+        amp: None (full precision), ``"bf16"`` or ``"fp16"`` (``torch.autocast``).
+        loss_fn: Output -> scalar loss; cross-entropy on the last dimension by default.
+        leaf_modules: Module types or qualified names torch.fx should not trace into.
+        calibrate: Measure kernel workspaces on small real layers (the allocator-level term).
+
+    Returns:
+        A predicted MemoryReport; ``print`` it for the per-layer table.
+
+    Example:
+        >>> import torch, memfit
+        >>> net = memfit.models.create("resnet18", stem="cifar", num_classes=10)
+        >>> r = memfit.estimate(net, torch.randn(8, 3, 32, 32), optimizer="adam")
+        >>> r.source, r.peak_mb > r.parameters_mb
+        ('predicted', True)
+    """
+    config = _config(optimizer, amp, loss_fn)
+    check_model(model)
+    graph = capture(model, example_inputs, config, leaf_modules=leaf_modules)
+    if calibrate:
+        workspace.calibrate(graph, model, as_input_tuple(example_inputs), config, leaf_modules=leaf_modules)
+    return report_from_graph(graph, type(model).__name__)
+
+
+def measure(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    *,
+    optimizer: OptimizerSpec = "sgd",
+    amp: str | None = None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+) -> MemoryReport:
+    """Measure the memory of one real steady-state training step (on a copy of the model).
+
+    The peak is the allocator's (profiler memory events on CPU, ``max_memory_allocated`` on
+    CUDA), which includes kernel workspaces; the breakdown comes from a storage tracker.
+
+    Args:
+        model: The network; it is copied, never modified.
+        example_inputs: A tensor or tuple of tensors: one real training batch.
+        optimizer: As in :func:`estimate`.
+        amp: As in :func:`estimate`.
+        loss_fn: As in :func:`estimate`.
+
+    Returns:
+        A measured MemoryReport.
+
+    Example:
+        >>> import torch, memfit
+        >>> net = memfit.models.create("resnet18", stem="cifar", num_classes=10)
+        >>> memfit.measure(net, torch.randn(2, 3, 32, 32)).source
+        'measured'
+    """
+    config = _config(optimizer, amp, loss_fn)
+    check_model(model)
+    inputs = as_input_tuple(example_inputs)
+    m = measure_step(model, inputs, config)
+    breakdown = dict(m.at_tensor_peak)
+    return MemoryReport(
+        source="measured",
+        model=type(model).__name__,
+        description=f"optimizer={optimizer if isinstance(optimizer, str) or optimizer is None else 'custom'}, "
+        f"precision={amp or 'fp32'}",
+        batch_size=int(inputs[0].shape[0]) if inputs[0].dim() else 1,
+        parameters_bytes=m.baseline["parameter"],
+        buffers_bytes=m.baseline["buffer"],
+        inputs_bytes=m.baseline["input"],
+        gradients_bytes=m.gradients_bytes,
+        optimizer_bytes=m.optimizer_bytes,
+        activations_bytes=m.saved_bytes,
+        peak_bytes=m.peak_bytes,
+        tensor_peak_bytes=m.tensor_peak_bytes,
+        peak_phase=m.peak_phase,
+        peak_breakdown=breakdown,
+    )

@@ -1,0 +1,358 @@
+"""Capture: trace a model with torch.fx and dry-run one training step under FakeTensorMode.
+
+The dry run executes the real step (forward under the step's autocast, loss, backward, optimizer
+step) on fake tensors, so it allocates nothing and yet records, per fx node, every storage that is
+allocated and freed, what autograd saves, and the FLOPs, exactly as a real step would.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Iterable, Sequence
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import MemfitInputError, MemfitTraceError
+from .graph import MemGraph, NodeInfo
+from .tracker import StorageTracker, tensors_in
+from .trainstep import StepConfig, init_optimizer_state, make_optimizer, run_step, unique_trainable
+
+__all__ = ["capture", "trace", "as_input_tuple", "check_model"]
+
+log = logging.getLogger(__name__)
+
+LeafSpec = Iterable["type[torch.nn.Module] | str"]
+
+
+def check_model(model: object) -> torch.nn.Module:
+    """Refuse what cannot be trained: a non-Module or a model without trainable parameters."""
+    if not isinstance(model, torch.nn.Module):
+        raise MemfitInputError(
+            f"expected a torch.nn.Module, got {type(model).__name__}; pass the model object itself "
+            "(for a zoo model: memfit.models.create('resnet18'))"
+        )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise MemfitInputError(
+            f"{type(model).__name__} has no trainable parameters, so a training step has nothing to "
+            "update; give a model with parameters that require grad"
+        )
+    return model
+
+
+def as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """Normalise example inputs to a tuple of tensors (the model's positional arguments)."""
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    if not isinstance(inputs, (tuple, list)) or not inputs:
+        raise MemfitInputError(
+            "example_inputs must be a tensor or a non-empty tuple of tensors (the model's "
+            f"positional arguments), got {type(example_inputs).__name__}"
+        )
+    for i, x in enumerate(inputs):
+        if not isinstance(x, torch.Tensor):
+            raise MemfitInputError(
+                f"example_inputs[{i}] is {type(x).__name__}, not a tensor; bind non-tensor "
+                "arguments with functools.partial or a wrapper module"
+            )
+    return tuple(inputs)
+
+
+class _Tracer(fx.Tracer):
+    """An fx tracer that knows which submodule it is inside, to name it when tracing fails."""
+
+    def __init__(self, leaf_modules: LeafSpec = ()) -> None:
+        super().__init__()
+        leaves = list(leaf_modules)
+        self._leaf_types = tuple(x for x in leaves if isinstance(x, type))
+        self._leaf_paths = {x for x in leaves if isinstance(x, str)}
+        self.stack: list[tuple[str, str]] = []
+        self.failed_at: tuple[str, str] | None = None
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        if isinstance(m, self._leaf_types) or qualname in self._leaf_paths:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):  # type: ignore[override]
+        self.stack.append((self.path_of_module(m), type(m).__name__))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_at is None:
+                self.failed_at = self.stack[-1]
+            raise
+        finally:
+            self.stack.pop()
+
+
+def trace(model: torch.nn.Module, leaf_modules: LeafSpec = ()) -> fx.GraphModule:
+    """Trace a model with torch.fx; a failure names the submodule and the fix.
+
+    Args:
+        model: The module to trace (not modified).
+        leaf_modules: Module types or qualified names to keep as opaque calls.
+
+    Returns:
+        A GraphModule sharing the model's submodules and parameters.
+    """
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:
+        path, kind = tracer.failed_at or ("", type(model).__name__)
+        where = f"submodule '{path}' ({kind})" if path else f"the top-level forward of {kind}"
+        raise MemfitTraceError(
+            f"torch.fx cannot trace {where}: {type(e).__name__}: {e}\n"
+            "Data-dependent Python control flow (if/for on tensor values) cannot be captured. Fix: "
+            f"declare it a leaf, e.g. leaf_modules=[{kind}]"
+            + (f" or leaf_modules=['{path}']" if path else "")
+            + ", or rewrite the branch with torch.where."
+        ) from e
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    if not any(n.op == "output" for n in gm.graph.nodes) or len(gm.graph.nodes) <= 1:
+        raise MemfitInputError(f"{type(model).__name__} traced to an empty graph; nothing to train")
+    return gm
+
+
+def _fake_copy(model: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Module:
+    """A structural copy whose parameters and buffers are fake: no real memory, user model untouched."""
+    memo: dict[int, Any] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in memo:
+            memo[id(t)] = mode.from_tensor(t, static_shapes=True)
+    clone = copy.deepcopy(model, memo)
+    clone.train()
+    return clone
+
+
+def _describe_target(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return t
+    return getattr(t, "__name__", None) or str(t)
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the traced graph node by node and attributes every event, saved tensor and FLOP."""
+
+    def __init__(self, gm: fx.GraphModule, tracker: StorageTracker, flops: FlopCounterMode) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.tracker = tracker
+        self.flop_mode = flops
+        self.infos: dict[str, NodeInfo] = {}
+        self.saved: dict[str, set[int]] = {}
+        self.fwd_flops: dict[str, int] = {}
+        self.bwd_flops: dict[str, int] = {}
+        self._owner: dict[Any, str] = {}
+        self._flops_seen = 0
+        self.param_names = {id(p): n for n, p in gm.named_parameters(remove_duplicate=False)}
+
+    def _account_flops(self) -> None:
+        total = self.flop_mode.get_total_flops()
+        delta, self._flops_seen = total - self._flops_seen, total
+        table = self.fwd_flops if self.tracker.phase == "forward" else self.bwd_flops
+        table[self.tracker.node] = table.get(self.tracker.node, 0) + delta
+
+    def switch(self, name: str) -> None:
+        """Attribute what ran so far to the current node, then make ``name`` current."""
+        self._account_flops()
+        self.tracker.node = name
+
+    def enter(self, phase: str, node: str) -> None:
+        """Step-level transition (loss, backward, optimizer) from :func:`run_step`."""
+        self._account_flops()
+        self.tracker.phase, self.tracker.node = phase, node
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.switch(n.name)
+        events_before = len(self.tracker.events)
+        try:
+            out = super().run_node(n)
+        except Exception as e:
+            raise _NodeFailure(n, self.fetch_args_kwargs_from_env(n), e) from e
+        self._account_flops()
+        self._describe(n, out, events_before)
+        for t in tensors_in(out):
+            self._claim(t.grad_fn, n.name)
+        return out
+
+    def _claim(self, fn: Any, owner: str) -> None:
+        """Mark the autograd nodes this fx node created, so its backward is attributed to it."""
+        stack = [fn]
+        while stack:
+            f = stack.pop()
+            if f is None or f in self._owner or type(f).__name__ == "AccumulateGrad":
+                continue
+            self._owner[f] = owner
+            f.register_prehook(lambda grads, _o=owner: self.switch(_o))
+            stack.extend(nf for nf, _ in f.next_functions)
+
+    def _describe(self, n: fx.Node, out: Any, events_before: int) -> None:
+        tensors = tensors_in(out)
+        new_sids = {e.sid for e in self.tracker.events[events_before:] if e.delta > 0}
+        out_sids = {self.tracker.sid_of(t) for t in tensors} & new_sids
+        info = NodeInfo(
+            name=n.name,
+            op=n.op,
+            target=_describe_target(n),
+            output_shapes=[tuple(t.shape) for t in tensors],
+            output_dtypes=[str(t.dtype).replace("torch.", "") for t in tensors],
+            out_bytes=sum(self.tracker.nbytes[s] for s in out_sids),
+        )
+        params: list[torch.Tensor] = []
+        if n.op == "call_module":
+            mod = self.module.get_submodule(str(n.target))
+            info.module_path, info.module_type = str(n.target), type(mod).__name__
+            params = list(mod.parameters())
+        elif n.op == "get_attr" and isinstance(out, torch.nn.Parameter | torch.Tensor):
+            if id(out) in self.param_names:
+                params = [out]
+            else:  # a tensor constant of the trace: alive before the step like a buffer
+                self.tracker.register([out], "buffer")
+        info.params = tuple(self.param_names.get(id(p), "?") for p in params)
+        info.param_numel = sum(p.numel() for p in params)
+        info.param_bytes = sum(p.numel() * p.element_size() for p in params)
+        self.infos[n.name] = info
+
+
+class _NodeFailure(Exception):
+    def __init__(self, node: fx.Node, args_kwargs: Any, error: Exception) -> None:
+        super().__init__(str(error))
+        self.node, self.args_kwargs, self.error = node, args_kwargs, error
+
+
+def _shapes(obj: Any) -> str:
+    return ", ".join(str(list(t.shape)) for t in tensors_in(obj)) or "no tensors"
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    config: StepConfig | None = None,
+    *,
+    leaf_modules: LeafSpec = (),
+) -> MemGraph:
+    """Trace ``model`` and dry-run one steady-state training step on fake tensors.
+
+    Args:
+        model: The network (left untouched).
+        example_inputs: A tensor or tuple of tensors with the training batch's shapes. Only
+            shapes, dtypes and devices are read.
+        config: Optimizer, precision and loss of the step.
+        leaf_modules: Module types or qualified names to keep opaque (for untraceable code).
+
+    Returns:
+        The MemGraph of the step.
+
+    Example:
+        >>> import torch, memfit
+        >>> g = memfit.capture.capture(memfit.models.create("resnet18", stem="cifar"),
+        ...                            torch.randn(8, 3, 32, 32))
+        >>> g.batch_size
+        8
+    """
+    config = config or StepConfig()
+    check_model(model)
+    inputs = as_input_tuple(example_inputs)
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    fmodel = _fake_copy(model, mode)
+    gm = trace(fmodel, leaf_modules)
+    fake_inputs = [mode.from_tensor(x, static_shapes=True) for x in inputs]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(fake_inputs):
+        raise MemfitInputError(
+            f"{type(model).__name__}.forward takes {len(placeholders)} tensor argument(s) "
+            f"({', '.join(n.name for n in placeholders)}) but {len(fake_inputs)} example input(s) were given"
+        )
+    params = unique_trainable(gm.parameters())
+    device = params[0].device.type
+    tracker = StorageTracker()
+    with mode:
+        optimizer = make_optimizer(config.optimizer, params)
+        init_optimizer_state(optimizer, params)  # steady state: the state exists before the step
+        tracker.register(gm.parameters(), "parameter")
+        tracker.register(gm.buffers(), "buffer")
+        tracker.register(fake_inputs, "input")
+        if optimizer is not None:
+            tracker.register([t for s in optimizer.state.values() for t in tensors_in(s)], "optimizer")
+        flops = FlopCounterMode(display=False)
+        rec = _Recorder(gm, tracker, flops)
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            sid = tracker.sid_of(t)
+            if sid is not None:
+                rec.saved.setdefault(tracker.node, set()).add(sid)
+            return t.detach()  # the tensor itself would form a reference cycle through grad_fn
+
+        with flops, tracker, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            try:
+                output = run_step(lambda: rec.run(*fake_inputs), config, device, optimizer, rec.enter)
+            except _NodeFailure as f:
+                info = rec.infos.get(f.node.name)
+                where = f"node '{f.node.name}'" + (
+                    f" ({info.module_type} '{info.module_path}')" if info and info.module_path else ""
+                )
+                raise MemfitInputError(
+                    f"the forward pass failed at {where} with input shapes {_shapes(f.args_kwargs)}: "
+                    f"{f.error}\nThe example inputs have shapes {_shapes(inputs)}; check they match "
+                    "what the model expects (batch first)."
+                ) from f.error
+            grads = {tracker.sid_of(p.grad) for p in params if p.grad is not None}
+            tracker.stop()
+        del output
+    return _assemble(gm, rec, tracker, grads, inputs, config, device)
+
+
+def _assemble(
+    gm: fx.GraphModule,
+    rec: _Recorder,
+    tracker: StorageTracker,
+    grads: set[int | None],
+    inputs: Sequence[torch.Tensor],
+    config: StepConfig,
+    device: str,
+) -> MemGraph:
+    categories: dict[int, str] = {}
+    saved_all = set().union(*rec.saved.values()) if rec.saved else set()
+    for e in tracker.events:
+        if e.delta > 0 and e.sid not in categories:
+            if e.sid in grads:
+                categories[e.sid] = "gradient"
+            elif e.phase == "optimizer":
+                categories[e.sid] = "temporary"
+            elif e.sid in saved_all:
+                categories[e.sid] = "activation"
+            else:
+                categories[e.sid] = "temporary"
+    dag = nx.DiGraph()
+    order = []
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            continue
+        info = rec.infos[n.name]
+        own = sorted(s for s in rec.saved.get(n.name, ()) if categories.get(s) == "activation")
+        info.saved_sids = tuple(own)
+        info.saved_bytes = sum(tracker.nbytes[s] for s in own)
+        info.fwd_flops = rec.fwd_flops.get(n.name, 0)
+        info.bwd_flops = rec.bwd_flops.get(n.name, 0)
+        dag.add_node(n.name, info=info)
+        order.append(n.name)
+        for a in n.all_input_nodes:
+            dag.add_edge(a.name, n.name)
+    opt = config.optimizer if isinstance(config.optimizer, str) or config.optimizer is None else "custom"
+    desc = f"optimizer={opt}, precision={config.amp or 'fp32'}"
+    return MemGraph(
+        dag=dag,
+        order=order,
+        baseline=dict(tracker.baseline),
+        categories=categories,
+        storage_bytes=dict(tracker.nbytes),
+        events=list(tracker.events),
+        batch_size=int(inputs[0].shape[0]) if inputs[0].dim() else 1,
+        device=device,
+        description=desc,
+    )

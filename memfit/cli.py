@@ -1,0 +1,118 @@
+"""The ``memfit`` command line: ``memfit report MODEL``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+from typing import Sequence
+
+import torch
+
+from . import models
+from .api import estimate, measure
+from .errors import MemfitError
+from .trainstep import AMP_DTYPES, OPTIMIZERS
+
+__all__ = ["main", "load_model", "example_input"]
+
+
+def load_model(spec: str, *, stem: str | None = None, num_classes: int | None = None) -> torch.nn.Module:
+    """A zoo name (``resnet18``) or ``package.module:factory`` to a model."""
+    kwargs: dict[str, object] = {}
+    if stem is not None:
+        kwargs["stem"] = stem
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise MemfitError(f"cannot load '{spec}': {e}; expected package.module:factory") from e
+        return factory(**kwargs)
+    try:
+        return models.create(spec, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise MemfitError(str(e)) from e
+
+
+def example_input(model: torch.nn.Module, batch: int, shape: str | None) -> torch.Tensor:
+    """A random batch for ``model``: token ids when it starts with an embedding, else images.
+
+    Args:
+        model: The network.
+        batch: Batch size.
+        shape: Per-sample shape as ``3x32x32`` (images) or ``128`` (sequence length); a default
+            is picked from the model when None.
+    """
+    embedding = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+    if shape is None:
+        if embedding is not None:
+            dims = [min(128, getattr(model, "block_size", 128))]
+        else:
+            first_conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+            cifar = first_conv is not None and first_conv.kernel_size == (3, 3)
+            dims = [3, 32, 32] if cifar else [3, 224, 224]
+    else:
+        try:
+            dims = [int(d) for d in shape.lower().split("x")]
+        except ValueError:
+            raise MemfitError(f"--input must look like 3x32x32 or 128, not {shape!r}") from None
+    if embedding is not None:
+        return torch.randint(0, embedding.num_embeddings, (batch, *dims))
+    return torch.randn(batch, *dims)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memfit", description="Make PyTorch training fit a memory budget.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("report", help="predicted (and optionally measured) memory of one training step")
+    r.add_argument("model", help="zoo name (see `memfit models`) or package.module:factory")
+    r.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
+    r.add_argument("--input", help="per-sample input shape, e.g. 3x32x32, or sequence length for GPT")
+    r.add_argument("--optimizer", default="sgd", choices=sorted(OPTIMIZERS) + ["none"])
+    r.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast precision")
+    r.add_argument("--stem", choices=["imagenet", "cifar"], help="zoo models: input stem")
+    r.add_argument("--num-classes", type=int, help="zoo models: classifier outputs")
+    r.add_argument("--measure", action="store_true", help="also run one real step and measure it")
+    r.add_argument("--no-calibrate", action="store_true", help="skip kernel-workspace calibration")
+    r.add_argument("--summary", action="store_true", help="totals only, no per-layer table")
+    sub.add_parser("models", help="list the zoo")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``memfit`` command."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "models":
+        print("\n".join(models.list_models()))
+        return 0
+    try:
+        model = load_model(args.model, stem=args.stem, num_classes=args.num_classes)
+        x = example_input(model, args.batch, args.input)
+        optimizer = None if args.optimizer == "none" else args.optimizer
+        t0 = time.perf_counter()
+        report = estimate(model, x, optimizer=optimizer, amp=args.amp, calibrate=not args.no_calibrate)
+        elapsed = time.perf_counter() - t0
+        if args.summary:
+            report.layers = []
+        print(report)
+        print(f"Estimated in {elapsed:.1f} s (measured wall time); input {list(x.shape)} {x.dtype}")
+        if args.measure:
+            measured = measure(model, x, optimizer=optimizer, amp=args.amp)
+            print()
+            print(measured)
+            err = 100 * (report.peak_bytes / measured.peak_bytes - 1)
+            print(f"Predicted peak vs measured: {err:+.2f}%")
+    except MemfitError as e:
+        print(f"memfit: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Exceptions raised by memfit: each names the problem and the fix."""
+
+from __future__ import annotations
+
+__all__ = ["MemfitError", "MemfitTraceError", "MemfitInputError"]
+
+
+class MemfitError(Exception):
+    """Base class of every error memfit raises on purpose."""
+
+
+class MemfitTraceError(MemfitError):
+    """The model could not be captured as a torch.fx graph."""
+
+
+class MemfitInputError(MemfitError, ValueError):
+    """The model, the example inputs or an option is not usable as given."""

@@ -1,0 +1,116 @@
+"""MemGraph: the captured network with the memory facts of every node and the step's event log."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from .tracker import Event
+
+__all__ = ["NodeInfo", "MemGraph", "CATEGORIES"]
+
+# MemTracker's words. "activation" is storage saved for backward that is not a parameter;
+# "temporary" is everything else a step allocates: unsaved outputs, activation gradients, scratch.
+CATEGORIES = ("parameter", "buffer", "input", "gradient", "optimizer", "activation", "temporary")
+
+
+@dataclass
+class NodeInfo:
+    """Memory facts of one fx node, from the dry run.
+
+    Attributes:
+        name: fx node name.
+        op: fx opcode (``call_module``, ``call_function`` ...).
+        target: What the node calls, as text.
+        module_path: Qualified name of the called submodule, if any.
+        module_type: Class name of the called submodule, if any.
+        output_shapes: Shapes of the tensors the node returns.
+        output_dtypes: Their dtypes, as text.
+        out_bytes: Bytes of new storages the node returns (views cost nothing).
+        saved_bytes: Bytes of non-parameter storages its autograd nodes save for backward.
+        saved_sids: The storage ids behind ``saved_bytes``.
+        params: Qualified names of the parameters it uses directly.
+        param_numel: Their number of elements.
+        param_bytes: Their bytes.
+        fwd_flops: FLOPs of its forward (``torch.utils.flop_counter``).
+        bwd_flops: FLOPs of its backward.
+        workspace_fwd: Allocator bytes its forward kernels use beyond what the dispatcher sees.
+        workspace_bwd: The same for its backward.
+    """
+
+    name: str
+    op: str
+    target: str
+    module_path: str | None = None
+    module_type: str | None = None
+    output_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    output_dtypes: list[str] = field(default_factory=list)
+    out_bytes: int = 0
+    saved_bytes: int = 0
+    saved_sids: tuple[int, ...] = ()
+    params: tuple[str, ...] = ()
+    param_numel: int = 0
+    param_bytes: int = 0
+    fwd_flops: int = 0
+    bwd_flops: int = 0
+    workspace_fwd: int = 0
+    workspace_bwd: int = 0
+
+
+@dataclass
+class MemGraph:
+    """A captured network: nodes with memory facts, and the exact event log of one dry-run step.
+
+    Attributes:
+        dag: networkx DiGraph over node names; each node's ``info`` attribute is a NodeInfo.
+        order: Node names in execution (topological) order.
+        baseline: Storages alive before the step: sid -> (bytes, category).
+        categories: Category of every storage the step allocates: sid -> category.
+        storage_bytes: Size of every storage of the step: sid -> bytes.
+        events: Allocation and free events of the step, in order.
+        batch_size: Leading dimension of the first example input.
+        device: Device type of the parameters.
+        description: The step configuration, as text (optimizer, precision).
+    """
+
+    dag: nx.DiGraph
+    order: list[str]
+    baseline: dict[int, tuple[int, str]]
+    categories: dict[int, str]
+    storage_bytes: dict[int, int]
+    events: list[Event]
+    batch_size: int
+    device: str
+    description: str
+
+    def info(self, name: str) -> NodeInfo:
+        """The NodeInfo of a node."""
+        return self.dag.nodes[name]["info"]
+
+    @property
+    def nodes(self) -> list[NodeInfo]:
+        """NodeInfos in execution order."""
+        return [self.info(n) for n in self.order]
+
+    def baseline_bytes(self, category: str) -> int:
+        """Bytes of one category alive before the step."""
+        return sum(b for b, c in self.baseline.values() if c == category)
+
+    def category_of(self, sid: int) -> str:
+        """Category of any storage of the step."""
+        if sid in self.baseline:
+            return self.baseline[sid][1]
+        return self.categories.get(sid, "temporary")
+
+    def nbytes(self, sid: int) -> int:
+        """Size of a storage of the step."""
+        return self.storage_bytes[sid]
+
+    def sids_of(self, category: str) -> set[int]:
+        """Storages of one category that the step allocates."""
+        return {s for s, c in self.categories.items() if c == category}
+
+    def allocated_bytes(self, category: str) -> int:
+        """Bytes of one category that the step allocates (each storage once)."""
+        return sum(self.storage_bytes[s] for s in self.sids_of(category))

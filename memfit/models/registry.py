@@ -1,0 +1,113 @@
+"""Name -> factory registry for the memfit model zoo.
+
+Every factory is a callable that takes keyword-only options and returns an
+``nn.Module``. Factories are added with :func:`register_model` and built with
+:func:`create`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable, TypeVar, overload
+
+from torch import nn
+
+__all__ = ["register_model", "create", "list_models"]
+
+ModelFactory = Callable[..., nn.Module]
+F = TypeVar("F", bound=ModelFactory)
+
+_REGISTRY: dict[str, ModelFactory] = {}
+
+
+def _describe(factory: ModelFactory) -> str:
+    module = getattr(factory, "__module__", "?")
+    qualname = getattr(factory, "__qualname__", repr(factory))
+    return f"{module}.{qualname}"
+
+
+def _add(name: str, factory: ModelFactory) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"model factory for {name!r} must be callable, got {factory!r}")
+    existing = _REGISTRY.get(name)
+    if existing is not None:
+        raise ValueError(
+            f"model name {name!r} is already registered (by {_describe(existing)}); "
+            f"refusing to register {_describe(factory)} under the same name"
+        )
+    _REGISTRY[name] = factory
+
+
+@overload
+def register_model(name: F, /) -> F: ...
+
+
+@overload
+def register_model(name: str | None = None, /) -> Callable[[F], F]: ...
+
+
+def register_model(name: str | F | None = None, /) -> F | Callable[[F], F]:
+    """Register a model factory under a name.
+
+    Usable bare (``@register_model``, the function's ``__name__`` is used) or
+    with an explicit name (``@register_model("resnet18")``). The decorated
+    function is returned unchanged.
+
+    Args:
+        name: The registry name, or the factory itself when used bare. ``None``
+            means "use the function's ``__name__``".
+
+    Returns:
+        The factory (bare use) or a decorator that registers its argument.
+
+    Raises:
+        ValueError: If the name is empty or already registered.
+    """
+    if callable(name):
+        factory = name
+        _add(factory.__name__, factory)
+        return factory
+
+    def decorator(factory: F) -> F:
+        _add(factory.__name__ if name is None else name, factory)
+        return factory
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    """Return the names of all registered models.
+
+    Returns:
+        The registered names, sorted alphabetically.
+    """
+    return sorted(_REGISTRY)
+
+
+def create(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: The registered model name (see :func:`list_models`).
+        **kwargs: Keyword-only options forwarded to the model's factory
+            (e.g. ``num_classes=10, stem="cifar"``).
+
+    Returns:
+        A freshly initialised ``nn.Module``.
+
+    Raises:
+        ValueError: If ``name`` is not registered (the message lists close
+            matches), or if the factory rejects an option value.
+        TypeError: If the factory does not accept one of ``kwargs``.
+    """
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        matches = difflib.get_close_matches(str(name), list(_REGISTRY), n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(matches)}?" if matches else ""
+        raise ValueError(
+            f"unknown model {name!r}.{hint} "
+            f"Call memfit.models.list_models() to see all {len(_REGISTRY)} registered names."
+        )
+    return factory(**kwargs)

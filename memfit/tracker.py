@@ -1,0 +1,106 @@
+"""Live tensor-storage tracking at the dispatcher: the device-independent view of a step's memory.
+
+The tracker sees every storage an ATen operator returns and notices the moment it is freed
+(storage Python objects are preserved for as long as the storage lives, so a finalizer fires at
+the real free). Run under ``FakeTensorMode`` it gives an exact dry run without allocating; run on
+real tensors it is the dispatch-level half of :func:`memfit.measure`. Buffers that kernels allocate
+internally never reach the dispatcher: :mod:`memfit.workspace` accounts for those.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = ["Event", "StorageTracker", "tensors_in"]
+
+
+@dataclass(frozen=True)
+class Event:
+    """One allocation (``delta > 0``) or free (``delta < 0``) of a storage during a step.
+
+    Attributes:
+        sid: Storage id, unique within one tracked run.
+        delta: Bytes allocated (positive) or freed (negative).
+        phase: ``"forward"``, ``"backward"`` or ``"optimizer"``.
+        node: Name of the graph node (or ``"loss"``/``"optimizer"``) that was running.
+    """
+
+    sid: int
+    delta: int
+    phase: str
+    node: str
+
+
+def tensors_in(obj: Any) -> list[torch.Tensor]:
+    """All tensors in a (nested) container, in pytree order."""
+    return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
+
+
+class StorageTracker(TorchDispatchMode):
+    """Records allocation and free events of tensor storages, attributed to a node and phase.
+
+    Storages that exist before the step (parameters, buffers, optimizer state, inputs) are
+    registered with :meth:`register` and form the baseline; everything else is an event.
+    ``phase`` and ``node`` are set by the caller as the step advances.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = "forward"
+        self.node = ""
+        self.events: list[Event] = []
+        self.baseline: dict[int, tuple[int, str]] = {}  # sid -> (bytes, category)
+        self.nbytes: dict[int, int] = {}  # sid -> bytes, for every storage seen
+        self._live: dict[int, int] = {}  # id(storage object) -> sid
+        self._next_sid = 0
+        self._recording = True
+
+    # -- storage identity -------------------------------------------------------------------
+    def sid_of(self, t: torch.Tensor) -> int | None:
+        """The storage id of a tensor's storage, or None when the tracker never saw it."""
+        return self._live.get(id(t.untyped_storage()))
+
+    def _add(self, storage: torch.UntypedStorage) -> tuple[int, bool]:
+        key = id(storage)
+        sid = self._live.get(key)
+        if sid is not None:
+            return sid, False
+        sid = self._next_sid
+        self._next_sid += 1
+        self._live[key] = sid
+        self.nbytes[sid] = storage.nbytes()
+        weakref.finalize(storage, self._on_free, key, sid)
+        return sid, True
+
+    def register(self, tensors: Iterable[torch.Tensor], category: str) -> None:
+        """Declare storages alive before the step; shared storages are counted once."""
+        for t in tensors:
+            sid, new = self._add(t.untyped_storage())
+            if new:
+                self.baseline[sid] = (self.nbytes[sid], category)
+
+    def _on_free(self, key: int, sid: int) -> None:
+        if self._live.get(key) == sid:
+            del self._live[key]
+        if self._recording:
+            self.events.append(Event(sid, -self.nbytes[sid], self.phase, self.node))
+
+    def stop(self) -> None:
+        """Stop recording; frees after this point (end of the step) are not events."""
+        self._recording = False
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        out = func(*args, **(kwargs or {}))
+        if self._recording:
+            for t in tensors_in(out):
+                sid, new = self._add(t.untyped_storage())
+                if new:
+                    self.events.append(Event(sid, self.nbytes[sid], self.phase, self.node))
+        return out

@@ -1,0 +1,159 @@
+"""What one training step is: optimizer, loss and precision, shared by prediction and measurement.
+
+Prediction (a dry run under FakeTensorMode) and measurement (a real run) execute the very same
+step function, so the two differ only in the tensors they are given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from .errors import MemfitInputError
+
+__all__ = [
+    "StepConfig",
+    "OptimizerSpec",
+    "default_loss",
+    "make_optimizer",
+    "run_step",
+    "init_optimizer_state",
+    "unique_trainable",
+    "OPTIMIZERS",
+]
+
+OptimizerFactory = Callable[[Sequence[torch.nn.Parameter]], torch.optim.Optimizer]
+OptimizerSpec = Union[str, OptimizerFactory, None]
+
+# The optimizers by name. Learning rates are irrelevant to memory; the state they keep is not.
+OPTIMIZERS: dict[str, OptimizerFactory] = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.01),
+    "momentum": lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01),
+}
+
+AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_optimizer(spec: OptimizerSpec, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
+    """Build the optimizer a spec names: a name from ``OPTIMIZERS``, a factory, or None."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        try:
+            factory = OPTIMIZERS[spec.lower()]
+        except KeyError:
+            raise MemfitInputError(
+                f"unknown optimizer {spec!r}; use one of {sorted(OPTIMIZERS)} or pass a factory "
+                "`lambda params: torch.optim.X(params, ...)`"
+            ) from None
+        return factory(params)
+    if callable(spec):
+        return spec(params)
+    raise MemfitInputError(f"optimizer must be a name, a factory or None, not {type(spec).__name__}")
+
+
+def default_loss(output: object) -> torch.Tensor:
+    """Cross-entropy against class 0 for logits ``[..., C]``; the mean for anything else.
+
+    The targets are made inside the step so that prediction and measurement agree on them.
+    """
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    if not isinstance(output, torch.Tensor):
+        raise MemfitInputError(
+            f"the model returned {type(output).__name__}; pass loss_fn=... that turns it into a scalar"
+        )
+    if output.is_floating_point() and output.dim() >= 2:
+        logits = output.reshape(-1, output.shape[-1])
+        target = torch.zeros(logits.shape[0], dtype=torch.long, device=output.device)
+        return F.cross_entropy(logits, target)
+    return output.float().mean()
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """How a training step runs.
+
+    Attributes:
+        optimizer: ``"sgd"``, ``"momentum"``, ``"adam"``, ``"adamw"``, a factory
+            ``params -> Optimizer``, or None for forward and backward only.
+        amp: None for full precision, ``"bf16"`` or ``"fp16"`` for ``torch.autocast``.
+        loss_fn: Maps the model's output to a scalar loss; :func:`default_loss` if None.
+    """
+
+    optimizer: OptimizerSpec = "sgd"
+    amp: str | None = None
+    loss_fn: Callable[[object], torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.optimizer, str) and self.optimizer.lower() not in OPTIMIZERS:
+            make_optimizer(self.optimizer, [])
+        if self.amp is not None and self.amp not in AMP_DTYPES:
+            raise MemfitInputError(f"amp must be None or one of {sorted(AMP_DTYPES)}, not {self.amp!r}")
+
+    def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
+        """The autocast context of the forward pass (a no-op in full precision)."""
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=AMP_DTYPES[self.amp])
+
+    def loss(self, output: object) -> torch.Tensor:
+        """The scalar loss of a model output."""
+        return (self.loss_fn or default_loss)(output)
+
+
+def unique_trainable(params: Iterator[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """Parameters that require grad, each once (tied weights appear once)."""
+    seen: set[int] = set()
+    out = []
+    for p in params:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer | None, params: Sequence[torch.Tensor]) -> None:
+    """Create the optimizer's state as a first step would, without a forward or backward pass.
+
+    A step with zero gradients leaves SGD, momentum and Adam parameters unchanged and allocates
+    exactly the state a steady-state step starts with.
+    """
+    if optimizer is None:
+        return
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def run_step(
+    forward: Callable[[], Any],
+    config: StepConfig,
+    device_type: str,
+    optimizer: torch.optim.Optimizer | None,
+    on_phase: Callable[[str, str], None],
+) -> Any:
+    """One training step as a user writes it: forward and loss under autocast, backward, step.
+
+    The output stays referenced until the step ends, as in a usual training loop.
+    ``on_phase(phase, node)`` is called as the step enters the loss, backward and optimizer.
+    """
+    on_phase("forward", "")
+    with config.autocast(device_type):
+        output = forward()
+        on_phase("forward", "loss")
+        loss = config.loss(output)
+    on_phase("backward", "loss")
+    loss.backward()
+    on_phase("optimizer", "optimizer")
+    if optimizer is not None:
+        optimizer.step()
+    on_phase("optimizer", "optimizer")
+    return output

@@ -1,0 +1,238 @@
+"""Kernel workspace: allocator bytes that kernels take internally, beyond what the dispatcher sees.
+
+Convolution on CPU (oneDNN) reorders weights and writes through a scratch output; many backward
+kernels make their incoming gradient contiguous; these buffers never appear as tensors, yet they
+count towards the real peak. memfit measures them per distinct layer: the layer runs forward and
+backward on small real inputs under both the storage tracker and the allocator's profiler, and
+the difference of the two peaks is its workspace. Layers are deduplicated by signature, inputs are
+at most ``CALIBRATION_BATCH`` deep, and larger batches are extrapolated linearly (buffers scale
+with the batch or not at all). Random numbers come from a private generator and the global RNG
+state is restored, so calibration leaves no trace.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+
+from .capture import LeafSpec, trace
+from .graph import MemGraph
+from .measurement import memory_profile
+from .tracker import StorageTracker, tensors_in
+from .trainstep import StepConfig
+
+__all__ = ["calibrate", "CALIBRATION_BATCH"]
+
+CALIBRATION_BATCH = 8
+_cache: dict[tuple, tuple[int, int]] = {}
+
+
+def calibrate(
+    graph: MemGraph,
+    model: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    config: StepConfig,
+    *,
+    leaf_modules: LeafSpec = (),
+) -> None:
+    """Fill ``workspace_fwd`` and ``workspace_bwd`` of every node of ``graph``.
+
+    Args:
+        graph: The MemGraph captured from ``model``.
+        model: The real model (only copies of single layers are run).
+        inputs: The example inputs the graph was captured with.
+        config: The step configuration (autocast matters).
+        leaf_modules: As given to capture, so node names agree.
+    """
+    gm = trace(model, leaf_modules)
+    batch = graph.batch_size
+    allocating = {e.node for e in graph.events if e.delta > 0}
+    with torch.random.fork_rng(devices=[]):
+        for node in gm.graph.nodes:
+            if node.op not in ("call_module", "call_function", "call_method") or node.name not in graph.dag:
+                continue
+            info = graph.info(node.name)
+            if not info.output_shapes or node.name not in allocating:
+                continue
+            spec = _layer_spec(gm, node, graph, batch)
+            if spec is None:
+                continue
+            fwd, bwd = _workspace_for(spec, batch, config, graph.device)
+            info.workspace_fwd, info.workspace_bwd = fwd, bwd
+
+
+class _Spec:
+    """One layer to calibrate: a callable and the shapes of its tensor inputs."""
+
+    def __init__(self, fn: Any, args: Any, kwargs: Any, metas: list[tuple], key: tuple) -> None:
+        self.fn, self.args, self.kwargs, self.metas, self.key = fn, args, kwargs, metas, key
+
+
+def _layer_spec(gm: fx.GraphModule, node: fx.Node, graph: MemGraph, batch: int) -> _Spec | None:
+    """How to run ``node`` alone, or None when its arguments are not all plain tensors."""
+    metas: list[tuple] = []  # (shape, dtype, requires_grad, scales_with_batch)
+    index: dict[str, int] = {}
+
+    def slot(a: fx.Node) -> Any:
+        if a.op == "get_attr":
+            value = getattr_path(gm, str(a.target))
+            if not isinstance(value, torch.Tensor):
+                raise _Skip
+            meta = (tuple(value.shape), value.dtype, value.requires_grad, False)
+        else:
+            info = graph.info(a.name) if a.name in graph.dag else None
+            if info is None or len(info.output_shapes) != 1:
+                raise _Skip
+            shape = info.output_shapes[0]
+            dtype = getattr(torch, info.output_dtypes[0])
+            scales = len(shape) > 0 and shape[0] == batch
+            meta = (shape, dtype, dtype.is_floating_point, scales)
+        if a.name not in index:
+            index[a.name] = len(metas)
+            metas.append(meta)
+        return _Slot(index[a.name])
+
+    try:
+        args = fx.node.map_arg(node.args, slot)
+        kwargs = fx.node.map_arg(node.kwargs, slot)
+    except _Skip:
+        return None
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        fn: Any = mod
+        what: tuple = (repr(mod), tuple((n, tuple(p.shape), p.dtype) for n, p in mod.named_parameters()))
+    elif node.op == "call_method":
+        fn, what = str(node.target), (str(node.target),)
+    else:
+        fn, what = node.target, (getattr(node.target, "__qualname__", str(node.target)),)
+    key = (what, repr(args), repr(kwargs), tuple(metas))
+    return _Spec(fn, args, kwargs, metas, key)
+
+
+def getattr_path(obj: Any, path: str) -> Any:
+    """``obj.a.b.c`` for ``path == "a.b.c"``."""
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class _Skip(Exception):
+    pass
+
+
+class _Slot:
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+    def __repr__(self) -> str:
+        return f"<input {self.i}>"
+
+
+def _workspace_for(spec: _Spec, batch: int, config: StepConfig, device: str) -> tuple[int, int]:
+    scaled = any(m[3] for m in spec.metas)
+    if not scaled or batch <= CALIBRATION_BATCH:
+        return _measured(spec, batch, config, device)
+    lo, hi = CALIBRATION_BATCH // 2, CALIBRATION_BATCH
+    f_lo, b_lo = _measured(spec, lo, config, device)
+    f_hi, b_hi = _measured(spec, hi, config, device)
+
+    def extrapolate(a: int, b: int) -> int:
+        return max(0, round(b + (b - a) / (hi - lo) * (batch - hi)))
+
+    return extrapolate(f_lo, f_hi), extrapolate(b_lo, b_hi)
+
+
+def _measured(spec: _Spec, batch: int, config: StepConfig, device: str) -> tuple[int, int]:
+    key = (spec.key, batch, config.amp, device)
+    if key not in _cache:
+        _cache[key] = _run_layer(spec, batch, config, device)
+    return _cache[key]
+
+
+def _materialize(spec: _Spec, batch: int, device: str) -> list[torch.Tensor]:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    out = []
+    for shape, dtype, requires_grad, scales in spec.metas:
+        if scales:
+            shape = (batch, *shape[1:])
+        if dtype.is_floating_point or dtype.is_complex:
+            t = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+        else:  # indices: zero is valid for every embedding and gather
+            t = torch.zeros(shape, dtype=dtype, device=device)
+        out.append(t.requires_grad_(requires_grad))
+    return out
+
+
+def _run_layer(spec: _Spec, batch: int, config: StepConfig, device: str) -> tuple[int, int]:
+    """(forward, backward) workspace bytes of one layer at one batch size."""
+    if device != "cpu":
+        return 0, 0  # the CUDA caching allocator is measured whole; see measurement.py
+    fn = copy.deepcopy(spec.fn).train() if isinstance(spec.fn, torch.nn.Module) else spec.fn
+    values = _materialize(spec, batch, device)
+    args = fx.node.map_aggregate(spec.args, lambda a: values[a.i] if isinstance(a, _Slot) else a)
+    kwargs = fx.node.map_aggregate(spec.kwargs, lambda a: values[a.i] if isinstance(a, _Slot) else a)
+    params = list(fn.parameters()) if isinstance(fn, torch.nn.Module) else []
+    buffers = list(fn.buffers()) if isinstance(fn, torch.nn.Module) else []
+
+    def call() -> Any:
+        with config.autocast(device):
+            if isinstance(fn, str):
+                return getattr(args[0], fn)(*args[1:], **kwargs)
+            return fn(*args, **kwargs)
+
+    try:
+        out = call()  # warm-up: lazy initialisation and primitive caches are not workspace
+        grads = _grads_for(out)
+        if grads:
+            torch.autograd.backward(*grads)
+    except Exception:
+        return 0, 0
+    del out
+    for t in values + params:
+        t.grad = None
+    outs = [t for t in tensors_in(call()) if t.requires_grad]
+    grad_tensors = [torch.randn_like(t) for t in outs]
+    del outs
+    tracker = StorageTracker()
+    tracker.register(values + params + buffers + grad_tensors, "input")
+    with memory_profile() as prof:
+        with tracker:
+            out = call()
+            with torch.profiler.record_function("memfit::backward"):
+                pass
+            tracker.phase = "backward"
+            outs = [t for t in tensors_in(out) if t.requires_grad]
+            if outs:
+                torch.autograd.backward(outs, grad_tensors[: len(outs)])
+            tracker.stop()
+    del out, outs
+    raw = prof.profiler.kineto_results.events()
+    split = min((e.start_ns() for e in raw if e.name() == "memfit::backward"), default=None)
+    mem = sorted((e for e in raw if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    alloc_fwd = [e.nbytes() for e in mem if split is None or e.start_ns() < split]
+    alloc_bwd = [e.nbytes() for e in mem if split is not None and e.start_ns() >= split]
+    disp_fwd = [e.delta for e in tracker.events if e.phase == "forward"]
+    disp_bwd = [e.delta for e in tracker.events if e.phase == "backward"]
+    return (
+        max(0, _rise(alloc_fwd) - _rise(disp_fwd)),
+        max(0, _rise(alloc_bwd) - _rise(disp_bwd)),
+    )
+
+
+def _grads_for(out: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    outs = [t for t in tensors_in(out) if t.requires_grad]
+    if not outs:
+        return None
+    return outs, [torch.ones_like(t) for t in outs]
+
+
+def _rise(deltas: Iterable[int]) -> int:
+    """The most a running sum of deltas rises above its start."""
+    current = peak = 0
+    for d in deltas:
+        current += d
+        peak = max(peak, current)
+    return peak

@@ -1,0 +1,44 @@
+"""Shared test set-up: small example inputs for every zoo model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import memfit
+
+# Small shapes keep the suite in budget; deep ImageNet-stem models at 32x32 still run every layer.
+IMAGE_BATCH = 8
+GPT_SEQ = 128
+
+
+def zoo_case(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A zoo model and a small training batch for it, deterministic."""
+    torch.manual_seed(0)
+    if name.startswith("gpt"):
+        model = memfit.models.create(name, block_size=GPT_SEQ) if name == "gpt" else memfit.models.create(name)
+        batch = 2 if name == "gpt" else 1
+        return model, torch.randint(0, model.wte.num_embeddings, (batch, GPT_SEQ))
+    kwargs = {"stem": "cifar"} if name.startswith("vgg") else {}
+    if name != "densenet_bc_100":
+        kwargs["num_classes"] = 10
+    model = memfit.models.create(name, **kwargs)
+    return model, torch.randn(IMAGE_BATCH, 3, 32, 32)
+
+
+@pytest.fixture
+def small_cnn() -> torch.nn.Module:
+    """A tiny CNN with BatchNorm and dropout, fast enough for many tests."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(8, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(16, 10),
+    )

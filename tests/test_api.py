@@ -1,0 +1,145 @@
+"""estimate / measure: the user's model is untouched, bad input is refused clearly, reports print."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import memfit
+from memfit.capture import capture
+from memfit.trainstep import StepConfig
+
+
+def _snapshot(model: nn.Module) -> dict:
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "ptrs": {k: v.data_ptr() for k, v in model.state_dict().items()},
+        "training": [m.training for m in model.modules()],
+        "grads": [p.grad for p in model.parameters()],
+        "hooks": [
+            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()
+        ],
+    }
+
+
+def test_estimate_and_measure_leave_the_model_untouched(small_cnn: nn.Module) -> None:
+    small_cnn.eval()
+    calls = []
+    small_cnn[0].register_forward_hook(lambda m, i, o: calls.append(1))
+    before = _snapshot(small_cnn)
+    x = torch.randn(4, 3, 16, 16)
+    memfit.estimate(small_cnn, x, optimizer="adam")
+    memfit.measure(small_cnn, x, optimizer="adam")
+    after = _snapshot(small_cnn)
+    assert before["training"] == after["training"] == [False] * len(before["training"])
+    assert before["ptrs"] == after["ptrs"]
+    for k, v in before["state"].items():
+        assert torch.equal(v, after["state"][k]), k
+    assert all(g is None for g in after["grads"])
+    assert before["hooks"] == after["hooks"]
+    assert calls == []  # the user's hook object is not called on the user's model
+
+
+def test_estimate_leaves_the_global_rng_alone(small_cnn: nn.Module) -> None:
+    torch.manual_seed(123)
+    memfit.estimate(small_cnn, torch.randn(4, 3, 16, 16))
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    torch.randn(4, 3, 16, 16)
+    assert torch.equal(after, torch.rand(3))
+
+
+class _Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.gate = _Gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(self.conv(x))
+
+
+class _Gate(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent: not traceable
+            return x.relu()
+        return x
+
+
+def test_untraceable_forward_names_the_module_and_the_fix() -> None:
+    with pytest.raises(memfit.MemfitTraceError, match=r"submodule 'gate' \(_Gate\).*leaf_modules"):
+        memfit.estimate(_Branchy(), torch.randn(2, 3, 8, 8))
+
+
+def test_a_leaf_module_makes_it_traceable_and_counted() -> None:
+    report = memfit.estimate(_Branchy(), torch.randn(2, 3, 8, 8), leaf_modules=[_Gate])
+    measured = memfit.measure(_Branchy(), torch.randn(2, 3, 8, 8))
+    assert report.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.03)
+
+
+def test_wrong_input_shape_names_the_layer_and_the_shapes(small_cnn: nn.Module) -> None:
+    with pytest.raises(memfit.MemfitInputError, match=r"Conv2d '0'.*\[4, 5, 16, 16\]"):
+        memfit.estimate(small_cnn, torch.randn(4, 5, 16, 16))
+
+
+def test_wrong_number_of_inputs(small_cnn: nn.Module) -> None:
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(memfit.MemfitInputError, match="takes 1 tensor argument"):
+        memfit.estimate(small_cnn, (x, x))
+
+
+@pytest.mark.parametrize("bad", [object(), "resnet18", lambda x: x])
+def test_a_non_module_is_refused(bad: object) -> None:
+    with pytest.raises(memfit.MemfitInputError, match="expected a torch.nn.Module"):
+        memfit.estimate(bad, torch.randn(2, 3))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("empty", [nn.Sequential(), nn.ReLU(), nn.Linear(3, 3).requires_grad_(False)])
+def test_a_model_without_trainable_parameters_is_refused(empty: nn.Module) -> None:
+    with pytest.raises(memfit.MemfitInputError, match="no trainable parameters"):
+        memfit.measure(empty, torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("bad", [None, [], (torch.randn(2), 3)])
+def test_bad_example_inputs_are_refused(small_cnn: nn.Module, bad: object) -> None:
+    with pytest.raises(memfit.MemfitInputError, match="example_inputs"):
+        memfit.estimate(small_cnn, bad)
+
+
+def test_unknown_optimizer_is_refused(small_cnn: nn.Module) -> None:
+    with pytest.raises(memfit.MemfitInputError, match="unknown optimizer 'lion'"):
+        memfit.estimate(small_cnn, torch.randn(2, 3, 8, 8), optimizer="lion")
+
+
+def test_report_prints_a_layer_table_and_labelled_totals(small_cnn: nn.Module) -> None:
+    text = str(memfit.estimate(small_cnn, torch.randn(4, 3, 16, 16), optimizer="momentum"))
+    assert "memfit memory report (predicted)" in text
+    assert "Layer (type)" in text and "Output Shape" in text and "Param #" in text
+    assert "0 (Conv2d)" in text and "[4, 8, 16, 16]" in text and "224" in text  # 3*8*9 + 8 params
+    assert "Optimizer state (MiB, predicted)" in text
+    measured = str(memfit.measure(small_cnn, torch.randn(4, 3, 16, 16)))
+    assert "(MiB, measured)" in measured and "predicted" not in measured
+
+
+def test_optimizer_state_is_counted_exactly(small_cnn: nn.Module) -> None:
+    nbytes = sum(p.numel() * 4 for p in small_cnn.parameters())
+    x = torch.randn(2, 3, 8, 8)
+    assert memfit.estimate(small_cnn, x, optimizer="sgd").optimizer_bytes == 0
+    assert memfit.estimate(small_cnn, x, optimizer="momentum").optimizer_bytes == nbytes
+    # Adam: two moments per parameter and one scalar step counter per parameter tensor.
+    n_tensors = len(list(small_cnn.parameters()))
+    assert memfit.estimate(small_cnn, x, optimizer="adam").optimizer_bytes == 2 * nbytes + 4 * n_tensors
+
+
+def test_the_memgraph_attributes_saved_tensors_and_flops(small_cnn: nn.Module) -> None:
+    graph = capture(small_cnn, torch.randn(4, 3, 16, 16), StepConfig())
+    conv2 = graph.info("_4")
+    assert conv2.module_type == "Conv2d" and conv2.output_shapes == [(4, 16, 8, 8)]
+    assert conv2.out_bytes == 4 * 16 * 8 * 8 * 4
+    assert conv2.fwd_flops == 2 * 4 * 16 * 8 * 8 * 8 * 9  # 2 * N * Cout * H * W * Cin * k * k
+    assert conv2.saved_bytes == 4 * 8 * 8 * 8 * 4  # it saves its input (the pooled map)
+    relu = graph.info("_2")
+    assert relu.saved_bytes == relu.out_bytes  # ReLU saves its output
+    assert graph.info("_7").out_bytes == 0  # flatten is a view
+    assert list(graph.dag.successors("_3")) == ["_4"]

@@ -1,0 +1,28 @@
+"""The cost model against the allocator: every zoo model, SGD and Adam, fp32 and bf16 autocast."""
+
+from __future__ import annotations
+
+import pytest
+
+import memfit
+from memfit.models import list_models
+
+from .conftest import zoo_case
+
+TOLERANCE = 0.03
+
+
+@pytest.mark.parametrize("amp", [None, "bf16"], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("name", list_models())
+def test_predicted_peak_and_activations_match_measurement(name: str, optimizer: str, amp: str | None) -> None:
+    model, x = zoo_case(name)
+    predicted = memfit.estimate(model, x, optimizer=optimizer, amp=amp)
+    measured = memfit.measure(model, x, optimizer=optimizer, amp=amp)
+    assert predicted.source == "predicted" and measured.source == "measured"
+    assert predicted.peak_bytes == pytest.approx(measured.peak_bytes, rel=TOLERANCE)
+    assert predicted.activations_bytes == pytest.approx(measured.activations_bytes, rel=TOLERANCE)
+    # The parts that are not a matter of prediction are exact.
+    assert predicted.parameters_bytes == measured.parameters_bytes
+    assert predicted.optimizer_bytes == measured.optimizer_bytes
+    assert predicted.gradients_bytes == measured.gradients_bytes
