@@ -141,8 +141,7 @@ def measure(
     return MemoryReport(
         source="measured",
         model=type(model).__name__,
-        description=f"optimizer={optimizer if isinstance(optimizer, str) or optimizer is None else 'custom'}, "
-        f"precision={amp or 'fp32'}",
+        description=config.describe(),
         batch_size=int(inputs[0].shape[0]) if inputs[0].dim() else 1,
         parameters_bytes=m.baseline["parameter"],
         buffers_bytes=m.baseline["buffer"],
@@ -154,4 +153,5 @@ def measure(
         tensor_peak_bytes=m.tensor_peak_bytes,
         peak_phase=m.peak_phase,
         peak_breakdown=breakdown,
+        phase_peaks=m.phase_peaks,
     )

@@ -14,8 +14,9 @@ from typing import Any, Iterable, Sequence
 import networkx as nx
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from .errors import MemfitInputError, MemfitTraceError
 from .graph import MemGraph, NodeInfo
@@ -59,6 +60,22 @@ def as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
                 "arguments with functools.partial or a wrapper module"
             )
     return tuple(inputs)
+
+
+class _FlopCounter(TorchDispatchMode):
+    """Total FLOPs by torch.utils.flop_counter's formulas, without its per-module bookkeeping."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
 
 
 class _Tracer(fx.Tracer):
@@ -139,7 +156,7 @@ def _describe_target(node: fx.Node) -> str:
 class _Recorder(fx.Interpreter):
     """Runs the traced graph node by node and attributes every event, saved tensor and FLOP."""
 
-    def __init__(self, gm: fx.GraphModule, tracker: StorageTracker, flops: FlopCounterMode) -> None:
+    def __init__(self, gm: fx.GraphModule, tracker: StorageTracker, flops: _FlopCounter) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.tracker = tracker
         self.flop_mode = flops
@@ -152,7 +169,7 @@ class _Recorder(fx.Interpreter):
         self.param_names = {id(p): n for n, p in gm.named_parameters(remove_duplicate=False)}
 
     def _account_flops(self) -> None:
-        total = self.flop_mode.get_total_flops()
+        total = self.flop_mode.total
         delta, self._flops_seen = total - self._flops_seen, total
         table = self.fwd_flops if self.tracker.phase == "forward" else self.bwd_flops
         table[self.tracker.node] = table.get(self.tracker.node, 0) + delta
@@ -225,6 +242,24 @@ class _NodeFailure(Exception):
         self.node, self.args_kwargs, self.error = node, args_kwargs, error
 
 
+def _explain(f: _NodeFailure, gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Exception:
+    """The user-facing error for a node that failed in the dry run."""
+    where = f"node '{f.node.name}'"
+    if f.node.op == "call_module":
+        where += f" ({type(gm.get_submodule(str(f.node.target))).__name__} '{f.node.target}')"
+    if isinstance(f.error, (DataDependentOutputException, DynamicOutputShapeException)):
+        return MemfitTraceError(
+            f"{where} depends on tensor values ({f.error}); memfit's dry run knows shapes, not values. "
+            "Fix: make the branch or the output shape value-independent (torch.where, masks of fixed "
+            "shape), or declare a leaf only code that branches on shapes or Python state."
+        )
+    return MemfitInputError(
+        f"the forward pass failed at {where} with input shapes {_shapes(f.args_kwargs)}: {f.error}\n"
+        f"The example inputs have shapes {_shapes(inputs)}; check they match what the model expects "
+        "(batch first)."
+    )
+
+
 def _shapes(obj: Any) -> str:
     return ", ".join(str(list(t.shape)) for t in tensors_in(obj)) or "no tensors"
 
@@ -279,7 +314,7 @@ def capture(
         tracker.register(fake_inputs, "input")
         if optimizer is not None:
             tracker.register([t for s in optimizer.state.values() for t in tensors_in(s)], "optimizer")
-        flops = FlopCounterMode(display=False)
+        flops = _FlopCounter()
         rec = _Recorder(gm, tracker, flops)
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -292,15 +327,7 @@ def capture(
             try:
                 output = run_step(lambda: rec.run(*fake_inputs), config, device, optimizer, rec.enter)
             except _NodeFailure as f:
-                info = rec.infos.get(f.node.name)
-                where = f"node '{f.node.name}'" + (
-                    f" ({info.module_type} '{info.module_path}')" if info and info.module_path else ""
-                )
-                raise MemfitInputError(
-                    f"the forward pass failed at {where} with input shapes {_shapes(f.args_kwargs)}: "
-                    f"{f.error}\nThe example inputs have shapes {_shapes(inputs)}; check they match "
-                    "what the model expects (batch first)."
-                ) from f.error
+                raise _explain(f, gm, inputs) from f.error
             grads = {tracker.sid_of(p.grad) for p in params if p.grad is not None}
             tracker.stop()
         del output
@@ -343,8 +370,6 @@ def _assemble(
         order.append(n.name)
         for a in n.all_input_nodes:
             dag.add_edge(a.name, n.name)
-    opt = config.optimizer if isinstance(config.optimizer, str) or config.optimizer is None else "custom"
-    desc = f"optimizer={opt}, precision={config.amp or 'fp32'}"
     return MemGraph(
         dag=dag,
         order=order,
@@ -354,5 +379,5 @@ def _assemble(
         events=list(tracker.events),
         batch_size=int(inputs[0].shape[0]) if inputs[0].dim() else 1,
         device=device,
-        description=desc,
+        description=config.describe(),
     )

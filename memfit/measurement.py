@@ -21,12 +21,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from .graph import CATEGORIES
+from .timeline import replay
 from .tracker import StorageTracker, tensors_in
 from .trainstep import StepConfig, init_optimizer_state, make_optimizer, run_step, unique_trainable
 
 _KINETO_LINE = re.compile(rb"ActivityProfiler\w*\.cpp:\d+\] profiler_(start|stop)")
 
-__all__ = ["StepMeasurement", "measure_step", "allocator_peak_from_profile", "memory_profile"]
+__all__ = ["StepMeasurement", "measure_step", "allocator_levels", "memory_profile"]
 
 
 @dataclass
@@ -42,6 +43,7 @@ class StepMeasurement:
         saved_bytes: Non-parameter storage saved for backward (activations).
         gradients_bytes: Parameter gradients after backward.
         optimizer_bytes: Optimizer state after the step.
+        phase_peaks: Allocator-level peak per phase.
     """
 
     baseline: dict[str, int]
@@ -52,6 +54,7 @@ class StepMeasurement:
     saved_bytes: int
     gradients_bytes: int
     optimizer_bytes: int
+    phase_peaks: dict[str, int]
 
 
 @contextlib.contextmanager
@@ -79,17 +82,27 @@ def memory_profile() -> Iterator[profile]:
                 sys.stderr.write(b"".join(kept).decode(errors="replace"))
 
 
-def allocator_peak_from_profile(prof: profile) -> tuple[int, float]:
-    """The most bytes the allocator held above its starting level, and when (ns), from a profile."""
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
+def allocator_levels(prof: profile) -> tuple[int, str, dict[str, int]]:
+    """From a profile of one step: the most bytes the allocator held above its starting level,
+    the phase where that happened, and the most per phase.
+
+    Phases are told apart by ``memfit::PHASE`` marker ranges recorded as the step advances.
+    """
+    raw = prof.profiler.kineto_results.events()
+    marks = sorted((e.start_ns(), e.name().split("::", 1)[1]) for e in raw if e.name().startswith("memfit::"))
+    memory = sorted((e.start_ns(), e.nbytes()) for e in raw if e.name() == "[memory]")
     current = peak = 0
-    when = events[0].start_ns() if events else 0
-    for e in events:
-        current += e.nbytes()
+    peak_phase, phase, i = "", "forward", 0
+    phase_peaks: dict[str, int] = {}
+    for t, delta in memory:
+        while i < len(marks) and marks[i][0] <= t:
+            phase = marks[i][1]
+            i += 1
+        current += delta
+        phase_peaks[phase] = max(phase_peaks.get(phase, 0), current)
         if current > peak:
-            peak, when = current, e.start_ns()
-    return peak, when
+            peak, peak_phase = current, phase
+    return peak, peak_phase, phase_peaks
 
 
 def measure_step(
@@ -97,7 +110,7 @@ def measure_step(
     inputs: tuple[torch.Tensor, ...],
     config: StepConfig,
 ) -> StepMeasurement:
-    """Run a warm-up step and then a measured steady-state step on a copy of ``model``."""
+    """Measure one steady-state step (optimizer state present, no gradients) on a copy of ``model``."""
     work = copy.deepcopy(model).train()
     params = unique_trainable(work.parameters())
     device = params[0].device.type
@@ -127,50 +140,41 @@ def measure_step(
     def on_phase(phase: str, node: str) -> None:
         tracker.phase, tracker.node = phase, node
         with torch.profiler.record_function(f"memfit::{phase}"):
-            pass  # a marker: the allocator's peak is placed in a phase by time
+            pass  # a marker: allocator events are placed in a phase by time
 
+    start = sum(baseline.values())
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
+        before = torch.cuda.memory_allocated()
         output = _tracked(work, inputs, config, device, optimizer, tracker, pack, on_phase)
         torch.cuda.synchronize()
-        added = torch.cuda.max_memory_allocated() - start
-        peak_phase = ""
+        added, peak_phase, phase_peaks = torch.cuda.max_memory_allocated() - before, "", {}
     else:
         with memory_profile() as prof:
             output = _tracked(work, inputs, config, device, optimizer, tracker, pack, on_phase)
-        added, when = allocator_peak_from_profile(prof)
-        peak_phase = _phase_at(prof, when)
+        added, peak_phase, phase_peaks = allocator_levels(prof)
+    grad_sids = {tracker.sid_of(p.grad) for p in params if p.grad is not None}
     grads = sum(p.grad.untyped_storage().nbytes() for p in params if p.grad is not None)
-    state = sum(b for b, c in tracker.baseline.values() if c == "optimizer")
     tracker.stop()
     del output
 
-    live = dict(baseline)
-    tensor_peak, at_peak, current = sum(live.values()), dict(live), sum(live.values())
-    grad_sids = set()
-    for p in params:
-        if p.grad is not None:
-            sid = tracker.sid_of(p.grad)
-            if sid is not None:
-                grad_sids.add(sid)
-    tensor_phase = "forward"
-    for e in tracker.events:
-        cat = "gradient" if e.sid in grad_sids else "activation" if e.sid in saved else "temporary"
-        live[cat] += e.delta
-        current += e.delta
-        if current > tensor_peak:
-            tensor_peak, at_peak, tensor_phase = current, dict(live), e.phase
+    def category_of(sid: int) -> str:
+        if sid in tracker.baseline:
+            return tracker.baseline[sid][1]
+        return "gradient" if sid in grad_sids else "activation" if sid in saved else "temporary"
+
+    tensors = replay(tracker.baseline.values(), tracker.events, category_of)
     return StepMeasurement(
         baseline=baseline,
-        peak_bytes=sum(baseline.values()) + added,
-        tensor_peak_bytes=tensor_peak,
-        at_tensor_peak=at_peak,
-        peak_phase=peak_phase or tensor_phase,
+        peak_bytes=start + added,
+        tensor_peak_bytes=tensors.tensor_peak_bytes,
+        at_tensor_peak=tensors.at_peak,
+        peak_phase=peak_phase or tensors.peak_phase,
+        phase_peaks={k: start + v for k, v in phase_peaks.items()} or tensors.phase_peaks,
         saved_bytes=sum(tracker.nbytes[s] for s in saved),
         gradients_bytes=grads,
-        optimizer_bytes=state,
+        optimizer_bytes=baseline["optimizer"],
     )
 
 
@@ -186,17 +190,3 @@ def _tracked(
 ) -> Any:
     with tracker, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         return run_step(lambda: work(*inputs), config, device, optimizer, on_phase)
-
-
-def _phase_at(prof: profile, when: int) -> str:
-    """The phase whose marker (a ``memfit::PHASE`` profiler range) last began before ``when``."""
-    marks = [
-        (e.start_ns(), e.name().split("::", 1)[1])
-        for e in prof.profiler.kineto_results.events()
-        if e.name().startswith("memfit::")
-    ]
-    found = ""
-    for t, phase in sorted(marks):
-        if t <= when:
-            found = phase
-    return found

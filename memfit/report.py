@@ -151,8 +151,12 @@ def render(r: MemoryReport) -> str:
     ]
     for name, value in totals:
         lines.append(f"{name + ' (MiB, ' + label + '):':<58}{mib(value):>12.2f}")
+    if r.phase_peaks:
+        parts = ", ".join(f"{k} {mib(v):.2f}" for k, v in r.phase_peaks.items())
+        lines.append(f"Peak per phase (MiB, {label}): {parts}")
     if r.peak_breakdown:
         parts = ", ".join(f"{k} {mib(v):.2f}" for k, v in r.peak_breakdown.items() if v)
-        lines.append(f"At the peak (MiB, {label}): {parts}")
+        where = "At the peak" if "workspace" in r.peak_breakdown else "At the tensor peak"
+        lines.append(f"{where} (MiB, {label}): {parts}")
     lines.extend(r.notes)
     return "\n".join(lines)

@@ -40,22 +40,27 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
 AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def make_optimizer(spec: OptimizerSpec, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
-    """Build the optimizer a spec names: a name from ``OPTIMIZERS``, a factory, or None."""
+def _factory(spec: OptimizerSpec) -> OptimizerFactory | None:
+    """The factory a spec stands for; a clear error for anything else."""
     if spec is None:
         return None
     if isinstance(spec, str):
         try:
-            factory = OPTIMIZERS[spec.lower()]
+            return OPTIMIZERS[spec.lower()]
         except KeyError:
             raise MemfitInputError(
                 f"unknown optimizer {spec!r}; use one of {sorted(OPTIMIZERS)} or pass a factory "
                 "`lambda params: torch.optim.X(params, ...)`"
             ) from None
-        return factory(params)
     if callable(spec):
-        return spec(params)
+        return spec
     raise MemfitInputError(f"optimizer must be a name, a factory or None, not {type(spec).__name__}")
+
+
+def make_optimizer(spec: OptimizerSpec, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
+    """Build the optimizer a spec names: a name from ``OPTIMIZERS``, a factory, or None."""
+    factory = _factory(spec)
+    return None if factory is None else factory(params)
 
 
 def default_loss(output: object) -> torch.Tensor:
@@ -92,10 +97,14 @@ class StepConfig:
     loss_fn: Callable[[object], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.optimizer, str) and self.optimizer.lower() not in OPTIMIZERS:
-            make_optimizer(self.optimizer, [])
+        _factory(self.optimizer)
         if self.amp is not None and self.amp not in AMP_DTYPES:
             raise MemfitInputError(f"amp must be None or one of {sorted(AMP_DTYPES)}, not {self.amp!r}")
+
+    def describe(self) -> str:
+        """The optimizer and precision, as reports print them."""
+        opt = self.optimizer if isinstance(self.optimizer, str) or self.optimizer is None else "custom"
+        return f"optimizer={opt}, precision={self.amp or 'fp32'}"
 
     def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
         """The autocast context of the forward pass (a no-op in full precision)."""
