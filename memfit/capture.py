@@ -18,6 +18,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from . import subgraph
 from .errors import MemfitInputError, MemfitTraceError
 from .graph import MemGraph, NodeInfo
 from .tracker import StorageTracker, tensors_in
@@ -197,6 +198,11 @@ class _Recorder(fx.Interpreter):
             self._claim(t.grad_fn, n.name)
         return out
 
+    def run_segment(self, gm: fx.GraphModule, args: tuple[Any, ...]) -> Any:
+        """Run a nested segment node by node (see :mod:`memfit.subgraph`), attributing its
+        forward, its recomputation and its backward to its own nodes."""
+        return _SegmentRecorder(gm, self).run(*args)
+
     def _claim(self, fn: Any, owner: str) -> None:
         """Mark the autograd nodes this fx node created, so its backward is attributed to it."""
         stack = [fn]
@@ -219,11 +225,14 @@ class _Recorder(fx.Interpreter):
             output_shapes=[tuple(t.shape) for t in tensors],
             output_dtypes=[str(t.dtype).replace("torch.", "") for t in tensors],
             out_bytes=sum(self.tracker.nbytes[s] for s in out_sids),
+            out_sids=tuple(sorted({self.tracker.sid_of(t) for t in tensors} - {None})),
         )
         params: list[torch.Tensor] = []
+        info.inplace = _mutates_input(n)
         if n.op == "call_module":
             mod = self.module.get_submodule(str(n.target))
             info.module_path, info.module_type = str(n.target), type(mod).__name__
+            info.inplace = bool(getattr(mod, "inplace", False))
             params = list(mod.parameters())
         elif n.op == "get_attr" and isinstance(out, torch.nn.Parameter | torch.Tensor):
             if id(out) in self.param_names:
@@ -234,6 +243,36 @@ class _Recorder(fx.Interpreter):
         info.param_numel = sum(p.numel() for p in params)
         info.param_bytes = sum(p.numel() * p.element_size() for p in params)
         self.infos[n.name] = info
+
+
+_INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor"}
+
+
+def _mutates_input(n: fx.Node) -> bool:
+    """Whether a function or method node writes into its first argument."""
+    if n.kwargs.get("inplace") is True:
+        return True
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    if n.op == "call_method":
+        return name.endswith("_") and not name.endswith("__")
+    return n.op == "call_function" and (name in _INPLACE_OPERATORS or (name.endswith("_") and not name.endswith("__")))
+
+
+class _SegmentRecorder(fx.Interpreter):
+    """Interprets a nested segment for a :class:`_Recorder`: events go to the inner nodes."""
+
+    def __init__(self, gm: fx.GraphModule, parent: _Recorder) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.parent = parent
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.parent.switch(n.name)
+        out = super().run_node(n)
+        self.parent._account_flops()
+        if self.parent.tracker.phase == "forward":  # a recomputation's graph is never walked back
+            for t in tensors_in(out):
+                self.parent._claim(t.grad_fn, n.name)
+        return out
 
 
 class _NodeFailure(Exception):
@@ -295,7 +334,8 @@ def capture(
     inputs = as_input_tuple(example_inputs)
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     fmodel = _fake_copy(model, mode)
-    gm = trace(fmodel, leaf_modules)
+    # A GraphModule (a planned model) already is its graph; tracing again would rename its nodes.
+    gm = fmodel if isinstance(fmodel, fx.GraphModule) else trace(fmodel, leaf_modules)
     fake_inputs = [mode.from_tensor(x, static_shapes=True) for x in inputs]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(fake_inputs):
@@ -323,7 +363,7 @@ def capture(
                 rec.saved.setdefault(tracker.node, set()).add(sid)
             return t.detach()  # the tensor itself would form a reference cycle through grad_fn
 
-        with flops, tracker, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with flops, tracker, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), subgraph.observed(rec.run_segment):
             try:
                 output = run_step(lambda: rec.run(*fake_inputs), config, device, optimizer, rec.enter)
             except _NodeFailure as f:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["MemfitError", "MemfitTraceError", "MemfitInputError"]
+__all__ = ["MemfitError", "MemfitTraceError", "MemfitInputError", "MemfitBudgetError"]
 
 
 class MemfitError(Exception):
@@ -15,3 +15,15 @@ class MemfitTraceError(MemfitError):
 
 class MemfitInputError(MemfitError, ValueError):
     """The model, the example inputs or an option is not usable as given."""
+
+
+class MemfitBudgetError(MemfitError):
+    """No plan fits the budget.
+
+    Attributes:
+        minimum_mb: The least peak any plan reaches (MiB, verified by a dry run).
+    """
+
+    def __init__(self, message: str, minimum_mb: float) -> None:
+        super().__init__(message)
+        self.minimum_mb = minimum_mb

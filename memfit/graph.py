@@ -28,8 +28,10 @@ class NodeInfo:
         output_shapes: Shapes of the tensors the node returns.
         output_dtypes: Their dtypes, as text.
         out_bytes: Bytes of new storages the node returns (views cost nothing).
+        out_sids: Every storage its outputs refer to, views of earlier storages included.
         saved_bytes: Bytes of non-parameter storages its autograd nodes save for backward.
         saved_sids: The storage ids behind ``saved_bytes``.
+        inplace: Whether it mutates one of its inputs (``ReLU(inplace=True)``, ``x.add_(y)``).
         params: Qualified names of the parameters it uses directly.
         param_numel: Their number of elements.
         param_bytes: Their bytes.
@@ -47,8 +49,10 @@ class NodeInfo:
     output_shapes: list[tuple[int, ...]] = field(default_factory=list)
     output_dtypes: list[str] = field(default_factory=list)
     out_bytes: int = 0
+    out_sids: tuple[int, ...] = ()
     saved_bytes: int = 0
     saved_sids: tuple[int, ...] = ()
+    inplace: bool = False
     params: tuple[str, ...] = ()
     param_numel: int = 0
     param_bytes: int = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["MemoryReport", "LayerRow", "MiB", "mib"]
+__all__ = ["MemoryReport", "LayerRow", "Comparison", "MiB", "mib"]
 
 MiB = 2**20
 
@@ -160,3 +160,24 @@ def render(r: MemoryReport) -> str:
         lines.append(f"{where} (MiB, {label}): {parts}")
     lines.extend(r.notes)
     return "\n".join(lines)
+
+
+@dataclass
+class Comparison:
+    """Two reports of the same step side by side: before and after a plan (or compression)."""
+
+    before: MemoryReport
+    after: MemoryReport
+
+    def __str__(self) -> str:
+        b, a = self.before, self.after
+        rows = [
+            ("Parameters", b.parameters_bytes, a.parameters_bytes),
+            ("Gradients", b.gradients_bytes, a.gradients_bytes),
+            ("Optimizer state", b.optimizer_bytes, a.optimizer_bytes),
+            ("Peak of the step", b.peak_bytes, a.peak_bytes),
+        ]
+        head = f"{'MiB (' + b.source + ' / ' + a.source + ')':<34}{'before':>12}{'after':>12}"
+        lines = [f"memfit: {b.model}, batch {b.batch_size}, {b.description}", head]
+        lines += [f"{name:<34}{mib(x):>12.2f}{mib(y):>12.2f}" for name, x, y in rows]
+        return "\n".join(lines)

@@ -12,16 +12,12 @@ from .conftest import zoo_case
 TOLERANCE = 0.03
 
 
-# bf16 kernels are slow on CPU, so autocast is checked on one model of each family.
-BF16_MODELS = ("resnet50", "densenet121", "mobilenet_v2", "vgg11_bn", "gpt2")
-CASES = [(name, opt, None) for name in list_models() for opt in ("sgd", "adam")] + [
-    (name, "adam", "bf16") for name in BF16_MODELS
-]
+# Both optimizers in full precision; under bf16 autocast (slow kernels on CPU) Adam, whose state
+# is the larger, for every model.
+CASES = [(n, opt, None) for n in list_models() for opt in ("sgd", "adam")] + [(n, "adam", "bf16") for n in list_models()]
 
 
-@pytest.mark.parametrize(
-    ("name", "optimizer", "amp"), CASES, ids=[f"{n}-{o}-{a or 'fp32'}" for n, o, a in CASES]
-)
+@pytest.mark.parametrize(("name", "optimizer", "amp"), CASES, ids=[f"{n}-{o}-{a or 'fp32'}" for n, o, a in CASES])
 def test_predicted_peak_and_activations_match_measurement(name: str, optimizer: str, amp: str | None) -> None:
     model, x = zoo_case(name)
     predicted = memfit.estimate(model, x, optimizer=optimizer, amp=amp)

@@ -1,0 +1,208 @@
+"""memfit.optimize: plan what to recompute, rewrite the model, and prove the budget holds.
+
+Every plan is verified before it is returned: the rewritten module's whole training step is dry-run
+under FakeTensorMode with the storage tracker (nothing allocated) and the kernel workspaces of its
+nodes are added. A plan whose verified peak exceeds the budget is tightened and planned again.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+
+from . import costmodel, workspace
+from .api import report_from_graph
+from .capture import as_input_tuple, capture, check_model, trace
+from .errors import MemfitBudgetError, MemfitInputError
+from .graph import MemGraph
+from .planner import STRATEGIES, Chain, Plan, Spans
+from .planner.chain import BYTE_WEIGHT
+from .planner.rewrite import rewrite
+from .report import Comparison, MiB, mib
+from .timeline import Timeline
+from .trainstep import OptimizerSpec, StepConfig
+
+__all__ = ["optimize", "AUTO_ORDER", "VERIFY_ROUNDS"]
+
+# auto tries these in turn, best first, and keeps the cheapest verified plan within its time.
+AUTO_ORDER = ("selective", "dp", "chen")
+# Plan -> dry run -> tighten by the excess: rounds before giving up on a strategy.
+VERIFY_ROUNDS = 4
+
+
+def optimize(
+    model: torch.nn.Module,
+    budget_mb: float,
+    example_inputs: Any,
+    *,
+    optimizer: OptimizerSpec = "sgd",
+    amp: str | None = None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    strategy: str = "auto",
+    leaf_modules: Iterable[type[torch.nn.Module] | str] = (),
+    time_limit_s: float = 60.0,
+) -> fx.GraphModule:
+    """A module that trains like ``model`` and whose training step peaks at most ``budget_mb``.
+
+    Args:
+        model: The network; it is not modified. Its parameters are shared with the result.
+        budget_mb: Budget for the peak of one training step (forward, backward, optimizer
+            step), MiB, allocator-level (kernel workspaces included).
+        example_inputs: A tensor or tuple of tensors shaped like a training batch.
+        optimizer: The optimizer of the step, as in :func:`memfit.estimate`.
+        amp: None, ``"bf16"`` or ``"fp16"`` (``torch.autocast``).
+        loss_fn: Output -> scalar loss, as in :func:`memfit.estimate`.
+        strategy: ``"auto"`` or one of ``"chen"``, ``"dp"``, ``"selective"``.
+        leaf_modules: Module types or qualified names torch.fx should not trace into.
+        time_limit_s: For ``"auto"``: strategies are not started after this much planning time.
+
+    Returns:
+        An ``fx.GraphModule`` with ``.plan`` (print it for the table) and ``.report``
+        (predicted memory before and after).
+
+    Raises:
+        MemfitBudgetError: No plan fits; the message gives the feasible minimum.
+
+    Example:
+        >>> import torch, memfit
+        >>> net = memfit.models.create("resnet18", stem="cifar", num_classes=10)
+        >>> x = torch.randn(8, 3, 32, 32)
+        >>> before = memfit.estimate(net, x).peak_mb
+        >>> fitted = memfit.optimize(net, before * 0.93, x)
+        >>> fitted.plan.peak_after_bytes <= before * 0.93 * 2**20
+        True
+    """
+    started = time.perf_counter()
+    config = StepConfig(optimizer=optimizer, amp=amp, loss_fn=loss_fn)
+    names = _strategy_names(strategy)
+    check_model(model)
+    if not budget_mb > 0:
+        raise MemfitInputError(f"budget_mb must be a positive number of MiB, got {budget_mb!r}")
+    inputs = as_input_tuple(example_inputs)
+    leaves = list(leaf_modules)
+    graph = capture(model, inputs, config, leaf_modules=leaves)
+    workspace.calibrate(graph, model, inputs, config, leaf_modules=leaves)
+    gm = trace(model, leaves)
+    chain = Chain(graph)
+    _check_names(chain, gm)
+    budget = int(budget_mb * MiB)
+    before = report_from_graph(graph, type(model).__name__)
+
+    def verify(spans: Spans, name: str) -> tuple[fx.GraphModule, Plan, MemGraph, Timeline]:
+        plan = Plan(segments=chain.to_segments(spans), strategy=name, budget_bytes=budget)
+        planned = rewrite(model, gm, plan)
+        vgraph = capture(planned, inputs, config)
+        _carry_workspace(graph, vgraph)
+        return planned, plan, vgraph, costmodel.simulate(vgraph, inner=graph)
+
+    if before.peak_bytes <= budget:
+        spans = [(0, chain.m, "plain")]
+        result = verify(spans, "none")
+    else:
+        result = None
+        for name in names:
+            if result is not None and time.perf_counter() - started > time_limit_s:
+                break
+            found = _fit(chain, STRATEGIES[name].cheapest, budget, lambda s, n=name: verify(s, n))
+            if found is not None and (result is None or _cost(found[1]) < _cost(result[1])):
+                result = found
+        if result is None:
+            result = _at_minimum(chain, names, budget, verify, before)
+    planned, plan, vgraph, timeline = result
+    after = report_from_graph(vgraph, type(model).__name__)
+    plan.peak_before_bytes = before.peak_bytes
+    plan.peak_after_bytes = timeline.peak_bytes
+    plan.activations_before_bytes = _held_into_backward(graph)
+    plan.activations_after_bytes = _held_into_backward(vgraph)
+    plan.forward_flops = chain.forward_flops
+    plan.planning_seconds = time.perf_counter() - started
+    planned.plan = plan
+    planned.report = Comparison(before=before, after=after)
+    return planned
+
+
+def _strategy_names(strategy: str) -> Sequence[str]:
+    if strategy == "auto":
+        return AUTO_ORDER
+    if strategy not in STRATEGIES:
+        raise MemfitInputError(f"unknown strategy {strategy!r}; use 'auto' or one of {sorted(STRATEGIES)}")
+    return (strategy,)
+
+
+def _check_names(chain: Chain, gm: fx.GraphModule) -> None:
+    """The plan is made on the fake copy's graph and enacted on the real model's: same nodes."""
+    real = {n.name for n in gm.graph.nodes}
+    missing = [n for n in chain.names if n not in real]
+    if missing:
+        raise MemfitInputError(
+            f"tracing the model twice gave different graphs (e.g. node {missing[0]!r}); its forward "
+            "must not depend on global state that changes between calls"
+        )
+
+
+def _fit(
+    chain: Chain,
+    cheapest: Callable[[Chain, int], Spans | None],
+    budget: int,
+    verify: Callable[[Spans], tuple[fx.GraphModule, Plan, MemGraph, Timeline]],
+) -> tuple[fx.GraphModule, Plan, MemGraph, Timeline] | None:
+    """Plan for a target, verify, lower the target by the excess; None if nothing verified fits."""
+    target = budget
+    tried: set[tuple] = set()
+    for _ in range(VERIFY_ROUNDS):
+        spans = cheapest(chain, target)
+        if spans is None or tuple(spans) in tried:
+            return None
+        tried.add(tuple(spans))
+        result = verify(spans)
+        excess = result[3].peak_bytes - budget
+        if excess <= 0:
+            return result
+        target -= excess + budget // 500  # a little more, so the next round does not graze it
+    return None
+
+
+def _cost(plan: Plan) -> int:
+    """Recomputation cost in the chain model's units (the auto strategy's yardstick)."""
+    return sum(s.recomputed_flops + BYTE_WEIGHT * s.recomputed_bytes for s in plan.segments)
+
+
+def _at_minimum(chain: Chain, names: Sequence[str], budget: int, verify: Callable, before: Any) -> Any:
+    """The plan of least verified peak, if it fits after all; otherwise the error that says why."""
+    results = [verify(STRATEGIES[n].lowest_peak(chain), n) for n in names]
+    best = min(results, key=lambda r: r[3].peak_bytes)
+    if best[3].peak_bytes <= budget:
+        return best
+    floor = (
+        before.parameters_bytes + before.buffers_bytes + before.inputs_bytes + before.gradients_bytes + before.optimizer_bytes
+    )
+    raise MemfitBudgetError(
+        f"no plan fits {mib(budget):.2f} MiB: the feasible minimum is {mib(best[3].peak_bytes):.2f} MiB "
+        f"(predicted, strategy {best[1].strategy}). Parameters {mib(before.parameters_bytes):.2f} + gradients "
+        f"{mib(before.gradients_bytes):.2f} + optimizer state {mib(before.optimizer_bytes):.2f} + buffers and "
+        f"inputs {mib(before.buffers_bytes + before.inputs_bytes):.2f} = {mib(floor):.2f} MiB are held whatever is "
+        "recomputed. Raise the budget, lower the batch size, use a lighter optimizer, or shrink the weights "
+        "with compress=.",
+        minimum_mb=mib(best[3].peak_bytes),
+    )
+
+
+def _carry_workspace(graph: MemGraph, vgraph: MemGraph) -> None:
+    """Kernel workspaces of the planned graph's inline nodes, from the calibrated originals."""
+    for info in vgraph.nodes:
+        if info.name in graph.dag:
+            src = graph.info(info.name)
+            info.workspace_fwd, info.workspace_bwd = src.workspace_fwd, src.workspace_bwd
+
+
+def _held_into_backward(graph: MemGraph) -> int:
+    """Bytes the forward leaves alive for backward, beyond what was there before the step."""
+    level = 0
+    for e in graph.events:
+        if e.phase != "forward":
+            break
+        level += e.delta
+    return level

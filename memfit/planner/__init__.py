@@ -1,0 +1,34 @@
+"""Planners: which activations a training step keeps and which it recomputes.
+
+Every strategy reads a :class:`~memfit.planner.chain.Chain` (the MemGraph as segments with exact
+costs) and answers two questions: the cheapest plan whose predicted peak fits a budget, and the
+plan of least predicted peak (the feasible minimum). :mod:`memfit.fit` verifies what they return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from . import chen, dp, selective
+from .chain import Chain
+from .dp import Spans
+from .plan import Plan, Segment
+
+__all__ = ["Strategy", "STRATEGIES", "Chain", "Plan", "Segment", "Spans"]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A planner: ``cheapest(chain, budget_bytes)`` and ``lowest_peak(chain)``."""
+
+    name: str
+    cheapest: Callable[[Chain, int], Spans | None]
+    lowest_peak: Callable[[Chain], Spans]
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "chen": Strategy("chen", chen.cheapest, chen.lowest_peak),
+    "dp": Strategy("dp", lambda c, b: dp.cheapest(c, b), lambda c: dp.lowest_peak(c)),
+    "selective": Strategy("selective", selective.cheapest, selective.lowest_peak),
+}

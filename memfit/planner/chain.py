@@ -1,0 +1,287 @@
+"""The step as a chain of segments: what keeping or recomputing each run of nodes would cost.
+
+Planners see the network as its compute nodes in execution order, cut at *candidate boundaries*
+(positions where few bytes cross the cut; in a DenseNet block that is between layers, in a ResNet
+between blocks). A segment is the run of nodes between two candidates, treated one of three ways
+(see :mod:`memfit.planner.plan`). For any segment this module gives, from the MemGraph's exact
+per-node facts and event log:
+
+* ``hold``: bytes that stay alive from the segment's forward until the backward of whoever uses
+  them (its outputs that later nodes need; for a plain segment also everything it saves);
+* ``local``: bytes the segment adds on top while its backward runs (recomputed activations, the
+  largest transient of its nodes, kernel workspace);
+* ``cost`` and ``flops`` of the recomputation.
+
+The peak of a plan is then ``baseline + max over segments j of (sum of hold of segments before j
++ local_j + gradients of the parameters at or after j)``, and the optimizer phase's own peak: a
+model that is additive along the chain, which is what makes dynamic programming possible. The
+dry run of the rewritten module (:mod:`memfit.fit`) has the last word.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..graph import MemGraph
+from ..timeline import replay
+from .plan import Segment, SegmentKind
+
+__all__ = ["Chain", "BYTE_WEIGHT", "MAX_CANDIDATES"]
+
+# A memory-bound op costs about this many FLOPs per byte it writes: the time proxy that keeps
+# recomputing BatchNorm and activations from looking free.
+BYTE_WEIGHT = 4
+# Candidate boundaries kept for planning; DP time grows with the square of this.
+MAX_CANDIDATES = 96
+
+_SKIPPED_OPS = ("placeholder", "get_attr")
+
+
+@dataclass(frozen=True)
+class SegmentCost:
+    """What one segment costs under one treatment (bytes and FLOPs; see the module docstring)."""
+
+    hold: int
+    local: int
+    cost: int
+    flops: int
+    recomputed: int
+
+
+class Chain:
+    """The compute nodes of a MemGraph in order, with prefix sums for O(1) segment costs."""
+
+    def __init__(self, graph: MemGraph, max_candidates: int = MAX_CANDIDATES) -> None:
+        self.graph = graph
+        self.names = [n for n in graph.order if graph.info(n).op not in _SKIPPED_OPS]
+        self.pos = {n: i for i, n in enumerate(self.names)}
+        n = len(self.names)
+        infos = [graph.info(x) for x in self.names]
+        self.baseline = sum(b for b, _ in graph.baseline.values())
+
+        prod, lastuse = self._lifetimes(infos)
+        act = np.zeros(n, dtype=np.int64)
+        for sid, p in prod.items():
+            if graph.category_of(sid) == "activation":
+                act[p] += graph.nbytes(sid)
+        expensive = np.array([i.fwd_flops > 0 for i in infos])
+        flops = np.array([i.fwd_flops for i in infos], dtype=np.int64)
+        cost = flops + BYTE_WEIGHT * np.array([i.out_bytes for i in infos], dtype=np.int64)
+        self._act = _prefix(act)
+        self._act_exp = _prefix(np.where(expensive, act, 0))
+        self._flops = _prefix(flops)
+        self._flops_exp = _prefix(np.where(expensive, flops, 0))
+        self._cost = _prefix(cost)
+        self._cost_exp = _prefix(np.where(expensive, cost, 0))
+        self.total_act = int(act.sum())
+        self.forward_flops = int(flops.sum())
+
+        trans, grad_at, self.optimizer_peak = self._transients(infos)
+        self._trans = trans
+        self._grad_suffix = np.concatenate([np.cumsum(grad_at[::-1])[::-1], [0]])
+
+        cut = np.zeros(n + 1, dtype=np.int64)  # bytes crossing the boundary before position i
+        for sid, p in prod.items():
+            cut[p + 1 : lastuse[sid] + 1] += graph.nbytes(sid)
+        self.cut = cut
+        self.cands = self._candidates(cut, act, self._forbidden(infos), max_candidates)
+        self._crossing_tables(prod, lastuse)
+
+    # -- facts from the graph ---------------------------------------------------------------
+    def _lifetimes(self, infos: list) -> tuple[dict[int, int], dict[int, int]]:
+        """Producer position of every storage a compute node allocates in forward, and the last
+        position that reads it in forward (``len(names)`` for what reaches the model output)."""
+        g, n = self.graph, len(self.names)
+        prod: dict[int, int] = {}
+        for e in g.events:
+            if e.phase != "forward":
+                break
+            if e.delta > 0 and e.node in self.pos and e.sid not in prod:
+                prod[e.sid] = self.pos[e.node]
+        lastuse: dict[int, int] = {}
+        for i, info in enumerate(infos):
+            users = [self.pos[u] for u in g.dag.successors(self.names[i]) if u in self.pos]
+            last = max(users) if users else n
+            for sid in info.out_sids:
+                if sid in prod:
+                    lastuse[sid] = max(lastuse.get(sid, prod[sid] + 1), last)
+        for sid, p in prod.items():
+            lastuse.setdefault(sid, p + 1)
+        return prod, lastuse
+
+    def _transients(self, infos: list) -> tuple[np.ndarray, np.ndarray, int]:
+        """Per node, the most temporary bytes alive while its backward runs (gradients in flight,
+        scratch; kernel workspace added); per node the gradient bytes its backward allocates; the optimizer-phase peak."""
+        g = self.graph
+        n = len(self.names)
+        trans = np.zeros(n, dtype=np.int64)
+        grad_at = np.zeros(n, dtype=np.int64)
+        temp = 0
+        for e in g.events:
+            cat = g.category_of(e.sid)
+            if cat == "temporary":
+                temp += e.delta
+            p = self.pos.get(e.node)
+            if p is None:
+                continue
+            if cat == "gradient" and e.delta > 0:
+                grad_at[p] += e.delta
+            if e.phase == "backward":  # forward temporaries are the cut, already in ``hold``
+                trans[p] = max(trans[p], temp)
+        for i, info in enumerate(infos):
+            trans[i] += max(info.workspace_fwd, info.workspace_bwd)
+        timeline = replay(g.baseline.values(), g.events, g.category_of)
+        return trans, grad_at, timeline.phase_peaks.get("optimizer", 0)
+
+    def _forbidden(self, infos: list) -> np.ndarray:
+        """Boundaries that would split an in-place op from the tensor it mutates: recomputing the
+        segment would then see the mutated value."""
+        n = len(self.names)
+        bad = np.zeros(n + 1, dtype=bool)
+        for i, info in enumerate(infos):
+            if not info.inplace:
+                continue
+            preds = [self.pos[p] for p in self.graph.dag.predecessors(self.names[i]) if p in self.pos]
+            if preds:
+                bad[min(preds) + 1 : i + 1] = True
+        return bad
+
+    def _candidates(self, cut: np.ndarray, act: np.ndarray, bad: np.ndarray, limit: int) -> list[int]:
+        """Boundary positions: local minima of the crossing bytes, thinned evenly by activation
+        memory when there are too many, topped up with the smallest other cuts when too few."""
+        n = len(self.names)
+        inner = [i for i in range(1, n) if not bad[i]]
+        minima = [i for i in inner if cut[i] <= cut[i - 1] and cut[i] <= cut[i + 1]]
+        room = max(0, limit - 2)
+        if len(minima) > room:
+            cum = np.cumsum(act)
+            weight = np.array([cum[i - 1] for i in minima], dtype=np.float64)
+            marks = np.linspace(weight[0], weight[-1], room)
+            chosen = sorted({minima[int(np.argmin(np.abs(weight - m)))] for m in marks})
+        else:
+            chosen = list(minima)
+            rest = sorted((i for i in inner if i not in set(minima)), key=lambda i: (cut[i], i))
+            chosen = sorted(chosen + rest[: room - len(chosen)])
+        return [0, *chosen, n]
+
+    def _crossing_tables(self, prod: dict[int, int], lastuse: dict[int, int]) -> None:
+        """Tables over candidate pairs (a, b).
+
+        ``_cross[a, b]``: bytes produced in [a, b) and read at or after b - what a checkpointed
+        segment must keep for later ones. ``_inputs[a, b]``: bytes of unsaved values produced
+        before a and read in [a, b) - what a checkpointed segment keeps alive as its inputs when
+        the segment before it is plain (after a checkpointed one they are already counted).
+        """
+        g = self.graph
+        c = np.array(self.cands)
+        m = len(c)
+        users = self._users_by_sid()
+        cross = np.zeros((m, m), dtype=np.int64)
+        inputs = np.zeros((m, m), dtype=np.int64)
+        for sid, p in prod.items():
+            pi = int(np.searchsorted(c, p, side="right")) - 1
+            li = int(np.searchsorted(c, lastuse[sid], side="right")) - 1
+            if li <= pi:
+                continue
+            nbytes = g.nbytes(sid)
+            cross[pi, li] += nbytes
+            if g.category_of(sid) == "activation":
+                continue
+            uses = np.array(sorted(users.get(sid, ())), dtype=np.int64)
+            for a in range(pi + 1, li + 1):
+                later = uses[uses >= c[a]]
+                if later.size:  # counted for every b past the first use at or after a
+                    first = int(np.searchsorted(c, later[0], side="right"))
+                    inputs[a, first:] += nbytes
+        self._cross = _pair_table(cross)
+        self._inputs = inputs
+
+    def _users_by_sid(self) -> dict[int, set[int]]:
+        """Positions of the nodes that read each storage (through any alias)."""
+        out: dict[int, set[int]] = {}
+        for name in self.names:
+            targets = [self.pos[u] for u in self.graph.dag.successors(name) if u in self.pos]
+            for sid in self.graph.info(name).out_sids:
+                out.setdefault(sid, set()).update(targets)
+        return out
+
+    # -- segment costs ----------------------------------------------------------------------
+    @property
+    def m(self) -> int:
+        """Number of candidate intervals."""
+        return len(self.cands) - 1
+
+    def grads_from(self, a: int) -> int:
+        """Gradient bytes allocated by the backward of nodes at or after candidate ``a``."""
+        return int(self._grad_suffix[self.cands[a]])
+
+    def trans_max(self, a: int, b: int) -> int:
+        """Largest transient of a node in candidate interval [a, b)."""
+        return int(self._trans[self.cands[a] : self.cands[b]].max(initial=0))
+
+    def segment(self, a: int, b: int, kind: SegmentKind, after_plain: bool = True) -> SegmentCost:
+        """The cost of candidate interval [a, b) under ``kind``, after a plain or checkpointed one."""
+        lo, hi = self.cands[a], self.cands[b]
+        act = int(self._act[hi] - self._act[lo])
+        trans = self.trans_max(a, b)
+        if kind == "plain":
+            return SegmentCost(hold=act, local=act + trans, cost=0, flops=0, recomputed=0)
+        held = int(self._cross[a, b]) + (int(self._inputs[a, b]) if after_plain else 0)
+        cost = int(self._cost[hi] - self._cost[lo])
+        flops = int(self._flops[hi] - self._flops[lo])
+        if kind == "recompute":
+            return SegmentCost(hold=held, local=act + trans, cost=cost, flops=flops, recomputed=act)
+        kept = int(self._act_exp[hi] - self._act_exp[lo])
+        return SegmentCost(
+            hold=held + kept,
+            local=act + trans,  # at its backward, kept and recomputed activations are all alive
+            cost=cost - int(self._cost_exp[hi] - self._cost_exp[lo]),
+            flops=flops - int(self._flops_exp[hi] - self._flops_exp[lo]),
+            recomputed=act - kept,
+        )
+
+    def costs(self, spans: list[tuple[int, int, SegmentKind]]) -> list[SegmentCost]:
+        """The cost of every segment of a plan, each knowing what precedes it."""
+        out, after_plain = [], True
+        for a, b, kind in spans:
+            out.append(self.segment(a, b, kind, after_plain))
+            after_plain = kind == "plain"
+        return out
+
+    def peak(self, spans: list[tuple[int, int, SegmentKind]]) -> int:
+        """Predicted peak bytes of a plan given as candidate spans, by the chain model."""
+        held, worst = 0, 0
+        for (a, _, _), s in zip(spans, self.costs(spans)):
+            worst = max(worst, held + s.local + self.grads_from(a))
+            held += s.hold
+        return max(self.baseline + worst, self.optimizer_peak)
+
+    def to_segments(self, spans: list[tuple[int, int, SegmentKind]]) -> list[Segment]:
+        """Plan segments (node names and predicted figures) from candidate spans."""
+        out = []
+        for (a, b, kind), s in zip(spans, self.costs(spans)):
+            names = tuple(self.names[self.cands[a] : self.cands[b]])
+            out.append(Segment(names, kind, s.hold, s.recomputed, s.flops))
+        return out
+
+    def kept_bytes(self, spans: list[tuple[int, int, SegmentKind]]) -> int:
+        """Bytes the plan keeps between forward and backward (its activation memory)."""
+        return sum(s.hold for s in self.costs(spans))
+
+    def bucket(self, nbytes: int, quantum: float) -> int:
+        """Bytes in units of ``quantum``, rounded up (so planning errs on the safe side)."""
+        return int(math.ceil(nbytes / quantum - 1e-9))
+
+
+def _prefix(x: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(x, dtype=np.int64)])
+
+
+def _pair_table(w: np.ndarray) -> np.ndarray:
+    """T[a, b] = sum of w[p, l] over a <= p < b <= l, for all candidate pairs."""
+    suffix = np.cumsum(w[:, ::-1], axis=1)[:, ::-1]  # suffix[p, b] = sum over l >= b of w[p, l]
+    down = np.cumsum(suffix[::-1], axis=0)[::-1]  # down[a, b] = sum over p >= a of suffix[p, b]
+    return np.triu(down - np.diag(down)[None, :])

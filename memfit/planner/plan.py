@@ -1,0 +1,127 @@
+"""A recomputation plan: the step's nodes cut into segments, each kept or recomputed, and its table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..report import mib
+
+__all__ = ["Segment", "Plan", "SegmentKind"]
+
+# "plain": run as is, autograd keeps what it saves. "recompute": run under checkpoint, only the
+# segment's inputs are kept and the rest is recomputed in backward. "selective": under checkpoint,
+# but the outputs of FLOP-heavy ops (conv, matmul, attention) are kept and only the cheap ops
+# around them (BatchNorm, activations, concatenation) are recomputed.
+SegmentKind = Literal["plain", "recompute", "selective"]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of consecutive nodes (in execution order) and how it is treated.
+
+    Attributes:
+        nodes: fx node names, in execution order.
+        kind: ``"plain"``, ``"recompute"`` or ``"selective"``.
+        kept_bytes: Predicted bytes the segment keeps alive from its forward to its backward.
+        recomputed_bytes: Predicted bytes of saved activations its backward recomputes.
+        recomputed_flops: FLOPs its recomputation costs.
+    """
+
+    nodes: tuple[str, ...]
+    kind: SegmentKind
+    kept_bytes: int = 0
+    recomputed_bytes: int = 0
+    recomputed_flops: int = 0
+
+    @property
+    def checkpointed(self) -> bool:
+        """Whether the segment runs under ``torch.utils.checkpoint``."""
+        return self.kind != "plain"
+
+
+@dataclass
+class Plan:
+    """What to keep and what to recompute in one training step, and what it is predicted to cost.
+
+    Attributes:
+        segments: The segments in execution order; together they cover every compute node.
+        strategy: The planner that made it.
+        budget_bytes: The budget it was made for (None for the unplanned step).
+        peak_before_bytes: Predicted peak of the unplanned step.
+        peak_after_bytes: Peak of the planned step, verified by a dry run (predicted).
+        activations_before_bytes: Activations the unplanned step saves for backward (predicted).
+        activations_after_bytes: Activations the planned step keeps between forward and backward.
+        forward_flops: FLOPs of the unplanned forward pass.
+        planning_seconds: Wall time of planning, capture and verification included (measured).
+    """
+
+    segments: list[Segment]
+    strategy: str
+    budget_bytes: int | None = None
+    peak_before_bytes: int = 0
+    peak_after_bytes: int = 0
+    activations_before_bytes: int = 0
+    activations_after_bytes: int = 0
+    forward_flops: int = 0
+    planning_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def extra_flops(self) -> int:
+        """FLOPs the plan adds to a step by recomputation."""
+        return sum(s.recomputed_flops for s in self.segments)
+
+    @property
+    def extra_flops_percent(self) -> float:
+        """Extra FLOPs as a percentage of the forward and backward FLOPs of the unplanned step."""
+        # A backward costs about twice its forward, so a step is about three forwards.
+        return 100.0 * self.extra_flops / max(1, 3 * self.forward_flops)
+
+    @property
+    def checkpointed(self) -> list[Segment]:
+        """The segments that run under checkpoint."""
+        return [s for s in self.segments if s.checkpointed]
+
+    def __str__(self) -> str:
+        return render(self)
+
+
+def render(plan: Plan) -> str:
+    """The plan as a table of checkpointed segments, then the predicted summary."""
+    headers = ("Segment", "Nodes", "Kind", "Kept MiB", "Recomputed MiB", "Recomputed FLOPs")
+    rows = []
+    for i, s in enumerate(plan.segments):
+        if not s.checkpointed:
+            continue
+        span = s.nodes[0] if len(s.nodes) == 1 else f"{s.nodes[0]} .. {s.nodes[-1]}"
+        rows.append(
+            (
+                str(i),
+                f"{span} ({len(s.nodes)})",
+                s.kind,
+                f"{mib(s.kept_bytes):.2f}",
+                f"{mib(s.recomputed_bytes):.2f}",
+                f"{s.recomputed_flops / 1e9:.3f}G",
+            )
+        )
+    lines = [f"memfit plan ({plan.strategy})"]
+    if rows:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+        fmt = lambda r: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+        lines += [fmt(headers), "-" * (sum(widths) + 2 * (len(widths) - 1))]
+        lines += [fmt(r) for r in rows]
+    else:
+        lines.append("(no segment is recomputed: the unplanned step fits)")
+    budget = "none" if plan.budget_bytes is None else f"{mib(plan.budget_bytes):.2f}"
+    lines += [
+        f"Budget (MiB, given): {budget}",
+        f"Peak before -> after (MiB, predicted): {mib(plan.peak_before_bytes):.2f} -> {mib(plan.peak_after_bytes):.2f}",
+        f"Activations before -> after (MiB, predicted): {mib(plan.activations_before_bytes):.2f} -> "
+        f"{mib(plan.activations_after_bytes):.2f}",
+        f"Extra FLOPs (predicted): {plan.extra_flops / 1e9:.3f}G, {plan.extra_flops_percent:.1f}% of a step",
+        f"Segments: {len(plan.segments)}, checkpointed: {len(plan.checkpointed)}",
+        f"Planning time (s, measured): {plan.planning_seconds:.2f}",
+    ]
+    lines.extend(plan.notes)
+    return "\n".join(lines)
