@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from . import models
 from .api import estimate, measure
-from .errors import MemfitError, MemfitInputError, MemfitTraceError
+from .errors import MemfitBudgetError, MemfitError, MemfitInputError, MemfitTraceError
+from .fit import optimize
 from .report import MemoryReport
 
 __all__ = [
     "estimate",
     "measure",
+    "optimize",
+    "MemfitBudgetError",
     "MemoryReport",
     "MemfitError",
     "MemfitInputError",

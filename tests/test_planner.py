@@ -1,0 +1,175 @@
+"""memfit.optimize: the budget holds when measured, and training is unchanged by the plan."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import memfit
+from memfit.planner import STRATEGIES
+from memfit.trainstep import default_loss
+
+from .conftest import zoo_case
+
+STRATEGY_NAMES = sorted(STRATEGIES)
+# One of each family at small shapes; gpt has dropout and tied embeddings.
+MODELS = ("resnet18", "densenet_bc_100", "mobilenet_v2", "vgg11_bn", "gpt")
+FRACTIONS = (0.25, 0.5, 0.75)
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(seed)
+    model.train()
+    loss = default_loss(model(x))
+    loss.backward()
+    return loss.detach()
+
+
+def assert_trains_like(original: nn.Module, planned: nn.Module, reference: nn.Module, x: torch.Tensor) -> None:
+    """``planned`` (sharing ``original``'s parameters) takes the same step as ``reference``."""
+    expected = _train_step(reference, x)
+    got = _train_step(planned, x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    ref_grads = {n: p.grad for n, p in reference.named_parameters()}
+    for name, p in original.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"no gradient for {name}"
+            torch.testing.assert_close(p.grad, ref_grads[name], atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")
+    ref_buffers = dict(reference.named_buffers())
+    for name, b in original.named_buffers():
+        torch.testing.assert_close(b, ref_buffers[name], atol=1e-5, rtol=1e-5, msg=f"buffer {name}")
+
+
+def _case(name: str) -> tuple[nn.Module, torch.Tensor]:
+    model, x = zoo_case(name)
+    return model, (x[:4] if x.dim() == 4 else x)
+
+
+def _minimum_mb(model: nn.Module, x: torch.Tensor, strategy: str) -> float:
+    with pytest.raises(memfit.MemfitBudgetError) as err:
+        memfit.optimize(model, 1e-6, x, strategy=strategy)
+    return err.value.minimum_mb
+
+
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+@pytest.mark.parametrize("name", MODELS)
+def test_measured_peak_fits_and_training_is_unchanged(name: str, strategy: str) -> None:
+    model, x = _case(name)
+    unplanned = memfit.estimate(model, x).peak_mb
+    lowest = _minimum_mb(model, x, strategy)
+    assert lowest < unplanned
+    for fraction in FRACTIONS:
+        budget = lowest + fraction * (unplanned - lowest)
+        reference = copy.deepcopy(model)
+        work = copy.deepcopy(model)
+        planned = memfit.optimize(work, budget, x, strategy=strategy)
+        assert planned.plan.peak_after_bytes <= budget * 2**20
+        measured = memfit.measure(planned, x)
+        assert measured.peak_mb <= budget, f"{name}/{strategy} at {fraction:.0%}: {measured.peak_mb:.2f} > {budget:.2f} MiB"
+        assert_trains_like(work, planned, reference, x)
+
+
+def test_budget_below_the_minimum_says_the_minimum_and_what_holds_it(small_cnn: nn.Module) -> None:
+    x = torch.randn(4, 3, 16, 16)
+    with pytest.raises(memfit.MemfitBudgetError, match=r"(?s)feasible minimum is [\d.]+ MiB.*Parameters.*compress=") as err:
+        memfit.optimize(small_cnn, 0.01, x)
+    assert 0.01 < err.value.minimum_mb < memfit.estimate(small_cnn, x).peak_mb
+
+
+def test_a_budget_the_model_already_fits_recomputes_nothing(small_cnn: nn.Module) -> None:
+    x = torch.randn(4, 3, 16, 16)
+    planned = memfit.optimize(small_cnn, 1e4, x)
+    assert not planned.plan.checkpointed
+    assert "no segment is recomputed" in str(planned.plan)
+
+
+def test_parameters_are_shared_and_the_original_state_dict_loads(small_cnn: nn.Module) -> None:
+    x = torch.randn(4, 3, 16, 16)
+    before = {k: v.clone() for k, v in small_cnn.state_dict().items()}
+    planned = memfit.optimize(small_cnn, _minimum_mb(small_cnn, x, "dp") * 1.001, x, strategy="dp")
+    assert planned.plan.checkpointed
+    for k, v in small_cnn.state_dict().items():
+        torch.testing.assert_close(v, before[k], atol=0, rtol=0)
+    assert set(planned.state_dict()) == set(small_cnn.state_dict())
+    planned.load_state_dict(small_cnn.state_dict())
+    assert {id(p) for p in planned.parameters()} == {id(p) for p in small_cnn.parameters()}
+    assert copy.deepcopy(planned).state_dict().keys() == planned.state_dict().keys()
+
+
+class _TwoHeads(nn.Module):
+    """Two inputs, two outputs, an in-place activation, a frozen layer and a tied weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(12, 32)
+        self.frozen = nn.Linear(8, 32)
+        self.frozen.requires_grad_(False)
+        self.body = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU(inplace=True)) for _ in range(6)])
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.embed(a) + self.frozen(b)
+        h = self.drop(self.body(h))
+        return nn.functional.linear(h, self.embed.weight.t()), h.mean(dim=1)  # tied to embed
+
+
+def _two_head_loss(out: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return out[0].square().mean() + out[1].abs().mean()
+
+
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+def test_multiple_inputs_outputs_inplace_frozen_dropout(strategy: str) -> None:
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    a, b = torch.randn(64, 12), torch.randn(64, 8)
+    unplanned = memfit.estimate(model, (a, b), loss_fn=_two_head_loss).peak_mb
+    with pytest.raises(memfit.MemfitBudgetError) as err:
+        memfit.optimize(model, 1e-3, (a, b), strategy=strategy, loss_fn=_two_head_loss)
+    budget = (err.value.minimum_mb + unplanned) / 2
+    reference, work = copy.deepcopy(model), copy.deepcopy(model)
+    planned = memfit.optimize(work, budget, (a, b), strategy=strategy, loss_fn=_two_head_loss)
+    losses = []
+    for m in (reference, planned):
+        torch.manual_seed(1)
+        m.train()
+        loss = _two_head_loss(m(a, b))
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
+    for (name, p), q in zip(work.named_parameters(), reference.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+        else:
+            assert p.grad is None
+    for (name, buf), ref in zip(work.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(buf, ref, msg=name)
+
+
+def test_eval_mode_runs_the_plain_graph(small_cnn: nn.Module) -> None:
+    x = torch.randn(4, 3, 16, 16)
+    planned = memfit.optimize(copy.deepcopy(small_cnn), _minimum_mb(small_cnn, x, "dp") * 1.001, x, strategy="dp")
+    planned.eval()
+    small_cnn.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(planned(x), small_cnn(x))
+
+
+def test_the_plan_prints_a_table_and_says_what_is_predicted(small_cnn: nn.Module) -> None:
+    x = torch.randn(4, 3, 16, 16)
+    planned = memfit.optimize(small_cnn, _minimum_mb(small_cnn, x, "chen") * 1.001, x, strategy="chen")
+    text = str(planned.plan)
+    for needle in ("Segment", "Kept MiB", "Recomputed MiB", "Recomputed FLOPs", "Peak before -> after (MiB, predicted)",
+                   "Extra FLOPs (predicted)", "Planning time (s, measured)"):
+        assert needle in text
+    assert "before" in str(planned.report) and "after" in str(planned.report)
+
+
+def test_unknown_strategy_and_bad_budget_are_refused(small_cnn: nn.Module) -> None:
+    x = torch.randn(4, 3, 16, 16)
+    with pytest.raises(memfit.MemfitInputError, match="unknown strategy"):
+        memfit.optimize(small_cnn, 10, x, strategy="magic")
+    with pytest.raises(memfit.MemfitInputError, match="budget_mb"):
+        memfit.optimize(small_cnn, -1, x)
