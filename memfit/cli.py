@@ -1,4 +1,4 @@
-"""The ``memfit`` command line: ``memfit report MODEL``."""
+"""The ``memfit`` command line: ``memfit report MODEL``, ``memfit plan MODEL --budget-mb N``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ import torch
 from . import models
 from .api import estimate, measure
 from .errors import MemfitError
+from .fit import optimize
+from .planner import STRATEGIES
+from .plot import plot_plan
 from .trainstep import AMP_DTYPES, OPTIMIZERS
 
 __all__ = ["main", "load_model", "example_input"]
@@ -66,22 +69,43 @@ def example_input(model: torch.nn.Module, batch: int, shape: str | None) -> torc
     return torch.randn(batch, *dims)
 
 
+def _step_arguments(p: argparse.ArgumentParser) -> None:
+    """What every command that runs a training step needs: the model, its batch, the step."""
+    p.add_argument("model", help="zoo name (see `memfit models`) or package.module:factory")
+    p.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
+    p.add_argument("--input", help="per-sample input shape, e.g. 3x32x32, or sequence length for GPT")
+    p.add_argument("--optimizer", default="sgd", choices=sorted(OPTIMIZERS) + ["none"])
+    p.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast precision")
+    p.add_argument("--stem", choices=["imagenet", "cifar"], help="zoo models: input stem")
+    p.add_argument("--num-classes", type=int, help="zoo models: classifier outputs")
+    p.add_argument("--measure", action="store_true", help="also run one real step and measure it")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memfit", description="Make PyTorch training fit a memory budget.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("report", help="predicted (and optionally measured) memory of one training step")
-    r.add_argument("model", help="zoo name (see `memfit models`) or package.module:factory")
-    r.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
-    r.add_argument("--input", help="per-sample input shape, e.g. 3x32x32, or sequence length for GPT")
-    r.add_argument("--optimizer", default="sgd", choices=sorted(OPTIMIZERS) + ["none"])
-    r.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast precision")
-    r.add_argument("--stem", choices=["imagenet", "cifar"], help="zoo models: input stem")
-    r.add_argument("--num-classes", type=int, help="zoo models: classifier outputs")
-    r.add_argument("--measure", action="store_true", help="also run one real step and measure it")
+    _step_arguments(r)
     r.add_argument("--no-calibrate", action="store_true", help="skip kernel-workspace calibration")
     r.add_argument("--summary", action="store_true", help="totals only, no per-layer table")
+    pl = sub.add_parser("plan", help="plan recomputation so that a training step fits a budget")
+    _step_arguments(pl)
+    pl.add_argument("--budget-mb", type=float, required=True, help="peak budget of the step, MiB")
+    pl.add_argument("--strategy", default="auto", choices=["auto", *sorted(STRATEGIES)])
+    pl.add_argument("--plot", metavar="PNG", help="save a plot of memory over the step, before and after")
     sub.add_parser("models", help="list the zoo")
     return p
+
+
+def _plan(model: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace, optimizer: str | None) -> None:
+    planned = optimize(model, args.budget_mb, x, optimizer=optimizer, amp=args.amp, strategy=args.strategy)
+    print(planned.plan)
+    if args.plot:
+        print(f"Plot written to {plot_plan(planned.plan, args.plot)}")
+    if args.measure:
+        measured = measure(planned, x, optimizer=optimizer, amp=args.amp)
+        verdict = "within" if measured.peak_mb <= args.budget_mb else "OVER"
+        print(f"Peak of a real planned step (MiB, measured): {measured.peak_mb:.2f}, {verdict} the budget")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = load_model(args.model, stem=args.stem, num_classes=args.num_classes)
         x = example_input(model, args.batch, args.input)
         optimizer = None if args.optimizer == "none" else args.optimizer
+        if args.command == "plan":
+            _plan(model, x, args, optimizer)
+            return 0
         t0 = time.perf_counter()
         report = estimate(model, x, optimizer=optimizer, amp=args.amp, calibrate=not args.no_calibrate)
         elapsed = time.perf_counter() - t0

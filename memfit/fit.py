@@ -118,6 +118,8 @@ def optimize(
     plan.activations_before_bytes = _held_into_backward(graph)
     plan.activations_after_bytes = _held_into_backward(vgraph)
     plan.forward_flops = chain.forward_flops
+    plan.levels_before = [(phase, level) for phase, _, level in costmodel.simulate(graph).levels]
+    plan.levels_after = [(phase, level) for phase, _, level in timeline.levels]
     plan.planning_seconds = time.perf_counter() - started
     planned.plan = plan
     planned.report = Comparison(before=before, after=after)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from memfit.cli import main
@@ -49,3 +53,31 @@ def test_models_lists_the_zoo(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models"]) == 0
     names = capsys.readouterr().out.split()
     assert "resnet50" in names and "densenet_bc_100" in names and "gpt2" in names
+
+
+def test_plan_prints_the_table_and_the_measured_peak_within_budget(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    args = ["plan", "resnet18", "--stem", "cifar", "--batch", "4", "--num-classes", "10", "--strategy", "dp"]
+    assert main([*args, "--budget-mb", "1"]) == 2
+    err = capsys.readouterr().err
+    minimum = float(err.split("feasible minimum is ")[1].split(" MiB")[0])
+    plot = tmp_path / "plan.png"
+    assert main([*args, "--budget-mb", f"{minimum * 1.02:.2f}", "--measure", "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert plot.stat().st_size > 10_000
+    assert "memfit plan (dp)" in out and "recompute" in out
+    assert "within the budget" in out
+
+
+def test_report_of_resnet50_at_batch_256_never_allocates_the_activations() -> None:
+    """The unplanned step needs tens of GB; predicting it must stay far below that."""
+    code = (
+        "import resource, sys; from memfit.cli import main; "
+        "rc = main(['report', 'resnet50', '--batch', '256', '--input', '3x224x224', '--summary']); "
+        "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    predicted_peak = float(done.stdout.split("Peak of the step (in")[1].split(":")[1].split()[0])
+    rss_kib = int(done.stdout.split("RSS")[1].split()[0])
+    assert predicted_peak > 20_000  # MiB: what a real step would need
+    assert rss_kib < 2 * 2**20  # KiB: under 2 GiB

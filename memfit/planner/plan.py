@@ -54,6 +54,8 @@ class Plan:
         activations_after_bytes: Activations the planned step keeps between forward and backward.
         forward_flops: FLOPs of the unplanned forward pass.
         planning_seconds: Wall time of planning, capture and verification included (measured).
+        levels_before: Live tensor bytes after every event of the unplanned step (predicted).
+        levels_after: The same for the planned step (predicted), for plots.
     """
 
     segments: list[Segment]
@@ -65,6 +67,8 @@ class Plan:
     activations_after_bytes: int = 0
     forward_flops: int = 0
     planning_seconds: float = 0.0
+    levels_before: list[tuple[str, int]] = field(default_factory=list, repr=False)
+    levels_after: list[tuple[str, int]] = field(default_factory=list, repr=False)
     notes: list[str] = field(default_factory=list)
 
     @property

@@ -1,0 +1,49 @@
+"""Plots: the memory of a training step over time, before and after a plan (matplotlib)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import MemfitInputError
+from .planner.plan import Plan
+from .report import mib
+
+__all__ = ["plot_plan"]
+
+
+def plot_plan(plan: Plan, path: str | Path) -> Path:
+    """Draw live tensor memory over one step, unplanned and planned, with the budget; save to ``path``.
+
+    The x axis is the step's progress (each curve's events spread over [0, 1], since recomputation
+    adds events); phases are shaded. All curves are predicted by memfit's dry runs.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise MemfitInputError("plotting needs matplotlib: pip install 'memfit[plot]'") from e
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for label, levels, style in (("before (predicted)", plan.levels_before, "-"), ("after (predicted)", plan.levels_after, "-")):
+        if not levels:
+            continue
+        n = len(levels)
+        xs = [i / max(1, n - 1) for i in range(n)]
+        ax.plot(xs, [mib(b) for _, b in levels], style, label=label, linewidth=1.2)
+    if plan.levels_after:
+        n = len(plan.levels_after)
+        start = next((i for i, (ph, _) in enumerate(plan.levels_after) if ph != "forward"), n) / max(1, n - 1)
+        ax.axvspan(0, start, color="0.93", zorder=0)
+        ax.text(start / 2, 0.02, "forward (after)", transform=ax.get_xaxis_transform(), ha="center", fontsize=8)
+    if plan.budget_bytes is not None:
+        ax.axhline(mib(plan.budget_bytes), color="red", linestyle="--", linewidth=1, label="budget")
+    ax.set_xlabel("progress through the training step")
+    ax.set_ylabel("live tensor memory (MiB)")
+    ax.set_title(f"memfit plan ({plan.strategy}): peak {mib(plan.peak_before_bytes):.1f} -> {mib(plan.peak_after_bytes):.1f} MiB (predicted)")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
