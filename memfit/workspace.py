@@ -5,9 +5,9 @@ kernels make their incoming gradient contiguous; these buffers never appear as t
 count towards the real peak. memfit measures them per distinct layer: the layer runs forward and
 backward on small real inputs under both the storage tracker and the allocator's profiler, and
 the difference of the two peaks is its workspace. Layers are deduplicated by signature, inputs are
-at most ``CALIBRATION_BATCH`` deep, and larger batches are extrapolated linearly (buffers scale
-with the batch or not at all). Random numbers come from a private generator and the global RNG
-state is restored, so calibration leaves no trace.
+at most ``CALIBRATION_BATCH`` deep, and larger batches are extrapolated linearly from two small
+ones (buffers scale with the batch or not at all). Random numbers come from a private generator
+and the global RNG state is restored, so calibration leaves no trace.
 """
 
 from __future__ import annotations
@@ -135,7 +135,9 @@ def _workspace_for(spec: _Spec, batch: int, config: StepConfig, device: str) -> 
     scaled = any(m[3] for m in spec.metas)
     if not scaled or batch <= CALIBRATION_BATCH:
         return _measured(spec, batch, config, device)
-    lo, hi = CALIBRATION_BATCH // 2, CALIBRATION_BATCH
+    # Batches 2 and 4 fix the line as well as 4 and 8 at half the cost; batch 1 does not (some
+    # kernels have a special single-sample path).
+    lo, hi = CALIBRATION_BATCH // 4, CALIBRATION_BATCH // 2
     f_lo, b_lo = _measured(spec, lo, config, device)
     f_hi, b_hi = _measured(spec, hi, config, device)
 
@@ -185,17 +187,15 @@ def _run_layer(spec: _Spec, batch: int, config: StepConfig, device: str) -> tupl
 
     try:
         out = call()  # warm-up: lazy initialisation and primitive caches are not workspace
-        grads = _grads_for(out)
-        if grads:
-            torch.autograd.backward(*grads)
+        outs = [t for t in tensors_in(out) if t.requires_grad]
+        grad_tensors = [torch.randn_like(t) for t in outs]
+        if outs:
+            torch.autograd.backward(outs, grad_tensors)
     except Exception:
         return 0, 0
-    del out
+    del out, outs
     for t in values + params:
         t.grad = None
-    outs = [t for t in tensors_in(call()) if t.requires_grad]
-    grad_tensors = [torch.randn_like(t) for t in outs]
-    del outs
     tracker = StorageTracker()
     tracker.register(values + params + buffers + grad_tensors, "input")
     with memory_profile() as prof:
@@ -220,13 +220,6 @@ def _run_layer(spec: _Spec, batch: int, config: StepConfig, device: str) -> tupl
         max(0, _rise(alloc_fwd) - _rise(disp_fwd)),
         max(0, _rise(alloc_bwd) - _rise(disp_bwd)),
     )
-
-
-def _grads_for(out: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-    outs = [t for t in tensors_in(out) if t.requires_grad]
-    if not outs:
-        return None
-    return outs, [torch.ones_like(t) for t in outs]
 
 
 def _rise(deltas: Iterable[int]) -> int:
