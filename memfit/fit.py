@@ -55,7 +55,8 @@ def optimize(
         optimizer: The optimizer of the step, as in :func:`memfit.estimate`.
         amp: None, ``"bf16"`` or ``"fp16"`` (``torch.autocast``).
         loss_fn: Output -> scalar loss, as in :func:`memfit.estimate`.
-        strategy: ``"auto"`` or one of ``"chen"``, ``"dp"``, ``"selective"``.
+        strategy: ``"auto"`` or one of ``"chen"``, ``"dp"``, ``"selective"``, ``"milp"`` (exact, small
+            graphs only).
         leaf_modules: Module types or qualified names torch.fx should not trace into.
         time_limit_s: For ``"auto"``: strategies are not started after this much planning time.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from . import chen, dp, selective
+from . import chen, dp, milp, selective
 from .chain import Chain
 from .dp import Spans
 from .plan import Plan, Segment
@@ -31,4 +31,5 @@ STRATEGIES: dict[str, Strategy] = {
     "chen": Strategy("chen", chen.cheapest, chen.lowest_peak),
     "dp": Strategy("dp", lambda c, b: dp.cheapest(c, b), lambda c: dp.lowest_peak(c)),
     "selective": Strategy("selective", selective.cheapest, selective.lowest_peak),
+    "milp": Strategy("milp", lambda c, b: milp.cheapest(c, b), lambda c: milp.lowest_peak(c)),
 }

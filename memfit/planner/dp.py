@@ -48,51 +48,48 @@ def lowest_peak(chain: Chain, kinds: Sequence[SegmentKind] = KINDS) -> Spans:
 def _solve(chain: Chain, kinds: Sequence[SegmentKind], quantum: float, room: int | None) -> Spans | None:
     """Shared recursion. With ``room`` the objective is cost under the bound; without it, the peak.
 
-    ``best[b][c][h]`` is the best objective over plans of the first ``b`` intervals that hold
-    ``h`` quanta and whose last segment is plain (c = 0) or checkpointed (c = 1): a checkpointed
-    segment keeps its inputs only when they come from a plain one. ``back`` rebuilds the plan.
+    ``best[b, c, h]`` is the best objective over plans of the first ``b`` intervals whose last
+    segment is plain (c = 0) or checkpointed (c = 1) - a checkpointed segment keeps its inputs
+    only when they come from a plain one - and which hold between ``h`` and ``h + 1`` quanta;
+    ``held`` keeps the exact bytes of that plan, so feasibility is tested exactly and the quanta
+    only decide which plans compete (ties go to the plan that holds less). ``back`` rebuilds it.
     """
     m, size = chain.m, BUCKETS + 1
-    h = np.arange(size, dtype=np.float64) * quantum
     best = np.full((m + 1, 2, size), np.inf)
+    held = np.full((m + 1, 2, size), np.inf)
     back = np.full((m + 1, 2, size, 4), -1, dtype=np.int64)  # (a, kind, class before, h before)
-    best[0, 0, 0] = 0.0
+    best[0, 0, 0] = held[0, 0, 0] = 0.0
     for b in range(1, m + 1):
         for a in range(b):
             grads = chain.grads_from(a)
             for before in (0, 1):
-                src = best[a, before]
-                live = np.flatnonzero(np.isfinite(src))
+                live = np.flatnonzero(np.isfinite(best[a, before]))
                 if not live.size:
                     continue
-                top = int(live[-1])
+                value0, held0 = best[a, before, live], held[a, before, live]
                 for k, kind in enumerate(kinds):
                     if kind == "plain" and b != a + 1:
                         continue  # consecutive plain intervals behave as one longer plain segment
                     s = chain.segment(a, b, kind, after_plain=before == 0)
-                    shift = chain.bucket(s.hold, quantum)
-                    upto = min(top, size - 1 - shift)
-                    if room is not None:
-                        upto = min(upto, int(np.floor((room - s.local - grads) / quantum + 1e-9)))
-                    if upto < 0:
-                        continue
+                    need = held0 + s.local + grads
                     if room is None:
-                        value = np.maximum(src[: upto + 1], h[: upto + 1] + s.local + grads)
+                        value, ok = np.maximum(value0, need), np.ones(live.size, dtype=bool)
                     else:
-                        value = src[: upto + 1] + s.cost
-                    after = 0 if kind == "plain" else 1
-                    dst = best[b, after, shift : shift + upto + 1]
-                    idx = np.flatnonzero(value < dst)
-                    if not idx.size:
-                        continue
-                    dst[idx] = value[idx]
-                    back[b, after, shift + idx] = np.stack(
-                        [np.full_like(idx, a), np.full_like(idx, k), np.full_like(idx, before), idx], axis=1
-                    )
+                        value, ok = value0 + s.cost, need <= room
+                    new_held = held0 + s.hold
+                    target = np.floor(new_held / quantum).astype(np.int64)
+                    if room is None:
+                        target = np.minimum(target, size - 1)
+                    ok &= target < size
+                    sel = np.flatnonzero(ok)
+                    if sel.size:
+                        _relax(best[b, int(kind != "plain")], held[b, int(kind != "plain")],
+                               back[b, int(kind != "plain")], value[sel], new_held[sel], target[sel],
+                               (a, k, before), live[sel])
     final = best[m]
     if not np.isfinite(final).any():
         return None
-    c, j = np.unravel_index(int(np.argmin(final)), final.shape)
+    c, j = np.unravel_index(int(np.lexsort((held[m].ravel(), final.ravel()))[0]), final.shape)
     spans: Spans = []
     b = m
     while b > 0:
@@ -100,3 +97,26 @@ def _solve(chain: Chain, kinds: Sequence[SegmentKind], quantum: float, room: int
         spans.append((a, b, kinds[k]))
         b, c, j = a, before, j_before
     return spans[::-1]
+
+
+def _relax(
+    best: np.ndarray,
+    held: np.ndarray,
+    back: np.ndarray,
+    value: np.ndarray,
+    new_held: np.ndarray,
+    target: np.ndarray,
+    step: tuple[int, int, int],
+    source: np.ndarray,
+) -> None:
+    """Improve the entries ``target`` with candidate plans (objective, exact held bytes)."""
+    order = np.lexsort((new_held, value, target))  # per target: best objective, then least held
+    first = np.r_[True, target[order][1:] != target[order][:-1]]
+    pick = order[first]
+    t, v, hb = target[pick], value[pick], new_held[pick]
+    better = (v < best[t]) | ((v == best[t]) & (hb < held[t]))
+    if not better.any():
+        return
+    t, v, hb, src = t[better], v[better], hb[better], source[pick][better]
+    best[t], held[t] = v, hb
+    back[t] = np.stack([np.full_like(t, step[0]), np.full_like(t, step[1]), np.full_like(t, step[2]), src], axis=1)
