@@ -20,6 +20,8 @@ CASES = [(n, opt, None) for n in list_models() for opt in ("sgd", "adam")] + [(n
 @pytest.mark.parametrize(("name", "optimizer", "amp"), CASES, ids=[f"{n}-{o}-{a or 'fp32'}" for n, o, a in CASES])
 def test_predicted_peak_and_activations_match_measurement(name: str, optimizer: str, amp: str | None) -> None:
     model, x = zoo_case(name)
+    if amp is not None and x.dim() == 4:
+        x = x[:4]  # bf16 convolutions are slow on CPU; a smaller batch keeps the suite in time
     predicted = memfit.estimate(model, x, optimizer=optimizer, amp=amp)
     measured = memfit.measure(model, x, optimizer=optimizer, amp=amp)
     assert predicted.source == "predicted" and measured.source == "measured"

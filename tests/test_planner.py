@@ -15,8 +15,10 @@ from memfit.trainstep import default_loss
 from .conftest import zoo_case
 
 STRATEGY_NAMES = sorted(set(STRATEGIES) - {"milp"})  # milp: tests/test_milp.py
-# One of each family at small shapes; gpt has dropout and tied embeddings.
+# One of each family at small shapes; gpt has dropout and tied embeddings. DenseNet-BC-100 is the
+# slowest to plan, so it runs the two strategies made for it (its chen row is in the benchmark).
 MODELS = ("resnet18", "densenet_bc_100", "mobilenet_v2", "vgg11_bn", "gpt")
+CASES = [(n, s) for n in MODELS for s in STRATEGY_NAMES if (n, s) != ("densenet_bc_100", "chen")]
 FRACTIONS = (0.25, 0.5, 0.75)
 
 
@@ -54,8 +56,7 @@ def _minimum_mb(model: nn.Module, x: torch.Tensor, strategy: str) -> float:
     return err.value.minimum_mb
 
 
-@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize(("name", "strategy"), CASES)
 def test_measured_peak_fits_and_training_is_unchanged(name: str, strategy: str) -> None:
     model, x = _case(name)
     unplanned = memfit.estimate(model, x).peak_mb
@@ -86,8 +87,11 @@ def test_a_budget_the_model_already_fits_recomputes_nothing(small_cnn: nn.Module
     assert "no segment is recomputed" in str(planned.plan)
 
 
-def test_parameters_are_shared_and_the_original_state_dict_loads(small_cnn: nn.Module) -> None:
-    x = torch.randn(4, 3, 16, 16)
+def test_parameters_are_shared_and_the_original_state_dict_loads() -> None:
+    torch.manual_seed(0)
+    layers = [nn.Sequential(nn.Conv2d(3 if i == 0 else 16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()) for i in range(6)]
+    small_cnn = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    x = torch.randn(16, 3, 32, 32)  # activations, not weights, set the peak: there is something to plan
     before = {k: v.clone() for k, v in small_cnn.state_dict().items()}
     planned = memfit.optimize(small_cnn, _minimum_mb(small_cnn, x, "dp") * 1.001, x, strategy="dp")
     assert planned.plan.checkpointed
