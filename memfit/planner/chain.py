@@ -20,7 +20,6 @@ dry run of the rewritten module (:mod:`memfit.fit`) has the last word.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -267,13 +266,6 @@ class Chain:
             out.append(Segment(names, kind, s.hold, s.recomputed, s.flops))
         return out
 
-    def kept_bytes(self, spans: list[tuple[int, int, SegmentKind]]) -> int:
-        """Bytes the plan keeps between forward and backward (its activation memory)."""
-        return sum(s.hold for s in self.costs(spans))
-
-    def bucket(self, nbytes: int, quantum: float) -> int:
-        """Bytes in units of ``quantum``, rounded up (so planning errs on the safe side)."""
-        return int(math.ceil(nbytes / quantum - 1e-9))
 
 
 def _prefix(x: np.ndarray) -> np.ndarray:
