@@ -12,11 +12,14 @@ meas (measured on real tensors) or given (an input of the benchmark).
 3. milp   extra FLOPs of dp and selective relative to milp at the same budgets (if registered).
 4. depth  activation memory at the feasible minimum vs unplanned for DenseNet-BC of growing depth,
           and for resnet152 and densenet264 (--depth-study).
+5. speed  wall time of memfit.optimize for resnet152 at batch 64, 224x224, each run in a fresh
+          process, with an empty workspace cache (cold) and again with the cache it left (warm).
 
     .venv/bin/python benchmarks/planner.py --quick                    # about a minute
     .venv/bin/python benchmarks/planner.py                            # main, peers, milp
     .venv/bin/python benchmarks/planner.py --models resnet50 gpt --batch 16 --levels 50
     .venv/bin/python benchmarks/planner.py --parts depth --depths 40 76 100
+    .venv/bin/python benchmarks/planner.py --parts speed               # about two minutes
 """
 
 from __future__ import annotations
@@ -31,24 +34,29 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
-from torch import nn
+_started = time.perf_counter()  # before torch: import time is reported apart from planning time
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
-import memfit
-from memfit.cli import example_input
-from memfit.measurement import allocator_levels, memory_profile
-from memfit.models.densenet import DenseNet
-from memfit.planner import STRATEGIES
-from memfit.report import MiB, mib
-from memfit.trainstep import StepConfig, init_optimizer_state, make_optimizer, run_step, unique_trainable
+import memfit  # noqa: E402
+from memfit import workspace  # noqa: E402
+from memfit.cli import example_input  # noqa: E402
+from memfit.measurement import allocator_levels, memory_profile  # noqa: E402
+from memfit.models.densenet import DenseNet  # noqa: E402
+from memfit.planner import STRATEGIES  # noqa: E402
+from memfit.report import MiB, mib  # noqa: E402
+from memfit.trainstep import StepConfig, init_optimizer_state, make_optimizer, run_step, unique_trainable  # noqa: E402
+
+IMPORT_SECONDS = time.perf_counter() - _started  # what the speed part reports as import time
 
 DEFAULT_MODELS = ["resnet18", "densenet_bc_100", "mobilenet_v2", "vgg11_bn", "gpt"]
 QUICK_MODEL = "resnet18"
-PARTS = ("main", "peers", "milp", "depth")
+PARTS = ("main", "peers", "milp", "depth", "speed")
 PEERS = ("checkpoint_sequential", "compile")
 DEFAULT_DEPTHS = [40, 76, 100, 124]
 QUICK_DEPTHS = [40, 52, 64]
@@ -56,6 +64,9 @@ BIG_MODELS = ["resnet152", "densenet264"]
 # Small enough for a CPU: per-sample shapes of tests/conftest.py's zoo_case.
 IMAGE_BATCH, IMAGE_INPUT, GPT_BATCH, GPT_INPUT = 8, "3x32x32", 2, "128"
 DEPTH_BATCH, DEPTH_INPUT = 4, "3x32x32"
+SPEED_MODELS, SPEED_BATCH, SPEED_INPUT = ["resnet152"], 64, "3x224x224"
+SPEED_STRATEGIES = ["dp", "selective", "chen", "auto"]
+SPEED_BUDGET = 0.4  # of the unplanned predicted peak
 # optimize() takes MiB and rounds down to bytes; a byte of slack keeps "the minimum" feasible.
 EPS_MB = 1.0 / MiB
 
@@ -750,6 +761,54 @@ def depth_study(depths: list[int], big_models: list[str], batch: int, shape: str
 
 
 # --------------------------------------------------------------------------------------------
+# 5. Planning time
+# --------------------------------------------------------------------------------------------
+
+
+def planning_speed(models: list[str], batch: int, shape: str, strategies: list[str]) -> None:
+    """memfit.optimize's wall time in fresh processes, with an empty and with a filled cache."""
+    section(f"5. Planning time: memfit.optimize at {100 * SPEED_BUDGET:.0f}% of the unplanned peak, batch {batch} at {shape}")
+    print("Each run is a new process. import: `import memfit` (torch, torch._dynamo); plan: the optimize")
+    print("call (capture, calibration, planning, the verifying dry run). cold: empty workspace cache;")
+    print("warm: the cache the cold run left (MEMFIT_CACHE_DIR).\n")
+    columns = [
+        ("model", "", 11), ("strategy", "", 10), ("budget MiB", "given", 11), ("cache", "", 6),
+        ("import s", "meas", 9), ("plan s", "meas", 8), ("peak MiB", "pred", 10),
+    ]
+    table = Table(columns, left=4)
+    for name in models:
+        case = build_case(name, batch, shape, None)
+        with tempfile.TemporaryDirectory() as scratch:
+            os.environ[workspace.CACHE_ENV] = scratch  # this process's estimate must not warm the runs' cache
+            budget = SPEED_BUDGET * memfit.estimate(case.model, case.x).peak_mb
+        for strategy in strategies:
+            with tempfile.TemporaryDirectory() as cache:
+                for state in ("cold", "warm"):
+                    job = {"case": case.spec, "budget": budget, "strategy": strategy}
+                    env = {**os.environ, workspace.CACHE_ENV: cache}
+                    proc = subprocess.run(
+                        [sys.executable, __file__, "--speed-worker", json.dumps(job)],
+                        capture_output=True, text=True, env=env,
+                    )
+                    if proc.returncode:
+                        table.row(name, strategy, _f(budget), state, note=f"failed: {proc.stderr.strip()[-200:]}")
+                        continue
+                    got = json.loads(proc.stdout.strip().splitlines()[-1])
+                    table.row(name, strategy, _f(budget), state, _f(got["import_s"], 1), _f(got["plan_s"], 1),
+                              _f(got["peak_mb"]))
+
+
+def speed_worker(job_json: str) -> None:
+    """One timed optimize in this (fresh) process; prints a JSON line."""
+    job = json.loads(job_json)
+    case = build_case(**job["case"])
+    started = time.perf_counter()
+    planned = memfit.optimize(case.model, job["budget"], case.x, strategy=job["strategy"])
+    plan_s = time.perf_counter() - started
+    print(json.dumps({"import_s": IMPORT_SECONDS, "plan_s": plan_s, "peak_mb": mib(planned.plan.peak_after_bytes)}))
+
+
+# --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
 
@@ -773,7 +832,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--big-models", nargs="*", default=None, help=f"default {' '.join(BIG_MODELS)}")
     p.add_argument("--depth-strategy", default="auto", choices=["auto", *STRATEGIES], help="default auto")
     p.add_argument("--quick", action="store_true", help="one model, one budget (50%%), 2 repeats, no compile, no depth")
+    p.add_argument("--speed-models", nargs="+", default=SPEED_MODELS, help=f"default {' '.join(SPEED_MODELS)}")
+    p.add_argument("--speed-batch", type=int, default=SPEED_BATCH, help=f"default {SPEED_BATCH}")
+    p.add_argument("--speed-input", default=SPEED_INPUT, help=f"default {SPEED_INPUT}")
     p.add_argument("--compile-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--speed-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     args.models = args.models or ([QUICK_MODEL] if args.quick else DEFAULT_MODELS)
@@ -808,6 +871,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.compile_worker is not None:
         compile_worker(args.compile_worker)
         return
+    if args.speed_worker is not None:
+        speed_worker(args.speed_worker)
+        return
     started = time.perf_counter()
     print(f"memfit {memfit.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"strategies registered: {', '.join(STRATEGIES)}; step: SGD, fp32")
@@ -826,6 +892,9 @@ def main(argv: list[str] | None = None) -> None:
         depth_study(
             args.depths, args.big_models, args.batch or DEPTH_BATCH, args.input or DEPTH_INPUT, args.depth_strategy
         )
+    if "speed" in args.parts:
+        speed = [s for s in SPEED_STRATEGIES if s == "auto" or s in args.strategies]
+        planning_speed(args.speed_models, args.speed_batch, args.speed_input, speed)
     print("\npred = predicted by memfit (nothing allocated); meas = measured on real tensors (allocator level,")
     print(f"profiler memory events on CPU; wall-clock times). Total {time.perf_counter() - started:.0f} s (meas).")
 

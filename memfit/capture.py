@@ -13,9 +13,9 @@ from typing import Any, Iterable, Sequence
 
 import networkx as nx
 import torch
+import torch._dynamo  # noqa: F401  FakeTensorMode imports it on first use (seconds); pay that at import time
 import torch.fx as fx
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from . import subgraph
@@ -63,19 +63,20 @@ def as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     return tuple(inputs)
 
 
-class _FlopCounter(TorchDispatchMode):
-    """Total FLOPs by torch.utils.flop_counter's formulas, without its per-module bookkeeping."""
+class _CountingTracker(StorageTracker):
+    """The storage tracker that also totals FLOPs by torch.utils.flop_counter's formulas (one
+    dispatch mode instead of two: the dry run's cost is per-op Python overhead)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.total = 0
+        self.flops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = super().__torch_dispatch__(func, types, args, kwargs)
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
-            self.total += formula(*args, **kwargs, out_val=out)
+            self.flops += formula(*args, **kwargs, out_val=out)
         return out
 
 
@@ -157,10 +158,9 @@ def _describe_target(node: fx.Node) -> str:
 class _Recorder(fx.Interpreter):
     """Runs the traced graph node by node and attributes every event, saved tensor and FLOP."""
 
-    def __init__(self, gm: fx.GraphModule, tracker: StorageTracker, flops: _FlopCounter) -> None:
+    def __init__(self, gm: fx.GraphModule, tracker: _CountingTracker) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.tracker = tracker
-        self.flop_mode = flops
         self.infos: dict[str, NodeInfo] = {}
         self.saved: dict[str, set[int]] = {}
         self.fwd_flops: dict[str, int] = {}
@@ -170,7 +170,7 @@ class _Recorder(fx.Interpreter):
         self.param_names = {id(p): n for n, p in gm.named_parameters(remove_duplicate=False)}
 
     def _account_flops(self) -> None:
-        total = self.flop_mode.total
+        total = self.tracker.flops
         delta, self._flops_seen = total - self._flops_seen, total
         table = self.fwd_flops if self.tracker.phase == "forward" else self.bwd_flops
         table[self.tracker.node] = table.get(self.tracker.node, 0) + delta
@@ -345,7 +345,7 @@ def capture(
         )
     params = unique_trainable(gm.parameters())
     device = params[0].device.type
-    tracker = StorageTracker()
+    tracker = _CountingTracker()
     with mode:
         optimizer = make_optimizer(config.optimizer, params)
         init_optimizer_state(optimizer, params)  # steady state: the state exists before the step
@@ -354,16 +354,16 @@ def capture(
         tracker.register(fake_inputs, "input")
         if optimizer is not None:
             tracker.register([t for s in optimizer.state.values() for t in tensors_in(s)], "optimizer")
-        flops = _FlopCounter()
-        rec = _Recorder(gm, tracker, flops)
+        rec = _Recorder(gm, tracker)
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             sid = tracker.sid_of(t)
             if sid is not None:
                 rec.saved.setdefault(tracker.node, set()).add(sid)
-            return t.detach()  # the tensor itself would form a reference cycle through grad_fn
+            # an output saved by its own grad_fn would form a reference cycle and outlive its free
+            return t if t.grad_fn is None else t.detach()
 
-        with flops, tracker, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), subgraph.observed(rec.run_segment):
+        with tracker, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), subgraph.observed(rec.run_segment):
             try:
                 output = run_step(lambda: rec.run(*fake_inputs), config, device, optimizer, rec.enter)
             except _NodeFailure as f:

@@ -7,6 +7,8 @@ nodes are added. A plan whose verified peak exceeds the budget is tightened and 
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -19,13 +21,15 @@ from .capture import as_input_tuple, capture, check_model, trace
 from .errors import MemfitBudgetError, MemfitInputError
 from .graph import MemGraph
 from .planner import STRATEGIES, Chain, Plan, Spans
-from .planner.chain import BYTE_WEIGHT
 from .planner.rewrite import rewrite
 from .report import Comparison, MiB, mib
 from .timeline import Timeline
 from .trainstep import OptimizerSpec, StepConfig
 
 __all__ = ["optimize", "AUTO_ORDER", "VERIFY_ROUNDS"]
+
+# A plan enacted and dry-run: the module, its Plan, its captured graph and simulated timeline.
+Verified = tuple[fx.GraphModule, Plan, MemGraph, Timeline]
 
 # auto tries these in turn, best first, and keeps the cheapest verified plan within its time.
 AUTO_ORDER = ("selective", "dp", "chen")
@@ -92,7 +96,7 @@ def optimize(
     budget = int(budget_mb * MiB)
     before = report_from_graph(graph, type(model).__name__)
 
-    def verify(spans: Spans, name: str) -> tuple[fx.GraphModule, Plan, MemGraph, Timeline]:
+    def verify(spans: Spans, name: str) -> Verified:
         plan = Plan(segments=chain.to_segments(spans), strategy=name, budget_bytes=budget)
         planned = rewrite(model, gm, plan)
         vgraph = capture(planned, inputs, config)
@@ -100,16 +104,10 @@ def optimize(
         return planned, plan, vgraph, costmodel.simulate(vgraph, inner=graph)
 
     if before.peak_bytes <= budget:
-        spans = [(0, chain.m, "plain")]
-        result = verify(spans, "none")
+        result = verify([(0, chain.m, "plain")], "none")
     else:
-        result = None
-        for name in names:
-            if result is not None and time.perf_counter() - started > time_limit_s:
-                break
-            found = _fit(chain, STRATEGIES[name].cheapest, budget, lambda s, n=name: verify(s, n))
-            if found is not None and (result is None or _cost(found[1]) < _cost(result[1])):
-                result = found
+        deadline = started + time_limit_s
+        result = _search(chain, names, budget, verify, deadline)
         if result is None:
             result = _at_minimum(chain, names, budget, verify, before)
     planned, plan, vgraph, timeline = result
@@ -146,31 +144,56 @@ def _check_names(chain: Chain, gm: fx.GraphModule) -> None:
         )
 
 
-def _fit(
+def _search(
     chain: Chain,
-    cheapest: Callable[[Chain, int], Spans | None],
+    names: Sequence[str],
     budget: int,
-    verify: Callable[[Spans], tuple[fx.GraphModule, Plan, MemGraph, Timeline]],
-) -> tuple[fx.GraphModule, Plan, MemGraph, Timeline] | None:
-    """Plan for a target, verify, lower the target by the excess; None if nothing verified fits."""
-    target = budget
-    tried: set[tuple] = set()
-    for _ in range(VERIFY_ROUNDS):
-        spans = cheapest(chain, target)
-        if spans is None or tuple(spans) in tried:
-            return None
-        tried.add(tuple(spans))
-        result = verify(spans)
-        excess = result[3].peak_bytes - budget
-        if excess <= 0:
-            return result
-        target -= excess + budget // 500  # a little more, so the next round does not graze it
+    verify: Callable[[Spans, str], Verified],
+    deadline: float,
+) -> Verified | None:
+    """The cheapest plan that verifies, by best-first search over strategies and tightenings.
+
+    Plans are verified in order of predicted cost; one whose dry run exceeds the budget is planned
+    again for a target lowered by the excess (at most ``VERIFY_ROUNDS`` times per strategy).
+    ``names`` run from the richest strategy down (selective's choices include dp's, dp is optimal
+    where chen is greedy), so a strategy's plan costs at least its predecessor's and is made only
+    when that bound is reached: usually one plan and one dry run. Past ``deadline`` no further
+    strategy is started.
+    """
+    # (cost or its lower bound, strategy index, round, tie-break, target, spans or None: not planned)
+    heap: list[tuple[int, int, int, int, int, Spans | None]] = []
+    pushes = itertools.count()
+
+    def push(bound: int, i: int, rnd: int, target: int, spans: Spans | None) -> None:
+        heapq.heappush(heap, (bound, i, rnd, next(pushes), target, spans))
+
+    push(0, 0, 0, budget, None)
+    excesses: dict[tuple, int] = {}
+    while heap:
+        bound, i, rnd, _, target, spans = heapq.heappop(heap)
+        if spans is None:
+            spans = STRATEGIES[names[i]].cheapest(chain, target)
+            if spans is not None:
+                bound = _spans_cost(chain, spans)
+                push(bound, i, rnd, target, spans)
+            if rnd == 0 and i + 1 < len(names) and time.perf_counter() < deadline:
+                push(bound, i + 1, 0, budget, None)
+            continue
+        key = tuple(spans)
+        if key not in excesses:
+            result = verify(spans, names[i])
+            excesses[key] = result[3].peak_bytes - budget
+            if excesses[key] <= 0:
+                return result
+        if rnd + 1 < VERIFY_ROUNDS:
+            # a little more than the excess, so the next round does not graze the budget
+            push(bound, i, rnd + 1, target - excesses[key] - budget // 500, None)
     return None
 
 
-def _cost(plan: Plan) -> int:
-    """Recomputation cost in the chain model's units (the auto strategy's yardstick)."""
-    return sum(s.recomputed_flops + BYTE_WEIGHT * s.recomputed_bytes for s in plan.segments)
+def _spans_cost(chain: Chain, spans: Spans) -> int:
+    """Recomputation cost in the chain model's units (what the search minimises)."""
+    return sum(s.cost for s in chain.costs(spans))
 
 
 def _at_minimum(chain: Chain, names: Sequence[str], budget: int, verify: Callable, before: Any) -> Any:

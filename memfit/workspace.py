@@ -7,13 +7,21 @@ backward on small real inputs under both the storage tracker and the allocator's
 the difference of the two peaks is its workspace. Layers are deduplicated by signature, inputs are
 at most ``CALIBRATION_BATCH`` deep, and larger batches are extrapolated linearly from two small
 ones (buffers scale with the batch or not at all). Random numbers come from a private generator
-and the global RNG state is restored, so calibration leaves no trace.
+and the global RNG state is restored, so calibration leaves no trace but a cache: results are kept
+in a JSON file per machine and torch build (``$MEMFIT_CACHE_DIR``, default ``~/.cache/memfit``).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable
+import hashlib
+import json
+import math
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -24,10 +32,13 @@ from .measurement import memory_profile
 from .tracker import StorageTracker, tensors_in
 from .trainstep import StepConfig
 
-__all__ = ["calibrate", "CALIBRATION_BATCH"]
+__all__ = ["calibrate", "CALIBRATION_BATCH", "CACHE_ENV"]
 
 CALIBRATION_BATCH = 8
-_cache: dict[tuple, tuple[int, int]] = {}
+# Where measured workspaces are kept between runs (default ~/.cache/memfit; "off" disables).
+CACHE_ENV = "MEMFIT_CACHE_DIR"
+_cache: dict[str, tuple[int, int]] = {}
+_loaded: set[Path] = set()
 
 
 def calibrate(
@@ -50,6 +61,12 @@ def calibrate(
     gm = trace(model, leaf_modules)
     batch = graph.batch_size
     allocating = {e.node for e in graph.events if e.delta > 0}
+    noise = _Noise()
+    path = _cache_file()
+    if path is not None and path not in _loaded:
+        _cache.update(_read(path))
+        _loaded.add(path)
+    known = len(_cache)
     with torch.random.fork_rng(devices=[]):
         for node in gm.graph.nodes:
             if node.op not in ("call_module", "call_function", "call_method") or node.name not in graph.dag:
@@ -60,9 +77,52 @@ def calibrate(
             spec = _layer_spec(gm, node, graph, batch)
             if spec is None:
                 continue
-            fwd, bwd = _workspace_for(spec, batch, config, graph.device)
+            fwd, bwd = _workspace_for(spec, batch, config, graph.device, noise)
             info.workspace_fwd, info.workspace_bwd = fwd, bwd
+    if path is not None and len(_cache) > known:
+        _write(path)
 
+
+def _cache_file() -> Path | None:
+    """The file of this machine and torch build (kernels and thread count decide workspaces)."""
+    root = os.environ.get(CACHE_ENV, str(Path.home() / ".cache" / "memfit"))
+    if root.lower() in ("", "0", "off", "none"):
+        return None
+    tag = "|".join(
+        (torch.__version__, platform.machine(), _cpu_model(), str(torch.get_num_threads()), str(torch.backends.mkldnn.is_available()))
+    )
+    return Path(root) / f"workspace-{hashlib.sha1(tag.encode()).hexdigest()[:16]}.json"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _read(path: Path) -> dict[str, tuple[int, int]]:
+    """Entries of a cache file; a missing or unreadable one is an empty cache (it is only a cache)."""
+    try:
+        data = json.loads(path.read_text())
+        return {k: (int(v[0]), int(v[1])) for k, v in data.items()}
+    except (OSError, ValueError, TypeError, IndexError, AttributeError):
+        return {}
+
+
+def _write(path: Path) -> None:
+    """Merge this process's entries into the file, atomically (parallel runs may share it)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # a repr with an address (a lambda argument, say) would never match again: not worth keeping
+        merged = {**_read(path), **{k: v for k, v in _cache.items() if " at 0x" not in k}}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(merged, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs the next run its calibration
 
 class _Spec:
     """One layer to calibrate: a callable and the shapes of its tensor inputs."""
@@ -103,7 +163,8 @@ def _layer_spec(gm: fx.GraphModule, node: fx.Node, graph: MemGraph, batch: int) 
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         fn: Any = mod
-        what: tuple = (repr(mod), tuple((n, tuple(p.shape), p.dtype) for n, p in mod.named_parameters()))
+        kind = f"{type(mod).__module__}.{type(mod).__qualname__}"
+        what: tuple = (kind, repr(mod), tuple((n, tuple(p.shape), p.dtype) for n, p in mod.named_parameters()))
     elif node.op == "call_method":
         fn, what = str(node.target), (str(node.target),)
     else:
@@ -131,15 +192,30 @@ class _Slot:
         return f"<input {self.i}>"
 
 
-def _workspace_for(spec: _Spec, batch: int, config: StepConfig, device: str) -> tuple[int, int]:
+class _Noise:
+    """Random values for calibration inputs and output gradients, drawn once and then sliced:
+    workspaces do not depend on the values, and drawing fresh ones cost a third of the time."""
+
+    def __init__(self) -> None:
+        self._pool = torch.empty(0)
+        self._gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def like(self, shape: Sequence[int], dtype: torch.dtype, device: str) -> torch.Tensor:
+        numel = math.prod(shape)
+        if numel > self._pool.numel():
+            self._pool = torch.randn(numel, generator=self._gen)
+        return self._pool[:numel].view(tuple(shape)).to(device=device, dtype=dtype, copy=True)
+
+
+def _workspace_for(spec: _Spec, batch: int, config: StepConfig, device: str, noise: _Noise) -> tuple[int, int]:
     scaled = any(m[3] for m in spec.metas)
     if not scaled or batch <= CALIBRATION_BATCH:
-        return _measured(spec, batch, config, device)
+        return _measured(spec, batch, config, device, noise)
     # Batches 2 and 4 fix the line as well as 4 and 8 at half the cost; batch 1 does not (some
     # kernels have a special single-sample path).
     lo, hi = CALIBRATION_BATCH // 4, CALIBRATION_BATCH // 2
-    f_lo, b_lo = _measured(spec, lo, config, device)
-    f_hi, b_hi = _measured(spec, hi, config, device)
+    f_lo, b_lo = _measured(spec, lo, config, device, noise)
+    f_hi, b_hi = _measured(spec, hi, config, device, noise)
 
     def extrapolate(a: int, b: int) -> int:
         return max(0, round(b + (b - a) / (hi - lo) * (batch - hi)))
@@ -147,33 +223,32 @@ def _workspace_for(spec: _Spec, batch: int, config: StepConfig, device: str) -> 
     return extrapolate(f_lo, f_hi), extrapolate(b_lo, b_hi)
 
 
-def _measured(spec: _Spec, batch: int, config: StepConfig, device: str) -> tuple[int, int]:
-    key = (spec.key, batch, config.amp, device)
+def _measured(spec: _Spec, batch: int, config: StepConfig, device: str, noise: _Noise) -> tuple[int, int]:
+    key = repr((spec.key, batch, config.amp, device))
     if key not in _cache:
-        _cache[key] = _run_layer(spec, batch, config, device)
+        _cache[key] = _run_layer(spec, batch, config, device, noise)
     return _cache[key]
 
 
-def _materialize(spec: _Spec, batch: int, device: str) -> list[torch.Tensor]:
-    gen = torch.Generator(device="cpu").manual_seed(0)
+def _materialize(spec: _Spec, batch: int, device: str, noise: _Noise) -> list[torch.Tensor]:
     out = []
     for shape, dtype, requires_grad, scales in spec.metas:
         if scales:
             shape = (batch, *shape[1:])
         if dtype.is_floating_point or dtype.is_complex:
-            t = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+            t = noise.like(shape, dtype, device)
         else:  # indices: zero is valid for every embedding and gather
             t = torch.zeros(shape, dtype=dtype, device=device)
         out.append(t.requires_grad_(requires_grad))
     return out
 
 
-def _run_layer(spec: _Spec, batch: int, config: StepConfig, device: str) -> tuple[int, int]:
+def _run_layer(spec: _Spec, batch: int, config: StepConfig, device: str, noise: _Noise) -> tuple[int, int]:
     """(forward, backward) workspace bytes of one layer at one batch size."""
     if device != "cpu":
         return 0, 0  # the CUDA caching allocator is measured whole; see measurement.py
     fn = copy.deepcopy(spec.fn).train() if isinstance(spec.fn, torch.nn.Module) else spec.fn
-    values = _materialize(spec, batch, device)
+    values = _materialize(spec, batch, device, noise)
     args = fx.node.map_aggregate(spec.args, lambda a: values[a.i] if isinstance(a, _Slot) else a)
     kwargs = fx.node.map_aggregate(spec.kwargs, lambda a: values[a.i] if isinstance(a, _Slot) else a)
     params = list(fn.parameters()) if isinstance(fn, torch.nn.Module) else []
@@ -188,7 +263,7 @@ def _run_layer(spec: _Spec, batch: int, config: StepConfig, device: str) -> tupl
     try:
         out = call()  # warm-up: lazy initialisation and primitive caches are not workspace
         outs = [t for t in tensors_in(out) if t.requires_grad]
-        grad_tensors = [torch.randn_like(t) for t in outs]
+        grad_tensors = [noise.like(t.shape, t.dtype, device) for t in outs]
         if outs:
             torch.autograd.backward(outs, grad_tensors)
     except Exception:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
 import memfit
+
+# Calibrated workspaces are cached on disk between runs; tests start from an empty cache of their own.
+os.environ["MEMFIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="memfit-test-cache-")
 
 # Small shapes keep the suite in budget; deep ImageNet-stem models at 32x32 still run every layer.
 IMAGE_BATCH = 8

@@ -28,7 +28,7 @@ from ..graph import MemGraph
 from ..timeline import replay
 from .plan import Segment, SegmentKind
 
-__all__ = ["Chain", "BYTE_WEIGHT", "MAX_CANDIDATES"]
+__all__ = ["Chain", "SegmentCost", "SegmentTable", "BYTE_WEIGHT", "MAX_CANDIDATES"]
 
 # A memory-bound op costs about this many FLOPs per byte it writes: the time proxy that keeps
 # recomputing BatchNorm and activations from looking free.
@@ -37,6 +37,17 @@ BYTE_WEIGHT = 4
 MAX_CANDIDATES = 96
 
 _SKIPPED_OPS = ("placeholder", "get_attr")
+
+
+@dataclass(frozen=True)
+class SegmentTable:
+    """:class:`SegmentCost`'s fields for every candidate pair, as ``[a, b]`` arrays."""
+
+    hold: np.ndarray
+    local: np.ndarray
+    cost: np.ndarray
+    flops: np.ndarray
+    recomputed: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,7 @@ class Chain:
         self.cut = cut
         self.cands = self._candidates(cut, act, self._forbidden(infos), max_candidates)
         self._crossing_tables(prod, lastuse)
+        self._tables: dict[tuple[SegmentKind, bool], SegmentTable] = {}
 
     # -- facts from the graph ---------------------------------------------------------------
     def _lifetimes(self, infos: list) -> tuple[dict[int, int], dict[int, int]]:
@@ -217,30 +229,51 @@ class Chain:
         """Gradient bytes allocated by the backward of nodes at or after candidate ``a``."""
         return int(self._grad_suffix[self.cands[a]])
 
-    def trans_max(self, a: int, b: int) -> int:
-        """Largest transient of a node in candidate interval [a, b)."""
-        return int(self._trans[self.cands[a] : self.cands[b]].max(initial=0))
+    def grads_table(self) -> np.ndarray:
+        """:meth:`grads_from` for every candidate, as an array."""
+        return self._grad_suffix[np.array(self.cands)]
+
+    def table(self, kind: SegmentKind, after_plain: bool = True) -> SegmentTable:
+        """Costs of every candidate interval [a, b) under ``kind`` (entries with a < b are meaningful)."""
+        key = (kind, after_plain)
+        if key not in self._tables:
+            self._tables[key] = self._make_table(kind, after_plain)
+        return self._tables[key]
+
+    def _make_table(self, kind: SegmentKind, after_plain: bool) -> SegmentTable:
+        c = np.array(self.cands)
+        act = _span(self._act, c)
+        local = act + self._trans_spans()
+        if kind == "plain":
+            zero = np.zeros_like(act)
+            return SegmentTable(hold=act, local=local, cost=zero, flops=zero, recomputed=zero)
+        held = self._cross + (self._inputs if after_plain else 0)
+        cost, flops = _span(self._cost, c), _span(self._flops, c)
+        if kind == "recompute":
+            return SegmentTable(hold=held, local=local, cost=cost, flops=flops, recomputed=act)
+        kept = _span(self._act_exp, c)
+        # at its backward, kept and recomputed activations are all alive: ``local`` is unchanged
+        return SegmentTable(
+            hold=held + kept,
+            local=local,
+            cost=cost - _span(self._cost_exp, c),
+            flops=flops - _span(self._flops_exp, c),
+            recomputed=act - kept,
+        )
+
+    def _trans_spans(self) -> np.ndarray:
+        """``[a, b]``: the largest transient of a node in candidate interval [a, b)."""
+        c, m = self.cands, self.m
+        per = np.array([self._trans[c[k] : c[k + 1]].max(initial=0) for k in range(m)], dtype=np.int64)
+        out = np.zeros((m + 1, m + 1), dtype=np.int64)
+        for a in range(m):
+            out[a, a + 1 :] = np.maximum.accumulate(per[a:])
+        return out
 
     def segment(self, a: int, b: int, kind: SegmentKind, after_plain: bool = True) -> SegmentCost:
         """The cost of candidate interval [a, b) under ``kind``, after a plain or checkpointed one."""
-        lo, hi = self.cands[a], self.cands[b]
-        act = int(self._act[hi] - self._act[lo])
-        trans = self.trans_max(a, b)
-        if kind == "plain":
-            return SegmentCost(hold=act, local=act + trans, cost=0, flops=0, recomputed=0)
-        held = int(self._cross[a, b]) + (int(self._inputs[a, b]) if after_plain else 0)
-        cost = int(self._cost[hi] - self._cost[lo])
-        flops = int(self._flops[hi] - self._flops[lo])
-        if kind == "recompute":
-            return SegmentCost(hold=held, local=act + trans, cost=cost, flops=flops, recomputed=act)
-        kept = int(self._act_exp[hi] - self._act_exp[lo])
-        return SegmentCost(
-            hold=held + kept,
-            local=act + trans,  # at its backward, kept and recomputed activations are all alive
-            cost=cost - int(self._cost_exp[hi] - self._cost_exp[lo]),
-            flops=flops - int(self._flops_exp[hi] - self._flops_exp[lo]),
-            recomputed=act - kept,
-        )
+        t = self.table(kind, after_plain)
+        return SegmentCost(*(int(x[a, b]) for x in (t.hold, t.local, t.cost, t.flops, t.recomputed)))
 
     def costs(self, spans: list[tuple[int, int, SegmentKind]]) -> list[SegmentCost]:
         """The cost of every segment of a plan, each knowing what precedes it."""
@@ -266,6 +299,11 @@ class Chain:
             out.append(Segment(names, kind, s.hold, s.recomputed, s.flops))
         return out
 
+
+def _span(prefix: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """``[a, b]``: the sum over nodes from candidate a to candidate b, from a prefix sum."""
+    at = prefix[c]
+    return at[None, :] - at[:, None]
 
 
 def _prefix(x: np.ndarray) -> np.ndarray:

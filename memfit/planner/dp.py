@@ -7,7 +7,7 @@ each step closes one segment and chooses its treatment. Two problems share the r
 * :func:`cheapest` - least recomputation cost whose predicted peak is at most a budget;
 * :func:`lowest_peak` - the least predicted peak of any segmentation (the feasible minimum).
 
-Each runs in O(candidates^2 * BUCKETS), vectorised over the buckets.
+Each runs in O(candidates^2 * BUCKETS), vectorised over the segment's start and the buckets.
 """
 
 from __future__ import annotations
@@ -59,33 +59,37 @@ def _solve(chain: Chain, kinds: Sequence[SegmentKind], quantum: float, room: int
     held = np.full((m + 1, 2, size), np.inf)
     back = np.full((m + 1, 2, size, 4), -1, dtype=np.int64)  # (a, kind, class before, h before)
     best[0, 0, 0] = held[0, 0, 0] = 0.0
+    grads = chain.grads_table()
+    # [a, before, b] per kind: a segment's figures after a plain (0) or a checkpointed (1) one
+    tables = {
+        kind: [np.stack([getattr(chain.table(kind, after_plain=True), f), getattr(chain.table(kind, after_plain=False), f)], axis=1)
+               for f in ("hold", "local", "cost")]
+        for kind in kinds
+    }
     for b in range(1, m + 1):
-        for a in range(b):
-            grads = chain.grads_from(a)
-            for before in (0, 1):
-                live = np.flatnonzero(np.isfinite(best[a, before]))
-                if not live.size:
-                    continue
-                value0, held0 = best[a, before, live], held[a, before, live]
-                for k, kind in enumerate(kinds):
-                    if kind == "plain" and b != a + 1:
-                        continue  # consecutive plain intervals behave as one longer plain segment
-                    s = chain.segment(a, b, kind, after_plain=before == 0)
-                    need = held0 + s.local + grads
-                    if room is None:
-                        value, ok = np.maximum(value0, need), np.ones(live.size, dtype=bool)
-                    else:
-                        value, ok = value0 + s.cost, need <= room
-                    new_held = held0 + s.hold
-                    target = np.floor(new_held / quantum).astype(np.int64)
-                    if room is None:
-                        target = np.minimum(target, size - 1)
-                    ok &= target < size
-                    sel = np.flatnonzero(ok)
-                    if sel.size:
-                        _relax(best[b, int(kind != "plain")], held[b, int(kind != "plain")],
-                               back[b, int(kind != "plain")], value[sel], new_held[sel], target[sel],
-                               (a, k, before), live[sel])
+        for k, kind in enumerate(kinds):
+            lo = b - 1 if kind == "plain" else 0  # consecutive plain intervals are one plain segment
+            hold, local, cost = (t[lo:b, :, b, None] for t in tables[kind])
+            value0, held0 = best[lo:b], held[lo:b]
+            a, before, h = np.nonzero(np.isfinite(value0))
+            if not a.size:
+                continue
+            v0, h0 = value0[a, before, h], held0[a, before, h]
+            need = h0 + local[a, before, 0] + grads[lo + a]
+            if room is None:
+                value, ok = np.maximum(v0, need), np.ones(a.size, dtype=bool)
+            else:
+                value, ok = v0 + cost[a, before, 0], need <= room
+            new_held = h0 + hold[a, before, 0]
+            target = np.floor(new_held / quantum).astype(np.int64)
+            if room is None:
+                target = np.minimum(target, size - 1)
+            ok &= target < size
+            sel = np.flatnonzero(ok)
+            if sel.size:
+                c = int(kind != "plain")
+                steps = np.stack([lo + a[sel], np.full(sel.size, k), before[sel], h[sel]], axis=1)
+                _relax(best[b, c], held[b, c], back[b, c], value[sel], new_held[sel], target[sel], steps)
     final = best[m]
     if not np.isfinite(final).any():
         return None
@@ -106,10 +110,10 @@ def _relax(
     value: np.ndarray,
     new_held: np.ndarray,
     target: np.ndarray,
-    step: tuple[int, int, int],
-    source: np.ndarray,
+    steps: np.ndarray,
 ) -> None:
-    """Improve the entries ``target`` with candidate plans (objective, exact held bytes)."""
+    """Improve the entries ``target`` with candidate plans (objective, exact held bytes, and the
+    step that made each: a, kind, class before, bucket before)."""
     order = np.lexsort((new_held, value, target))  # per target: best objective, then least held
     first = np.r_[True, target[order][1:] != target[order][:-1]]
     pick = order[first]
@@ -117,6 +121,6 @@ def _relax(
     better = (v < best[t]) | ((v == best[t]) & (hb < held[t]))
     if not better.any():
         return
-    t, v, hb, src = t[better], v[better], hb[better], source[pick][better]
-    best[t], held[t] = v, hb
-    back[t] = np.stack([np.full_like(t, step[0]), np.full_like(t, step[1]), np.full_like(t, step[2]), src], axis=1)
+    t = t[better]
+    best[t], held[t] = v[better], hb[better]
+    back[t] = steps[pick][better]
