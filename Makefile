@@ -7,7 +7,7 @@ MODEL ?= resnet18
 ARGS ?= --stem cifar --batch 64 --input 3x32x32 --optimizer adam --measure
 BIN := $(VENV)/bin
 
-.PHONY: setup report test clean
+.PHONY: setup report test test-zoo clean
 
 $(BIN)/memfit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ report: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2 --durations=15
+
+# The planner's correctness matrix over the whole zoo (CI runs one model per family): ~30 min.
+test-zoo: setup
+	MEMFIT_ZOO=1 $(BIN)/python -m pytest -q -n 2 --durations=15 tests/test_planner.py -k measured_peak
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

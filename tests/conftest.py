@@ -19,6 +19,16 @@ GPT_SEQ = 128
 GPT2_SEQ = 32  # the 124M preset: its 50257-way head dominates, and bf16 matmuls are slow on CPU
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Zoo-matrix cases beyond CI's 15 minutes run only when asked for (``make test-zoo``)."""
+    if os.environ.get("MEMFIT_ZOO") == "1":
+        return
+    skip = pytest.mark.skip(reason="zoo matrix beyond CI's budget: run `make test-zoo` (MEMFIT_ZOO=1)")
+    for item in items:
+        if "zoo" in item.keywords:
+            item.add_marker(skip)
+
+
 def zoo_case(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     """A zoo model and a small training batch for it, deterministic."""
     torch.manual_seed(0)
