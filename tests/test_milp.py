@@ -100,24 +100,23 @@ def test_cheapest_is_never_dearer_than_selective(chain: Chain) -> None:
 def test_lowest_peak_is_never_above_dp_and_selective(chain: Chain) -> None:
     spans = milp.lowest_peak(chain)
     assert_covers(chain, spans)
-    assert chain.peak(spans) <= chain.peak(dp.lowest_peak(chain))
-    assert chain.peak(spans) <= chain.peak(selective.lowest_peak(chain))
-    narrow = milp.lowest_peak(chain, dp.KINDS)
-    assert chain.peak(narrow) <= chain.peak(dp.lowest_peak(chain, dp.KINDS))
+    assert chain.peak(spans) <= chain.peak(dp.lowest_peak(chain, milp.KINDS))
+    for kinds in (dp.KINDS, selective.KINDS):  # nested segments included
+        assert chain.peak(milp.lowest_peak(chain, kinds)) <= chain.peak(dp.lowest_peak(chain, kinds))
 
 
 def test_matches_exhaustive_search(graph: MemGraph) -> None:
     small = Chain(graph, max_candidates=9)
     plans = _every_plan(small, selective.KINDS)
     least = min(p for p, _, _ in plans)
-    spans = milp.lowest_peak(small)
+    spans = milp.lowest_peak(small, selective.KINDS)
     assert small.peak(spans) == least
     assert _cost(small, spans) == min(c for p, c, _ in plans if p == least)
     for budget in [least, *_budgets(small)]:
-        spans = milp.cheapest(small, budget)
+        spans = milp.cheapest(small, budget, selective.KINDS)
         assert spans is not None and small.peak(spans) <= budget
         assert _cost(small, spans) == min(c for p, c, _ in plans if p <= budget)
-    assert milp.cheapest(small, least - 1) is None
+    assert milp.cheapest(small, least - 1, selective.KINDS) is None
 
 
 def test_infeasible_budgets_give_none(chain: Chain) -> None:

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 import memfit
-from memfit.planner import STRATEGIES
+from memfit.capture import capture
+from memfit.planner import STRATEGIES, Chain, dp
 from memfit.trainstep import default_loss
 
 from .conftest import zoo_case
@@ -182,3 +183,27 @@ def test_unknown_strategy_and_bad_budget_are_refused(small_cnn: nn.Module) -> No
         memfit.optimize(small_cnn, 10, x, strategy="magic")
     with pytest.raises(memfit.MemfitInputError, match="budget_mb"):
         memfit.optimize(small_cnn, -1, x)
+
+
+def test_nested_segments_lower_the_minimum_of_a_long_chain() -> None:
+    """Revolve's second level: a deep conv-BN-ReLU chain fits below what one level of
+    checkpoints can reach, and still trains exactly like the original."""
+    torch.manual_seed(0)
+    blocks = [m for _ in range(64) for m in (nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())]
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    x = torch.randn(8, 3, 32, 32)
+    chain = Chain(capture(model, x))
+    one_level = chain.peak(dp.lowest_peak(chain, ("plain", "recompute")))
+    assert chain.peak(dp.lowest_peak(chain)) < 0.95 * one_level
+    budget = _minimum_mb(model, x, "dp") * 1.001
+    reference, work = copy.deepcopy(model), copy.deepcopy(model)
+    planned = memfit.optimize(work, budget, x, strategy="dp")
+    nested = [s for s in planned.plan.segments if s.kind == "nested"]
+    assert nested and all(len(s.inner) > 1 for s in nested)
+    assert "nested (" in str(planned.plan)
+    assert memfit.measure(planned, x).peak_mb <= budget
+    assert_trains_like(work, planned, reference, x)
+    planned.eval()
+    reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(planned(x), reference(x))

@@ -2,7 +2,7 @@
 
 Planners see the network as its compute nodes in execution order, cut at *candidate boundaries*
 (positions where few bytes cross the cut; in a DenseNet block that is between layers, in a ResNet
-between blocks). A segment is the run of nodes between two candidates, treated one of three ways
+between blocks). A segment is the run of nodes between two candidates, treated one of four ways
 (see :mod:`memfit.planner.plan`). For any segment this module gives, from the MemGraph's exact
 per-node facts and event log:
 
@@ -251,6 +251,8 @@ class Chain:
         cost, flops = _span(self._cost, c), _span(self._flops, c)
         if kind == "recompute":
             return SegmentTable(hold=held, local=local, cost=cost, flops=flops, recomputed=act)
+        if kind == "nested":  # every part recomputed twice: in the segment's backward and its own
+            return SegmentTable(hold=held, local=self._nested_local(), cost=2 * cost, flops=2 * flops, recomputed=2 * act)
         kept = _span(self._act_exp, c)
         # at its backward, kept and recomputed activations are all alive: ``local`` is unchanged
         return SegmentTable(
@@ -268,6 +270,25 @@ class Chain:
         out = np.zeros((m + 1, m + 1), dtype=np.int64)
         for a in range(m):
             out[a, a + 1 :] = np.maximum.accumulate(per[a:])
+        return out
+
+    def _nested_local(self) -> np.ndarray:
+        """``[a, b]``: bytes on top of the held ones while a nested segment's backward runs.
+
+        Its recomputation keeps only what each part (one candidate interval) passes on; then the
+        parts' backwards run last to first, each recomputing itself: at part j the parts before it
+        hold their outputs and j holds its activations and transient, ``max over j of
+        (S[j] - S[a] + L[j])`` with S the prefix sum of the parts' holds and L their locals.
+        """
+        m = self.m
+        units = np.arange(m)
+        hold = self._cross[units, units + 1]
+        local = self.table("recompute", after_plain=False).local[units, units + 1]
+        before = np.concatenate([[0], np.cumsum(hold)])
+        reach = before[:m] + local
+        out = np.zeros((m + 1, m + 1), dtype=np.int64)
+        for a in range(m):
+            out[a, a + 1 :] = np.maximum.accumulate(reach[a:]) - before[a]
         return out
 
     def segment(self, a: int, b: int, kind: SegmentKind, after_plain: bool = True) -> SegmentCost:
@@ -296,7 +317,8 @@ class Chain:
         out = []
         for (a, b, kind), s in zip(spans, self.costs(spans)):
             names = tuple(self.names[self.cands[a] : self.cands[b]])
-            out.append(Segment(names, kind, s.hold, s.recomputed, s.flops))
+            inner = tuple(tuple(self.names[self.cands[k] : self.cands[k + 1]]) for k in range(a, b)) if kind == "nested" else ()
+            out.append(Segment(names, kind, s.hold, s.recomputed, s.flops, inner))
         return out
 
 

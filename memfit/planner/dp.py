@@ -22,7 +22,7 @@ from .plan import SegmentKind
 __all__ = ["cheapest", "lowest_peak", "KINDS", "BUCKETS", "Spans"]
 
 BUCKETS = 256
-KINDS: tuple[SegmentKind, ...] = ("plain", "recompute")
+KINDS: tuple[SegmentKind, ...] = ("plain", "recompute", "nested")
 
 Spans = list[tuple[int, int, SegmentKind]]
 

@@ -29,12 +29,16 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import MemfitInputError
-from . import selective
 from .chain import Chain
 from .dp import Spans
 from .plan import SegmentKind
 
-__all__ = ["cheapest", "lowest_peak", "MAX_ARCS", "TIME_LIMIT_S", "UNIT"]
+__all__ = ["cheapest", "lowest_peak", "KINDS", "MAX_ARCS", "TIME_LIMIT_S", "UNIT"]
+
+# The one-level treatments. Nested segments (dp's second level) would double the arcs past
+# MAX_ARCS on full-size chains; with them dp may go below milp's optimum, never above it by more
+# than its rounding.
+KINDS: tuple[SegmentKind, ...] = ("plain", "selective", "recompute")
 
 # Arcs (binaries) above which a graph is refused: solve time grows quickly with them. At this size
 # a chain of 96 candidates with three kinds, memfit's default, still solves within the time limit
@@ -79,7 +83,7 @@ class _Arcs:
 _FIELDS = ("a", "b", "kind", "tail", "head", "hold", "need", "cost")
 
 
-def cheapest(chain: Chain, budget: int, kinds: Sequence[SegmentKind] = selective.KINDS) -> Spans | None:
+def cheapest(chain: Chain, budget: int, kinds: Sequence[SegmentKind] = KINDS) -> Spans | None:
     """The segmentation of least recomputation cost whose chain-model peak fits ``budget`` bytes, exactly.
 
     Returns None when no segmentation fits.
@@ -90,7 +94,7 @@ def cheapest(chain: Chain, budget: int, kinds: Sequence[SegmentKind] = selective
     return _cheapest(chain, _arcs(chain, kinds), budget, kinds)
 
 
-def lowest_peak(chain: Chain, kinds: Sequence[SegmentKind] = selective.KINDS) -> Spans:
+def lowest_peak(chain: Chain, kinds: Sequence[SegmentKind] = KINDS) -> Spans:
     """The segmentation with the least chain-model peak, exactly; the cheapest of those.
 
     Raises:

@@ -12,8 +12,11 @@ __all__ = ["Segment", "Plan", "SegmentKind"]
 # "plain": run as is, autograd keeps what it saves. "recompute": run under checkpoint, only the
 # segment's inputs are kept and the rest is recomputed in backward. "selective": under checkpoint,
 # but the outputs of FLOP-heavy ops (conv, matmul, attention) are kept and only the cheap ops
-# around them (BatchNorm, activations, concatenation) are recomputed.
-SegmentKind = Literal["plain", "recompute", "selective"]
+# around them (BatchNorm, activations, concatenation) are recomputed. "nested": under checkpoint,
+# and its recomputation is itself cut into checkpointed parts (``inner``), each recomputed once
+# more in its own backward: twice the recomputation for much less memory while it runs (Revolve's
+# second level).
+SegmentKind = Literal["plain", "recompute", "selective", "nested"]
 
 
 @dataclass(frozen=True)
@@ -22,10 +25,11 @@ class Segment:
 
     Attributes:
         nodes: fx node names, in execution order.
-        kind: ``"plain"``, ``"recompute"`` or ``"selective"``.
+        kind: ``"plain"``, ``"recompute"``, ``"selective"`` or ``"nested"``.
         kept_bytes: Predicted bytes the segment keeps alive from its forward to its backward.
         recomputed_bytes: Predicted bytes of saved activations its backward recomputes.
         recomputed_flops: FLOPs its recomputation costs.
+        inner: For ``"nested"``: the node names of each checkpointed part, covering ``nodes``.
     """
 
     nodes: tuple[str, ...]
@@ -33,6 +37,7 @@ class Segment:
     kept_bytes: int = 0
     recomputed_bytes: int = 0
     recomputed_flops: int = 0
+    inner: tuple[tuple[str, ...], ...] = ()
 
     @property
     def checkpointed(self) -> bool:
@@ -103,7 +108,7 @@ def render(plan: Plan) -> str:
             (
                 str(i),
                 f"{span} ({len(s.nodes)})",
-                s.kind,
+                f"{s.kind} ({len(s.inner)} parts)" if s.inner else s.kind,
                 f"{mib(s.kept_bytes):.2f}",
                 f"{mib(s.recomputed_bytes):.2f}",
                 f"{s.recomputed_flops / 1e9:.3f}G",

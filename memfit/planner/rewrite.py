@@ -9,6 +9,8 @@ nodes; plain segments stay inline. Recomputation is made invisible:
 * BatchNorm running statistics are restored after the recomputation, so they move once per step;
 * selective segments keep the outputs of FLOP-heavy ops through torch's selective checkpoint
   contexts and recompute only the rest;
+* a nested segment's body is itself rewritten, its parts checkpointed inside it (non-reentrant
+  checkpoints nest);
 * in eval mode, or without grad, the body runs directly.
 """
 
@@ -25,7 +27,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from torch.utils.flop_counter import flop_registry
 
 from .. import subgraph
-from .plan import Plan
+from .plan import Plan, Segment
 
 __all__ = ["Checkpointed", "PlannedModule", "rewrite", "SEGMENT_PREFIX"]
 
@@ -88,6 +90,11 @@ class Checkpointed(torch.nn.Module):
     def _run(self, *args: Any) -> Any:
         return subgraph.run(self.body, *args)
 
+    def train(self, mode: bool = True) -> Checkpointed:
+        super().train(mode)
+        self.body.train(mode)  # not a child, yet the parts of a nested body must follow the mode
+        return self
+
     def forward(self, *args: Any) -> Any:
         if not (self.training and torch.is_grad_enabled()):
             return self._run(*args)
@@ -95,7 +102,8 @@ class Checkpointed(torch.nn.Module):
 
     def extra_repr(self) -> str:
         nodes = [n.name for n in self.body.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
-        return f"{nodes[0]} .. {nodes[-1]} ({len(nodes)} nodes){', selective' if self.selective else ''}"
+        kind = ", selective" if self.selective else ", nested" if isinstance(self.body, PlannedModule) else ""
+        return f"{nodes[0]} .. {nodes[-1]} ({len(nodes)} nodes){kind}"
 
 
 class PlannedModule(fx.GraphModule):
@@ -114,17 +122,19 @@ class PlannedModule(fx.GraphModule):
         return res
 
 
-def rewrite(model: torch.nn.Module, gm: fx.GraphModule, plan: Plan) -> PlannedModule:
+def rewrite(model: torch.nn.Module, gm: fx.GraphModule, plan: Plan, prefix: str = SEGMENT_PREFIX) -> PlannedModule:
     """The module that runs ``plan``.
 
     Args:
         model: The user's model (read only; its submodules are shared, not copied).
         gm: The fx trace of ``model`` whose node names the plan uses.
         plan: Segments covering every compute node of ``gm`` in order.
+        prefix: Name of the segment modules, before their index.
 
     Returns:
         A GraphModule with the user's submodules under their own names, plus one
-        ``memfit_segment_<i>`` module per checkpointed segment.
+        ``memfit_segment_<i>`` module per checkpointed segment (``memfit_segment_<i>_<j>`` for
+        the parts of a nested one, inside it).
     """
     nodes = {n.name: n for n in gm.graph.nodes}
     graph = fx.Graph()
@@ -140,7 +150,10 @@ def rewrite(model: torch.nn.Module, gm: fx.GraphModule, plan: Plan) -> PlannedMo
                 env[n] = graph.node_copy(n, lambda x: env[x])
             continue
         body, inputs, outputs = _extract(gm, members, i)
-        name = f"{SEGMENT_PREFIX}{i}"
+        name = f"{prefix}{i}"
+        if seg.kind == "nested":
+            parts = Plan(segments=[Segment(part, "recompute") for part in seg.inner], strategy=plan.strategy)
+            body = rewrite(body, body, parts, prefix=f"{name}_")
         wrappers[name] = Checkpointed(body, selective=seg.kind == "selective")
         call = graph.call_module(name, tuple(env[x] for x in inputs))
         for k, out in enumerate(outputs):

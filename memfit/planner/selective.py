@@ -19,7 +19,7 @@ from .plan import SegmentKind
 
 __all__ = ["cheapest", "lowest_peak", "KINDS"]
 
-KINDS: tuple[SegmentKind, ...] = ("plain", "selective", "recompute")
+KINDS: tuple[SegmentKind, ...] = ("plain", "selective", "recompute", "nested")
 
 
 def cheapest(chain: Chain, budget: int) -> Spans | None:
