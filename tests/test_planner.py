@@ -17,7 +17,7 @@ from .conftest import zoo_case
 STRATEGY_NAMES = sorted(set(STRATEGIES) - {"milp"})  # milp: tests/test_milp.py
 # CI runs one model of each family at small shapes (gpt has dropout and tied embeddings); DenseNet-BC-
 # 100 is the slowest of them to plan, so CI runs the two strategies made for it. The rest of the
-# zoo, every strategy, is the `zoo` matrix: about half an hour on two cores (make test-zoo).
+# zoo, every strategy, is the `zoo` matrix: about an hour on two cores (make test-zoo).
 CI_MODELS = ("resnet18", "densenet_bc_100", "mobilenet_v2", "vgg11_bn", "gpt")
 CASES = [
     pytest.param(n, s, marks=() if n in CI_MODELS and (n, s) != ("densenet_bc_100", "chen") else pytest.mark.zoo)
@@ -25,6 +25,10 @@ CASES = [
     for s in STRATEGY_NAMES
 ]
 FRACTIONS = (0.25, 0.5, 0.75)
+# Models whose peak no plan moves at the test's shape: GPT-2's tied 50257x768 embedding gets its
+# gradient at the very end of backward, when every activation is gone. They must still fit the
+# budget (which is then the unplanned peak) and train unchanged.
+FIXED_PEAK = {"gpt2"}
 
 
 def _train_step(model: nn.Module, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -66,13 +70,14 @@ def test_measured_peak_fits_and_training_is_unchanged(name: str, strategy: str) 
     model, x = _case(name)
     unplanned = memfit.estimate(model, x).peak_mb
     lowest = _minimum_mb(model, x, strategy)
-    assert lowest < unplanned
+    assert lowest < unplanned or name in FIXED_PEAK, f"{name}: nothing to plan at this shape"
     for fraction in FRACTIONS:
         budget = lowest + fraction * (unplanned - lowest)
         reference = copy.deepcopy(model)
         work = copy.deepcopy(model)
         planned = memfit.optimize(work, budget, x, strategy=strategy)
         assert planned.plan.peak_after_bytes <= budget * 2**20
+        assert planned.report.after.peak_bytes == planned.plan.peak_after_bytes  # one prediction, two views
         measured = memfit.measure(planned, x)
         assert measured.peak_mb <= budget, f"{name}/{strategy} at {fraction:.0%}: {measured.peak_mb:.2f} > {budget:.2f} MiB"
         assert_trains_like(work, planned, reference, x)
