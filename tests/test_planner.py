@@ -9,7 +9,9 @@ import torch
 import torch.nn as nn
 
 import memfit
-from memfit.planner import STRATEGIES
+from memfit.capture import capture, trace
+from memfit.planner import STRATEGIES, Chain, Plan
+from memfit.planner.rewrite import Checkpointed, rewrite
 from memfit.trainstep import default_loss
 
 from .conftest import zoo_case
@@ -17,7 +19,7 @@ from .conftest import zoo_case
 STRATEGY_NAMES = sorted(set(STRATEGIES) - {"milp"})  # milp: tests/test_milp.py
 # CI runs one model of each family at small shapes (gpt has dropout and tied embeddings); DenseNet-BC-
 # 100 is the slowest of them to plan, so CI runs the two strategies made for it. The rest of the
-# zoo, every strategy, is the `zoo` matrix: about an hour on two cores (make test-zoo).
+# zoo, every strategy, is the `zoo` matrix: about half an hour on two cores (make test-zoo).
 CI_MODELS = ("resnet18", "densenet_bc_100", "mobilenet_v2", "vgg11_bn", "gpt")
 CASES = [
     pytest.param(n, s, marks=() if n in CI_MODELS and (n, s) != ("densenet_bc_100", "chen") else pytest.mark.zoo)
@@ -187,3 +189,21 @@ def test_unknown_strategy_and_bad_budget_are_refused(small_cnn: nn.Module) -> No
         memfit.optimize(small_cnn, 10, x, strategy="magic")
     with pytest.raises(memfit.MemfitInputError, match="budget_mb"):
         memfit.optimize(small_cnn, -1, x)
+
+
+def test_only_segments_that_draw_random_numbers_save_the_rng_state(small_cnn: nn.Module) -> None:
+    """Checkpoint's saved RNG state is a tensor no dispatch mode sees: segments without dropout
+    skip it, and the one with dropout still replays the same mask."""
+    x = torch.randn(4, 3, 16, 16)
+    gm = trace(small_cnn)
+    dropout = {n.name for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Dropout)}
+    graph = capture(small_cnn, x)
+    assert {i.name for i in graph.nodes if i.random} == dropout
+    chain = Chain(graph)
+    half = chain.m // 2
+    segments = chain.to_segments([(0, half, "recompute"), (half, chain.m, "recompute")])
+    assert [s.random for s in segments] == [bool(dropout & set(s.nodes)) for s in segments] == [False, True]
+    reference, work = copy.deepcopy(small_cnn), copy.deepcopy(small_cnn)
+    planned = rewrite(work, trace(work), Plan(segments=segments, strategy="dp"))
+    assert [m.random for m in planned.modules() if isinstance(m, Checkpointed)] == [False, True]
+    assert_trains_like(work, planned, reference, x)

@@ -296,7 +296,8 @@ class Chain:
         out = []
         for (a, b, kind), s in zip(spans, self.costs(spans)):
             names = tuple(self.names[self.cands[a] : self.cands[b]])
-            out.append(Segment(names, kind, s.hold, s.recomputed, s.flops))
+            random = any(self.graph.info(n).random for n in names)
+            out.append(Segment(names, kind, s.hold, s.recomputed, s.flops, random))
         return out
 
 

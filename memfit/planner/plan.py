@@ -26,6 +26,8 @@ class Segment:
         kept_bytes: Predicted bytes the segment keeps alive from its forward to its backward.
         recomputed_bytes: Predicted bytes of saved activations its backward recomputes.
         recomputed_flops: FLOPs its recomputation costs.
+        random: Whether its forward draws random numbers (dropout), so that a recomputation must
+            replay the RNG state of the forward; other segments skip saving it.
     """
 
     nodes: tuple[str, ...]
@@ -33,6 +35,7 @@ class Segment:
     kept_bytes: int = 0
     recomputed_bytes: int = 0
     recomputed_flops: int = 0
+    random: bool = False
 
     @property
     def checkpointed(self) -> bool:

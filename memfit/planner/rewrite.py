@@ -5,7 +5,8 @@ parameters are shared and the user's ``state_dict`` loads into it unchanged). Ea
 segment is a :class:`Checkpointed` module whose body is an fx GraphModule over the segment's
 nodes; plain segments stay inline. Recomputation is made invisible:
 
-* dropout draws the same masks (checkpoint's ``preserve_rng_state``);
+* dropout draws the same masks (checkpoint's ``preserve_rng_state``, for the segments that draw
+  random numbers: the saved RNG state is a tensor the dispatcher never sees, 5 KB a segment);
 * BatchNorm running statistics are restored after the recomputation, so they move once per step;
 * selective segments keep the outputs of FLOP-heavy ops through torch's selective checkpoint
   contexts and recompute only the rest;
@@ -70,13 +71,15 @@ class Checkpointed(torch.nn.Module):
     Args:
         body: GraphModule over the segment's nodes; it shares the model's submodules.
         selective: Keep the outputs of FLOP-heavy ops instead of recomputing them.
+        random: The segment draws random numbers: its recomputation replays the forward's RNG state.
     """
 
-    def __init__(self, body: fx.GraphModule, selective: bool = False) -> None:
+    def __init__(self, body: fx.GraphModule, selective: bool = False, random: bool = True) -> None:
         super().__init__()
         # Not a child module: the parameters belong to the enclosing model, under their own names.
         object.__setattr__(self, "body", body)
         self.selective = selective
+        self.random = random
 
     def _contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
         if self.selective:
@@ -91,7 +94,9 @@ class Checkpointed(torch.nn.Module):
     def forward(self, *args: Any) -> Any:
         if not (self.training and torch.is_grad_enabled()):
             return self._run(*args)
-        return checkpoint(self._run, *args, use_reentrant=False, context_fn=self._contexts)
+        return checkpoint(
+            self._run, *args, use_reentrant=False, context_fn=self._contexts, preserve_rng_state=self.random
+        )
 
     def extra_repr(self) -> str:
         nodes = [n.name for n in self.body.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
@@ -141,7 +146,7 @@ def rewrite(model: torch.nn.Module, gm: fx.GraphModule, plan: Plan) -> PlannedMo
             continue
         body, inputs, outputs = _extract(gm, members, i)
         name = f"{SEGMENT_PREFIX}{i}"
-        wrappers[name] = Checkpointed(body, selective=seg.kind == "selective")
+        wrappers[name] = Checkpointed(body, selective=seg.kind == "selective", random=seg.random)
         call = graph.call_module(name, tuple(env[x] for x in inputs))
         for k, out in enumerate(outputs):
             env[out] = graph.call_function(operator.getitem, (call, k))
