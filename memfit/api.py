@@ -11,6 +11,7 @@ from .capture import LeafSpec, as_input_tuple, capture, check_model
 from .graph import MemGraph
 from .measurement import measure_step
 from .report import LayerRow, MemoryReport
+from .timeline import Timeline
 from .trainstep import OptimizerSpec, StepConfig
 
 __all__ = ["estimate", "measure", "report_from_graph"]
@@ -22,9 +23,13 @@ def _config(optimizer: OptimizerSpec, amp: str | None, loss_fn: Callable[[Any], 
     return StepConfig(optimizer=optimizer, amp=amp, loss_fn=loss_fn)
 
 
-def report_from_graph(graph: MemGraph, model_name: str) -> MemoryReport:
-    """The predicted MemoryReport of a captured (and calibrated) MemGraph."""
-    sim = costmodel.simulate(graph)
+def report_from_graph(graph: MemGraph, model_name: str, sim: Timeline | None = None) -> MemoryReport:
+    """The predicted MemoryReport of a captured (and calibrated) MemGraph.
+
+    ``sim`` is its simulated timeline when the caller has one that knows more (a planned
+    model's, with the workspaces of the nodes inside its segments).
+    """
+    sim = sim or costmodel.simulate(graph)
     layers = [
         LayerRow(
             name=info.module_path or info.name,

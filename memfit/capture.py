@@ -70,10 +70,13 @@ class _CountingTracker(StorageTracker):
     def __init__(self) -> None:
         super().__init__()
         self.flops = 0
+        self.random_nodes: set[str] = set()  # nodes whose forward ran an op that draws random numbers
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.phase == "forward" and torch.Tag.nondeterministic_seeded in func.tags:
+            self.random_nodes.add(self.node)
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
             self.flops += formula(*args, **kwargs, out_val=out)
@@ -377,7 +380,7 @@ def capture(
 def _assemble(
     gm: fx.GraphModule,
     rec: _Recorder,
-    tracker: StorageTracker,
+    tracker: _CountingTracker,
     grads: set[int | None],
     inputs: Sequence[torch.Tensor],
     config: StepConfig,
@@ -404,6 +407,7 @@ def _assemble(
         own = sorted(s for s in rec.saved.get(n.name, ()) if categories.get(s) == "activation")
         info.saved_sids = tuple(own)
         info.saved_bytes = sum(tracker.nbytes[s] for s in own)
+        info.random = n.name in tracker.random_nodes
         info.fwd_flops = rec.fwd_flops.get(n.name, 0)
         info.bwd_flops = rec.bwd_flops.get(n.name, 0)
         dag.add_node(n.name, info=info)

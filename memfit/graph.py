@@ -32,6 +32,7 @@ class NodeInfo:
         saved_bytes: Bytes of non-parameter storages its autograd nodes save for backward.
         saved_sids: The storage ids behind ``saved_bytes``.
         inplace: Whether it mutates one of its inputs (``ReLU(inplace=True)``, ``x.add_(y)``).
+        random: Whether its forward draws random numbers (dropout): a recomputation must replay them.
         params: Qualified names of the parameters it uses directly.
         param_numel: Their number of elements.
         param_bytes: Their bytes.
@@ -53,6 +54,7 @@ class NodeInfo:
     saved_bytes: int = 0
     saved_sids: tuple[int, ...] = ()
     inplace: bool = False
+    random: bool = False
     params: tuple[str, ...] = ()
     param_numel: int = 0
     param_bytes: int = 0

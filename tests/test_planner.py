@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 
 import memfit
-from memfit.capture import capture
-from memfit.planner import STRATEGIES, Chain, dp
+from memfit.capture import capture, trace
+from memfit.planner import STRATEGIES, Chain, Plan, dp
+from memfit.planner.rewrite import Checkpointed, rewrite
 from memfit.trainstep import default_loss
 
 from .conftest import zoo_case
@@ -26,6 +27,10 @@ CASES = [
     for s in STRATEGY_NAMES
 ]
 FRACTIONS = (0.25, 0.5, 0.75)
+# Models whose peak no plan moves at the test's shape: GPT-2's tied 50257x768 embedding gets its
+# gradient at the very end of backward, when every activation is gone. They must still fit the
+# budget (which is then the unplanned peak) and train unchanged.
+FIXED_PEAK = {"gpt2"}
 
 
 def _train_step(model: nn.Module, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -67,13 +72,14 @@ def test_measured_peak_fits_and_training_is_unchanged(name: str, strategy: str) 
     model, x = _case(name)
     unplanned = memfit.estimate(model, x).peak_mb
     lowest = _minimum_mb(model, x, strategy)
-    assert lowest < unplanned
+    assert lowest < unplanned or name in FIXED_PEAK, f"{name}: nothing to plan at this shape"
     for fraction in FRACTIONS:
         budget = lowest + fraction * (unplanned - lowest)
         reference = copy.deepcopy(model)
         work = copy.deepcopy(model)
         planned = memfit.optimize(work, budget, x, strategy=strategy)
         assert planned.plan.peak_after_bytes <= budget * 2**20
+        assert planned.report.after.peak_bytes == planned.plan.peak_after_bytes  # one prediction, two views
         measured = memfit.measure(planned, x)
         assert measured.peak_mb <= budget, f"{name}/{strategy} at {fraction:.0%}: {measured.peak_mb:.2f} > {budget:.2f} MiB"
         assert_trains_like(work, planned, reference, x)
@@ -207,3 +213,21 @@ def test_nested_segments_lower_the_minimum_of_a_long_chain() -> None:
     reference.eval()
     with torch.no_grad():
         torch.testing.assert_close(planned(x), reference(x))
+
+
+def test_only_segments_that_draw_random_numbers_save_the_rng_state(small_cnn: nn.Module) -> None:
+    """Checkpoint's saved RNG state is a tensor no dispatch mode sees: segments without dropout
+    skip it, and the one with dropout still replays the same mask."""
+    x = torch.randn(4, 3, 16, 16)
+    gm = trace(small_cnn)
+    dropout = {n.name for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Dropout)}
+    graph = capture(small_cnn, x)
+    assert {i.name for i in graph.nodes if i.random} == dropout
+    chain = Chain(graph)
+    half = chain.m // 2
+    segments = chain.to_segments([(0, half, "recompute"), (half, chain.m, "recompute")])
+    assert [s.random for s in segments] == [bool(dropout & set(s.nodes)) for s in segments] == [False, True]
+    reference, work = copy.deepcopy(small_cnn), copy.deepcopy(small_cnn)
+    planned = rewrite(work, trace(work), Plan(segments=segments, strategy="dp"))
+    assert [m.random for m in planned.modules() if isinstance(m, Checkpointed)] == [False, True]
+    assert_trains_like(work, planned, reference, x)

@@ -317,8 +317,9 @@ class Chain:
         out = []
         for (a, b, kind), s in zip(spans, self.costs(spans)):
             names = tuple(self.names[self.cands[a] : self.cands[b]])
-            inner = tuple(tuple(self.names[self.cands[k] : self.cands[k + 1]]) for k in range(a, b)) if kind == "nested" else ()
-            out.append(Segment(names, kind, s.hold, s.recomputed, s.flops, inner))
+            random = any(self.graph.info(n).random for n in names)
+            parts = tuple(self.to_segments([(k, k + 1, "recompute") for k in range(a, b)])) if kind == "nested" else ()
+            out.append(Segment(names, kind, s.hold, s.recomputed, s.flops, random, parts))
         return out
 
 

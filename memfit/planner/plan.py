@@ -29,7 +29,9 @@ class Segment:
         kept_bytes: Predicted bytes the segment keeps alive from its forward to its backward.
         recomputed_bytes: Predicted bytes of saved activations its backward recomputes.
         recomputed_flops: FLOPs its recomputation costs.
-        inner: For ``"nested"``: the node names of each checkpointed part, covering ``nodes``.
+        random: Whether its forward draws random numbers (dropout), so that a recomputation must
+            replay the RNG state of the forward; other segments skip saving it.
+        inner: For ``"nested"``: its checkpointed parts, covering ``nodes``.
     """
 
     nodes: tuple[str, ...]
@@ -37,7 +39,8 @@ class Segment:
     kept_bytes: int = 0
     recomputed_bytes: int = 0
     recomputed_flops: int = 0
-    inner: tuple[tuple[str, ...], ...] = ()
+    random: bool = False
+    inner: tuple[Segment, ...] = ()
 
     @property
     def checkpointed(self) -> bool:

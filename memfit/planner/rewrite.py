@@ -5,7 +5,8 @@ parameters are shared and the user's ``state_dict`` loads into it unchanged). Ea
 segment is a :class:`Checkpointed` module whose body is an fx GraphModule over the segment's
 nodes; plain segments stay inline. Recomputation is made invisible:
 
-* dropout draws the same masks (checkpoint's ``preserve_rng_state``);
+* dropout draws the same masks (checkpoint's ``preserve_rng_state``, for the segments that draw
+  random numbers: the saved RNG state is a tensor the dispatcher never sees, 5 KB a segment);
 * BatchNorm running statistics are restored after the recomputation, so they move once per step;
 * selective segments keep the outputs of FLOP-heavy ops through torch's selective checkpoint
   contexts and recompute only the rest;
@@ -27,7 +28,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from torch.utils.flop_counter import flop_registry
 
 from .. import subgraph
-from .plan import Plan, Segment
+from .plan import Plan
 
 __all__ = ["Checkpointed", "PlannedModule", "rewrite", "SEGMENT_PREFIX"]
 
@@ -72,13 +73,15 @@ class Checkpointed(torch.nn.Module):
     Args:
         body: GraphModule over the segment's nodes; it shares the model's submodules.
         selective: Keep the outputs of FLOP-heavy ops instead of recomputing them.
+        random: The segment draws random numbers: its recomputation replays the forward's RNG state.
     """
 
-    def __init__(self, body: fx.GraphModule, selective: bool = False) -> None:
+    def __init__(self, body: fx.GraphModule, selective: bool = False, random: bool = True) -> None:
         super().__init__()
         # Not a child module: the parameters belong to the enclosing model, under their own names.
         object.__setattr__(self, "body", body)
         self.selective = selective
+        self.random = random
 
     def _contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
         if self.selective:
@@ -98,7 +101,9 @@ class Checkpointed(torch.nn.Module):
     def forward(self, *args: Any) -> Any:
         if not (self.training and torch.is_grad_enabled()):
             return self._run(*args)
-        return checkpoint(self._run, *args, use_reentrant=False, context_fn=self._contexts)
+        return checkpoint(
+            self._run, *args, use_reentrant=False, context_fn=self._contexts, preserve_rng_state=self.random
+        )
 
     def extra_repr(self) -> str:
         nodes = [n.name for n in self.body.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
@@ -152,9 +157,8 @@ def rewrite(model: torch.nn.Module, gm: fx.GraphModule, plan: Plan, prefix: str 
         body, inputs, outputs = _extract(gm, members, i)
         name = f"{prefix}{i}"
         if seg.kind == "nested":
-            parts = Plan(segments=[Segment(part, "recompute") for part in seg.inner], strategy=plan.strategy)
-            body = rewrite(body, body, parts, prefix=f"{name}_")
-        wrappers[name] = Checkpointed(body, selective=seg.kind == "selective")
+            body = rewrite(body, body, Plan(segments=list(seg.inner), strategy=plan.strategy), prefix=f"{name}_")
+        wrappers[name] = Checkpointed(body, selective=seg.kind == "selective", random=seg.random)
         call = graph.call_module(name, tuple(env[x] for x in inputs))
         for k, out in enumerate(outputs):
             env[out] = graph.call_function(operator.getitem, (call, k))
