@@ -180,7 +180,7 @@ def _search(
         if spans is None:
             spans = STRATEGIES[names[i]].cheapest(chain, target)
             if spans is not None:
-                bound = _spans_cost(chain, spans)
+                bound = chain.cost(spans)
                 push(bound, i, rnd, target, spans)
             if rnd == 0 and i + 1 < len(names) and time.perf_counter() < deadline:
                 push(bound, i + 1, 0, budget, None)
@@ -195,11 +195,6 @@ def _search(
             # a little more than the excess, so the next round does not graze the budget
             push(bound, i, rnd + 1, target - excesses[key] - budget // 500, None)
     return None
-
-
-def _spans_cost(chain: Chain, spans: Spans) -> int:
-    """Recomputation cost in the chain model's units (what the search minimises)."""
-    return sum(s.cost for s in chain.costs(spans))
 
 
 def _at_minimum(chain: Chain, names: Sequence[str], budget: int, room: int, verify: Callable, before: Any) -> Any:

@@ -35,7 +35,7 @@ def chain(graph: MemGraph) -> Chain:
 
 
 def _cost(chain: Chain, spans: Spans) -> int:
-    return sum(s.cost for s in chain.costs(spans))
+    return chain.cost(spans)
 
 
 def _unplanned(chain: Chain) -> int:

@@ -304,6 +304,10 @@ class Chain:
             after_plain = kind == "plain"
         return out
 
+    def cost(self, spans: list[tuple[int, int, SegmentKind]]) -> int:
+        """Recomputation cost of a plan in the chain model's units (what the planners minimise)."""
+        return sum(s.cost for s in self.costs(spans))
+
     def peak(self, spans: list[tuple[int, int, SegmentKind]]) -> int:
         """Predicted peak bytes of a plan given as candidate spans, by the chain model."""
         held, worst = 0, 0

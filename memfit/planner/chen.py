@@ -48,7 +48,7 @@ def cheapest(chain: Chain, budget: int) -> Spans | None:
     fits = [p for p in _plans(chain) if chain.peak(p) <= budget]
     if not fits:
         return None
-    return min(fits, key=lambda p: (sum(s.cost for s in chain.costs(p)), chain.peak(p)))
+    return min(fits, key=lambda p: (chain.cost(p), chain.peak(p)))
 
 
 def lowest_peak(chain: Chain) -> Spans:
