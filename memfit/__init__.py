@@ -8,13 +8,19 @@ Example:
 
 from __future__ import annotations
 
-from . import models
+from . import compressors, models
 from .api import estimate, measure
+from .compressors import compress
 from .errors import MemfitBudgetError, MemfitError, MemfitInputError, MemfitTraceError
 from .fit import optimize
 from .report import MemoryReport
+from .serialize import load, save
 
 __all__ = [
+    "compress",
+    "compressors",
+    "load",
+    "save",
     "estimate",
     "measure",
     "optimize",

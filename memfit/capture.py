@@ -24,7 +24,7 @@ from .graph import MemGraph, NodeInfo
 from .tracker import StorageTracker, tensors_in
 from .trainstep import StepConfig, init_optimizer_state, make_optimizer, run_step, unique_trainable
 
-__all__ = ["capture", "trace", "as_input_tuple", "check_model"]
+__all__ = ["capture", "trace", "graph_of", "as_input_tuple", "check_model"]
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,13 @@ def trace(model: torch.nn.Module, leaf_modules: LeafSpec = ()) -> fx.GraphModule
     if not any(n.op == "output" for n in gm.graph.nodes) or len(gm.graph.nodes) <= 1:
         raise MemfitInputError(f"{type(model).__name__} traced to an empty graph; nothing to train")
     return gm
+
+
+def graph_of(model: torch.nn.Module, leaf_modules: LeafSpec = ()) -> fx.GraphModule:
+    """The graph memfit plans on: a GraphModule's own (a planned or compressed model keeps the
+    structure it was given), otherwise the model's trace. Capture, calibration and the rewrite
+    must all see the same nodes."""
+    return model if isinstance(model, fx.GraphModule) else trace(model, leaf_modules)
 
 
 def _fake_copy(model: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Module:
@@ -338,7 +345,7 @@ def capture(
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     fmodel = _fake_copy(model, mode)
     # A GraphModule (a planned model) already is its graph; tracing again would rename its nodes.
-    gm = fmodel if isinstance(fmodel, fx.GraphModule) else trace(fmodel, leaf_modules)
+    gm = graph_of(fmodel, leaf_modules)
     fake_inputs = [mode.from_tensor(x, static_shapes=True) for x in inputs]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(fake_inputs):

@@ -1,4 +1,5 @@
-"""The ``memfit`` command line: ``memfit report MODEL``, ``memfit plan MODEL --budget-mb N``."""
+"""The ``memfit`` command line: ``memfit report MODEL``, ``memfit plan MODEL --budget-mb N``,
+``memfit compress MODEL --method M``."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import torch
 
 from . import models
 from .api import estimate, measure
+from .compressors import compress, list_methods
+from .compressors.accounting import storage_table
 from .errors import MemfitError
 from .fit import optimize
 from .planner import STRATEGIES
 from .plot import plot_plan
+from .serialize import save
 from .trainstep import AMP_DTYPES, OPTIMIZERS
 
 __all__ = ["main", "load_model", "example_input"]
@@ -93,12 +97,26 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--budget-mb", type=float, required=True, help="peak budget of the step, MiB")
     pl.add_argument("--strategy", default="auto", choices=["auto", *sorted(STRATEGIES)])
     pl.add_argument("--plot", metavar="PNG", help="save a plot of memory over the step, before and after")
+    pl.add_argument(
+        "--compress",
+        choices=["auto", *list_methods()],
+        help="compress the largest layers when recomputation alone cannot reach the budget",
+    )
+    c = sub.add_parser("compress", help="compress a model's weights and show (and save) their exact storage")
+    c.add_argument("model", help="zoo name (see `memfit models`) or package.module:factory")
+    c.add_argument("--method", required=True, choices=list_methods())
+    c.add_argument("--stem", choices=["imagenet", "cifar"], help="zoo models: input stem")
+    c.add_argument("--num-classes", type=int, help="zoo models: classifier outputs")
+    c.add_argument("--input", help="per-sample input shape for the operation counts, e.g. 3x32x32")
+    c.add_argument("--save", metavar="FILE", help="write the packed model (memfit.save)")
     sub.add_parser("models", help="list the zoo")
     return p
 
 
 def _plan(model: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace, optimizer: str | None) -> None:
-    planned = optimize(model, args.budget_mb, x, optimizer=optimizer, amp=args.amp, strategy=args.strategy)
+    planned = optimize(
+        model, args.budget_mb, x, optimizer=optimizer, amp=args.amp, strategy=args.strategy, compress=args.compress
+    )
     print(planned.plan)
     if args.plot:
         print(f"Plot written to {plot_plan(planned.plan, args.plot)}")
@@ -106,6 +124,14 @@ def _plan(model: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace, opt
         measured = measure(planned, x, optimizer=optimizer, amp=args.amp)
         verdict = "within" if measured.peak_mb <= args.budget_mb else "OVER"
         print(f"Peak of a real planned step (MiB, measured): {measured.peak_mb:.2f}, {verdict} the budget")
+
+
+def _compress(model: torch.nn.Module, args: argparse.Namespace) -> None:
+    small = compress(model, args.method)
+    print(storage_table(small, example_input(model, 1, args.input)))
+    if args.save:
+        size = save(small, args.save)
+        print(f"Saved to {args.save}: {size / 1024:.1f} KiB (measured file size)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,6 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         model = load_model(args.model, stem=args.stem, num_classes=args.num_classes)
+        if args.command == "compress":
+            _compress(model, args)
+            return 0
         x = example_input(model, args.batch, args.input)
         optimizer = None if args.optimizer == "none" else args.optimizer
         if args.command == "plan":

@@ -7,6 +7,7 @@ nodes are added. A plan whose verified peak exceeds the budget is tightened and 
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import math
@@ -18,12 +19,13 @@ import torch.fx as fx
 
 from . import costmodel, workspace
 from .api import report_from_graph
-from .capture import as_input_tuple, capture, check_model, trace
+from .capture import as_input_tuple, capture, check_model, graph_of
 from .errors import MemfitBudgetError, MemfitInputError
 from .graph import MemGraph
 from .planner import STRATEGIES, Chain, Plan, Spans
 from .planner.rewrite import rewrite
 from .report import Comparison, MiB, mib
+from .serialize import META_KEY, architecture_of
 from .timeline import Timeline
 from .trainstep import OptimizerSpec, StepConfig
 
@@ -52,6 +54,7 @@ def optimize(
     strategy: str = "auto",
     leaf_modules: Iterable[type[torch.nn.Module] | str] = (),
     time_limit_s: float = 60.0,
+    compress: str | None = None,
 ) -> fx.GraphModule:
     """A module that trains like ``model`` and whose training step peaks at most ``budget_mb``.
 
@@ -68,6 +71,12 @@ def optimize(
             graphs only).
         leaf_modules: Module types or qualified names torch.fx should not trace into.
         time_limit_s: For ``"auto"``: strategies are not started after this much planning time.
+        compress: None (recompute only), a compression method (``"generated"``, ``"shared"``,
+            ``"ternary"``) or ``"auto"`` (``"generated"``: it shrinks the parameters, gradients and
+            optimizer state that recomputation cannot touch). Layers are compressed, largest
+            first, only when recomputation alone cannot reach the budget; the plan's notes say
+            which and why. The result is then a compressed copy (see :func:`memfit.compress`):
+            its compact parameters are new, the rest are copies of the model's.
 
     Returns:
         An ``fx.GraphModule`` with ``.plan`` (print it for the table) and ``.report``
@@ -93,9 +102,31 @@ def optimize(
         raise MemfitInputError(f"budget_mb must be a positive number of MiB, got {budget_mb!r}")
     inputs = as_input_tuple(example_inputs)
     leaves = list(leaf_modules)
+    plan_for = lambda net: _fit(net, budget_mb, inputs, config, names, leaves, started + time_limit_s)  # noqa: E731
+    try:
+        planned = plan_for(model)
+    except MemfitBudgetError as err:
+        if compress is None:
+            raise
+        planned = _compressed_fit(model, budget_mb, err, compress, config, leaves, plan_for)
+    planned.meta[META_KEY] = {"architecture": architecture_of(model)}
+    planned.plan.planning_seconds = time.perf_counter() - started
+    return planned
+
+
+def _fit(
+    model: torch.nn.Module,
+    budget_mb: float,
+    inputs: tuple[torch.Tensor, ...],
+    config: StepConfig,
+    names: Sequence[str],
+    leaves: list,
+    deadline: float,
+) -> fx.GraphModule:
+    """Plan, enact and verify for one model (see :func:`optimize`)."""
     graph = capture(model, inputs, config, leaf_modules=leaves)
     workspace.calibrate(graph, model, inputs, config, leaf_modules=leaves)
-    gm = trace(model, leaves)
+    gm = graph_of(model, leaves)
     chain = Chain(graph)
     _check_names(chain, gm)
     budget = int(budget_mb * MiB)
@@ -112,7 +143,6 @@ def optimize(
     if before.peak_bytes <= room:
         result = verify([(0, chain.m, "plain")], "none")
     else:
-        deadline = started + time_limit_s
         result = _search(chain, names, room, verify, deadline)
         if result is None:
             result = _at_minimum(chain, names, budget, room, verify, before)
@@ -125,10 +155,67 @@ def optimize(
     plan.forward_flops = chain.forward_flops
     plan.levels_before = [(phase, level) for phase, _, level in costmodel.simulate(graph).levels]
     plan.levels_after = [(phase, level) for phase, _, level in timeline.levels]
-    plan.planning_seconds = time.perf_counter() - started
     planned.plan = plan
     planned.report = Comparison(before=before, after=after)
     return planned
+
+
+# Optimizer state per parameter byte, for the saving a compressed layer is expected to bring.
+_STATE_PER_BYTE = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
+
+
+def _compressed_fit(
+    model: torch.nn.Module,
+    budget_mb: float,
+    err: MemfitBudgetError,
+    method: str,
+    config: StepConfig,
+    leaves: list,
+    plan_for: Callable[[torch.nn.Module], fx.GraphModule],
+) -> fx.GraphModule:
+    """Compress the largest layers, as few as the budget needs, then plan the compressed model.
+
+    Each compressed layer is expected to free its weight, its gradient and its optimizer state
+    (the compact factors are small); layers are added, largest first, until that expected saving
+    covers what recomputation alone misses, and more (doubling) while the verified plan still
+    does not fit.
+    """
+    from .compressors import compress as compress_model
+    from .compressors import get_method
+    from .compressors.apply import choose_layers
+
+    name = "generated" if method == "auto" else method
+    impl = get_method(name)
+    base = impl.config_type()
+    candidates = sorted(choose_layers(model, base, leaves), key=lambda n: -model.get_submodule(n).weight.numel())
+    if not candidates:
+        raise err
+    per_byte = 2 + _STATE_PER_BYTE.get(config.optimizer if isinstance(config.optimizer, str) else "adam", 2)
+    saving = [model.get_submodule(n).weight.numel() * 4 * per_byte for n in candidates]
+    missing = (err.minimum_mb - budget_mb) * MiB
+    count = next((i + 1 for i in range(len(saving)) if sum(saving[: i + 1]) >= missing), len(saving))
+    while True:
+        chosen = candidates[:count]
+        compressed = compress_model(model, impl, dataclasses.replace(base, include=tuple(chosen)), leaf_modules=leaves)
+        try:
+            planned = plan_for(compressed)
+        except MemfitBudgetError as again:
+            if count == len(candidates):
+                raise MemfitBudgetError(
+                    f"{again} (with {name} compression of all {count} compressible layers: recomputation alone "
+                    f"reaches {err.minimum_mb:.2f} MiB at least)",
+                    minimum_mb=again.minimum_mb,
+                ) from again
+            count = min(2 * count, len(candidates))
+            continue
+        shown = ", ".join(chosen[:4]) + (f" and {len(chosen) - 4} more" if len(chosen) > 4 else "")
+        planned.plan.notes.append(
+            f"Compressed {len(chosen)} of {len(candidates)} layers with {name} ({shown}): recomputation alone "
+            f"cannot go below {err.minimum_mb:.2f} MiB (feasible minimum, predicted), above the budget of "
+            f"{budget_mb:.2f} MiB."
+        )
+        planned.plan.compressed = chosen
+        return planned
 
 
 def _strategy_names(strategy: str) -> Sequence[str]:

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from .capture import LeafSpec, trace
+from .capture import LeafSpec, graph_of
 from .graph import MemGraph
 from .measurement import memory_profile
 from .tracker import StorageTracker, tensors_in
@@ -58,7 +58,7 @@ def calibrate(
         config: The step configuration (autocast matters).
         leaf_modules: As given to capture, so node names agree.
     """
-    gm = trace(model, leaf_modules)
+    gm = graph_of(model, leaf_modules)
     batch = graph.batch_size
     allocating = {e.node for e in graph.events if e.delta > 0}
     noise = _Noise()

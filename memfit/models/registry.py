@@ -12,7 +12,11 @@ from typing import Any, Callable, TypeVar, overload
 
 from torch import nn
 
-__all__ = ["register_model", "create", "list_models"]
+__all__ = ["register_model", "create", "list_models", "spec_of", "SPEC_ATTR"]
+
+# Models built by :func:`create` carry how they were built, so a saved file can rebuild the
+# architecture from plain JSON instead of pickled code.
+SPEC_ATTR = "memfit_spec"
 
 ModelFactory = Callable[..., nn.Module]
 F = TypeVar("F", bound=ModelFactory)
@@ -110,4 +114,12 @@ def create(name: str, **kwargs: Any) -> nn.Module:
             f"unknown model {name!r}.{hint} "
             f"Call memfit.models.list_models() to see all {len(_REGISTRY)} registered names."
         )
-    return factory(**kwargs)
+    model = factory(**kwargs)
+    setattr(model, SPEC_ATTR, {"name": name, "options": dict(kwargs)})
+    return model
+
+
+def spec_of(model: nn.Module) -> dict[str, Any] | None:
+    """How a zoo model was built (``{"name": ..., "options": {...}}``), or None if not by :func:`create`."""
+    spec = getattr(model, SPEC_ATTR, None)
+    return dict(spec) if isinstance(spec, dict) else None

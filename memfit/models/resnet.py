@@ -119,6 +119,7 @@ class ResNet(nn.Module):
         *,
         num_classes: int = 1000,
         stem: Stem = "imagenet",
+        width: int = 64,
     ) -> None:
         """Build a ResNet.
 
@@ -128,6 +129,8 @@ class ResNet(nn.Module):
             num_classes: Size of the classifier output.
             stem: ``"imagenet"`` (7x7/2 conv + 3x3/2 max-pool) or ``"cifar"``
                 (3x3/1 conv, no max-pool).
+            width: Channels of the stem and the first stage; later stages double it (64 is the
+                published network; smaller widths make quick experiments).
 
         Raises:
             ValueError: On an invalid option.
@@ -135,19 +138,20 @@ class ResNet(nn.Module):
         super().__init__()
         num_classes = check_positive_int("num_classes", num_classes)
         stem = check_stem(stem)
+        width = check_positive_int("width", width)
         self.stem_kind: Stem = stem
         if stem == "imagenet":
-            self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
         else:
-            self.conv1 = _conv3x3(3, 64)
-        self.bn1 = nn.BatchNorm2d(64)
+            self.conv1 = _conv3x3(3, width)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU()
         self.maxpool: nn.Module | None = (
             nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem == "imagenet" else None
         )
-        in_ch = 64
+        in_ch = width
         stages: list[nn.Sequential] = []
-        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+        for i, (planes, blocks) in enumerate(zip((width, 2 * width, 4 * width, 8 * width), layers)):
             stride = 1 if i == 0 else 2
             mods: list[nn.Module] = []
             for j in range(blocks):
@@ -179,70 +183,75 @@ class ResNet(nn.Module):
 
 
 @register_model
-def resnet18(*, num_classes: int = 1000, stem: Stem = "imagenet") -> ResNet:
+def resnet18(*, num_classes: int = 1000, stem: Stem = "imagenet", width: int = 64) -> ResNet:
     """ResNet-18 (BasicBlock, [2, 2, 2, 2]); 11,689,512 params at ImageNet defaults.
 
     Args:
         num_classes: Classifier outputs.
         stem: ``"imagenet"`` or ``"cifar"``.
+        width: Channels of the first stage (64 published).
 
     Returns:
         The model.
     """
-    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes=num_classes, stem=stem)
+    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes=num_classes, stem=stem, width=width)
 
 
 @register_model
-def resnet34(*, num_classes: int = 1000, stem: Stem = "imagenet") -> ResNet:
+def resnet34(*, num_classes: int = 1000, stem: Stem = "imagenet", width: int = 64) -> ResNet:
     """ResNet-34 (BasicBlock, [3, 4, 6, 3]); 21,797,672 params at ImageNet defaults.
 
     Args:
         num_classes: Classifier outputs.
         stem: ``"imagenet"`` or ``"cifar"``.
+        width: Channels of the first stage (64 published).
 
     Returns:
         The model.
     """
-    return ResNet(BasicBlock, (3, 4, 6, 3), num_classes=num_classes, stem=stem)
+    return ResNet(BasicBlock, (3, 4, 6, 3), num_classes=num_classes, stem=stem, width=width)
 
 
 @register_model
-def resnet50(*, num_classes: int = 1000, stem: Stem = "imagenet") -> ResNet:
+def resnet50(*, num_classes: int = 1000, stem: Stem = "imagenet", width: int = 64) -> ResNet:
     """ResNet-50 (Bottleneck, [3, 4, 6, 3]); 25,557,032 params at ImageNet defaults.
 
     Args:
         num_classes: Classifier outputs.
         stem: ``"imagenet"`` or ``"cifar"``.
+        width: Channels of the first stage (64 published).
 
     Returns:
         The model.
     """
-    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes=num_classes, stem=stem)
+    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes=num_classes, stem=stem, width=width)
 
 
 @register_model
-def resnet101(*, num_classes: int = 1000, stem: Stem = "imagenet") -> ResNet:
+def resnet101(*, num_classes: int = 1000, stem: Stem = "imagenet", width: int = 64) -> ResNet:
     """ResNet-101 (Bottleneck, [3, 4, 23, 3]); 44,549,160 params at ImageNet defaults.
 
     Args:
         num_classes: Classifier outputs.
         stem: ``"imagenet"`` or ``"cifar"``.
+        width: Channels of the first stage (64 published).
 
     Returns:
         The model.
     """
-    return ResNet(Bottleneck, (3, 4, 23, 3), num_classes=num_classes, stem=stem)
+    return ResNet(Bottleneck, (3, 4, 23, 3), num_classes=num_classes, stem=stem, width=width)
 
 
 @register_model
-def resnet152(*, num_classes: int = 1000, stem: Stem = "imagenet") -> ResNet:
+def resnet152(*, num_classes: int = 1000, stem: Stem = "imagenet", width: int = 64) -> ResNet:
     """ResNet-152 (Bottleneck, [3, 8, 36, 3]); 60,192,808 params at ImageNet defaults.
 
     Args:
         num_classes: Classifier outputs.
         stem: ``"imagenet"`` or ``"cifar"``.
+        width: Channels of the first stage (64 published).
 
     Returns:
         The model.
     """
-    return ResNet(Bottleneck, (3, 8, 36, 3), num_classes=num_classes, stem=stem)
+    return ResNet(Bottleneck, (3, 8, 36, 3), num_classes=num_classes, stem=stem, width=width)

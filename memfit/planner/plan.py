@@ -64,6 +64,8 @@ class Plan:
         planning_seconds: Wall time of planning, capture and verification included (measured).
         levels_before: Live tensor bytes after every event of the unplanned step (predicted).
         levels_after: The same for the planned step (predicted), for plots.
+        compressed: Layers compressed to reach the budget (``optimize(..., compress=...)``).
+        notes: Extra lines printed under the summary.
     """
 
     segments: list[Segment]
@@ -77,6 +79,7 @@ class Plan:
     planning_seconds: float = 0.0
     levels_before: list[tuple[str, int]] = field(default_factory=list, repr=False)
     levels_after: list[tuple[str, int]] = field(default_factory=list, repr=False)
+    compressed: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property

@@ -1,0 +1,45 @@
+"""Compressors: weights stored in less memory by generating them at every forward.
+
+``memfit.compress(model, "ternary" | "generated" | "shared", config)`` returns a copy of the model
+whose chosen conv/linear weights come from :class:`WeightGenerator` modules; their exact storage is
+in :func:`storage_table` and ``memfit.save`` writes them packed.
+"""
+
+from __future__ import annotations
+
+from .accounting import StorageReport, storage_table
+from .apply import compress, generators
+from .base import CompressConfig, Field, Method, WeightGenerator
+from .generated import GeneratedConfig, GeneratedMethod
+from .shared import SharedConfig, SharedMethod
+from .ternary import TernaryConfig, TernaryMethod
+
+__all__ = [
+    "compress",
+    "generators",
+    "GeneratedConfig",
+    "SharedConfig",
+    "TernaryConfig",
+    "get_method",
+    "list_methods",
+    "storage_table",
+    "StorageReport",
+    "CompressConfig",
+    "Field",
+    "Method",
+    "WeightGenerator",
+]
+
+_METHODS: dict[str, type[Method]] = {m.name: m for m in (GeneratedMethod, SharedMethod, TernaryMethod)}
+
+
+def list_methods() -> list[str]:
+    """Names of the compression methods."""
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    """A fresh instance of the method registered under ``name``."""
+    if name not in _METHODS:
+        raise ValueError(f"unknown compression method {name!r}; choose one of {list_methods()}")
+    return _METHODS[name]()

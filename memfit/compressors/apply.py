@@ -1,0 +1,165 @@
+"""The compression pass: a new module whose chosen conv/linear weights come from generators."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..capture import LeafSpec, as_input_tuple, check_model, trace
+from ..errors import MemfitInputError
+from ..models import spec_of
+from .base import CompressConfig, Method, WeightGenerator
+from .layer import COMPRESSIBLE, GeneratedConv2d, GeneratedLinear, generated_layer
+
+__all__ = ["compress", "choose_layers", "generators", "canonical", "trace_compressed", "META_KEY"]
+
+log = logging.getLogger(__name__)
+
+# GraphModule.meta key for what a saved file needs to rebuild the model (it survives deepcopy).
+META_KEY = "memfit"
+
+
+def canonical(name: str) -> tuple[int, str]:
+    """Sort key that prefers a module's own path over the longer ones a planned model adds
+    (a checkpointed segment reaches the same submodules under its own prefix)."""
+    return name.count("."), name
+
+
+def generators(model: nn.Module) -> dict[str, WeightGenerator]:
+    """The weight generators of a (compressed, possibly planned) model, by qualified name."""
+    best: dict[int, tuple[str, WeightGenerator]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, WeightGenerator) and (id(m) not in best or canonical(name) < canonical(best[id(m)][0])):
+            best[id(m)] = (name, m)
+    return dict(sorted(best.values(), key=lambda item: canonical(item[0])))
+
+
+def _execution_order(model: nn.Module, leaves: list) -> list[str]:
+    """Names of the compressible layers in the order the forward calls them (first call counts)."""
+    gm = trace(model, leaves)
+    seen: dict[str, None] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), COMPRESSIBLE):
+            seen.setdefault(str(n.target), None)
+    return list(seen)
+
+
+def _shared_weights(model: nn.Module) -> set[int]:
+    """ids of parameters that more than one module owns (tied weights)."""
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return {pid for pid, count in owners.items() if count > 1}
+
+
+def choose_layers(model: nn.Module, config: CompressConfig, leaf_modules: LeafSpec = ()) -> list[str]:
+    """The layers ``config`` selects, in execution order: Conv2d and Linear, minus the first conv
+    and the classifier when the config skips them, minus layers whose weight is tied to another
+    module's (compressing one side would untie them)."""
+    order = _execution_order(model, list(leaf_modules))
+    convs = [n for n in order if isinstance(model.get_submodule(n), nn.Conv2d)]
+    linears = [n for n in order if isinstance(model.get_submodule(n), nn.Linear)]
+    skipped = set()
+    if config.skip_first_conv and convs:
+        skipped.add(convs[0])
+    if config.skip_classifier and linears:
+        skipped.add(linears[-1])
+    tied = _shared_weights(model)
+    chosen = []
+    for name in order:
+        if name in skipped or not config.selects(name):
+            continue
+        if id(model.get_submodule(name).weight) in tied:
+            log.info("not compressing %s: its weight is tied to another module", name)
+            continue
+        chosen.append(name)
+    return chosen
+
+
+def trace_compressed(model: nn.Module, leaf_modules: LeafSpec = ()) -> fx.GraphModule:
+    """Trace a model whose layers were swapped for generated ones, keeping those layers as
+    modules of the GraphModule (so its generators can be found, counted and saved)."""
+    gm = trace(model, list(leaf_modules) + [GeneratedConv2d, GeneratedLinear])
+    spec = spec_of(model)
+    gm.meta[META_KEY] = {"architecture": spec} if spec else {}
+    return gm
+
+
+def compress(
+    model: nn.Module,
+    method: str | Method,
+    config: CompressConfig | None = None,
+    example_inputs: Any = None,
+    *,
+    leaf_modules: Iterable[type[nn.Module] | str] = (),
+) -> fx.GraphModule:
+    """A copy of ``model`` whose selected conv/linear weights are generated from compact,
+    trainable parameters at every forward (the user's model is not modified).
+
+    Args:
+        model: The network, ideally trained: generators are initialised by projecting its weights.
+        method: ``"ternary"`` (EC2T), ``"generated"`` (MLG), ``"shared"`` (MESS), or a Method.
+        config: The method's config dataclass (``memfit.compressors.TernaryConfig`` ...); defaults
+            skip the first conv and the classifier, as the seeds do.
+        example_inputs: If given, the compressed model is run once on them to check that it
+            computes outputs of the original's shapes.
+        leaf_modules: Module types or qualified names torch.fx should not trace into.
+
+    Returns:
+        An fx GraphModule. Its generated layers are ``GeneratedConv2d``/``GeneratedLinear``
+        modules under the original layer names; ``memfit.compressors.storage_table(model)``
+        accounts for its storage and ``memfit.save`` writes it packed.
+
+    Example:
+        >>> import torch, memfit
+        >>> net = memfit.models.create("resnet18", stem="cifar", num_classes=10, width=16)
+        >>> small = memfit.compress(net, "ternary")
+        >>> small(torch.randn(2, 3, 16, 16)).shape
+        torch.Size([2, 10])
+    """
+    from . import get_method  # the registry imports every method module, which imports this one
+
+    check_model(model)
+    impl = get_method(method) if isinstance(method, str) else method
+    config = impl.config_type() if config is None else config
+    if not isinstance(config, impl.config_type):
+        raise MemfitInputError(
+            f"config for {impl.name!r} must be a {impl.config_type.__name__}, got {type(config).__name__}"
+        )
+    if generators(model):
+        raise MemfitInputError(
+            f"{type(model).__name__} is already compressed ({len(generators(model))} generated layers); "
+            "compress the original model instead"
+        )
+    leaves = list(leaf_modules)
+    clone = copy.deepcopy(model)
+    layers = choose_layers(clone, config, leaves)
+    if not layers:
+        raise MemfitInputError(
+            f"no layer to compress in {type(model).__name__}: the config selects none of its Conv2d/Linear "
+            "layers (check include/exclude, skip_first_conv, skip_classifier)"
+        )
+    built = impl.build(clone, layers, config)
+    for name, why in impl.skipped.items():
+        log.info("%s left %s uncompressed: %s", impl.name, name, why)
+    for name, gen in built.items():
+        clone.set_submodule(name, generated_layer(clone.get_submodule(name), gen))
+    gm = trace_compressed(clone, leaves)
+    if example_inputs is not None:
+        _check_outputs(model, gm, as_input_tuple(example_inputs))
+    return gm
+
+
+def _check_outputs(model: nn.Module, gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Both models must produce outputs of the same shapes (eval mode, on copies: no side effects)."""
+    with torch.no_grad():
+        ref, got = copy.deepcopy(model).eval()(*inputs), copy.deepcopy(gm).eval()(*inputs)
+    shapes = lambda out: [tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else (out,))]  # noqa: E731
+    if shapes(ref) != shapes(got):
+        raise MemfitInputError(f"the compressed model's outputs {shapes(got)} differ in shape from {shapes(ref)}")
