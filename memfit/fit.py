@@ -125,8 +125,8 @@ def _fit(
 ) -> fx.GraphModule:
     """Plan, enact and verify for one model (see :func:`optimize`)."""
     graph = capture(model, inputs, config, leaf_modules=leaves)
-    workspace.calibrate(graph, model, inputs, config, leaf_modules=leaves)
     gm = graph_of(model, leaves)
+    workspace.calibrate(graph, gm, inputs, config, leaf_modules=leaves)  # one trace serves both
     chain = Chain(graph)
     _check_names(chain, gm)
     budget = int(budget_mb * MiB)

@@ -53,7 +53,7 @@ def calibrate(
 
     Args:
         graph: The MemGraph captured from ``model``.
-        model: The real model (only copies of single layers are run).
+        model: The real model, or its GraphModule (only copies of single layers are run).
         inputs: The example inputs the graph was captured with.
         config: The step configuration (autocast matters).
         leaf_modules: As given to capture, so node names agree.
@@ -67,6 +67,10 @@ def calibrate(
         _cache.update(_read(path))
         _loaded.add(path)
     known = len(_cache)
+    # The model's inputs need grad only if the caller's do; a conv whose input needs none runs a
+    # cheaper backward (no input gradient) with a smaller workspace.
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    input_grad = {name: bool(x.requires_grad) for name, x in zip(placeholders, inputs)}
     with torch.random.fork_rng(devices=[]):
         for node in gm.graph.nodes:
             if node.op not in ("call_module", "call_function", "call_method") or node.name not in graph.dag:
@@ -74,7 +78,7 @@ def calibrate(
             info = graph.info(node.name)
             if not info.output_shapes or node.name not in allocating:
                 continue
-            spec = _layer_spec(gm, node, graph, batch)
+            spec = _layer_spec(gm, node, graph, batch, input_grad)
             if spec is None:
                 continue
             fwd, bwd = _workspace_for(spec, batch, config, graph.device, noise)
@@ -131,8 +135,11 @@ class _Spec:
         self.fn, self.args, self.kwargs, self.metas, self.key = fn, args, kwargs, metas, key
 
 
-def _layer_spec(gm: fx.GraphModule, node: fx.Node, graph: MemGraph, batch: int) -> _Spec | None:
-    """How to run ``node`` alone, or None when its arguments are not all plain tensors."""
+def _layer_spec(
+    gm: fx.GraphModule, node: fx.Node, graph: MemGraph, batch: int, input_grad: dict[str, bool]
+) -> _Spec | None:
+    """How to run ``node`` alone, or None when its arguments are not all plain tensors.
+    ``input_grad``: whether each of the model's inputs (placeholders) requires grad."""
     metas: list[tuple] = []  # (shape, dtype, requires_grad, scales_with_batch)
     index: dict[str, int] = {}
 
@@ -149,7 +156,7 @@ def _layer_spec(gm: fx.GraphModule, node: fx.Node, graph: MemGraph, batch: int) 
             shape = info.output_shapes[0]
             dtype = getattr(torch, info.output_dtypes[0])
             scales = len(shape) > 0 and shape[0] == batch
-            meta = (shape, dtype, dtype.is_floating_point, scales)
+            meta = (shape, dtype, input_grad.get(a.name, dtype.is_floating_point), scales)
         if a.name not in index:
             index[a.name] = len(metas)
             metas.append(meta)

@@ -10,6 +10,11 @@ import torch
 
 import memfit
 
+# pytest runs two workers on two cores: a second intra-op thread per worker only oversubscribes them,
+# and the suite's many small kernels then wait on scheduler ticks. Predictions and measurements in a
+# test share this setting (workspace calibration is keyed by the thread count).
+torch.set_num_threads(1)
+
 # Calibrated workspaces are cached on disk between runs; tests start from an empty cache of their own.
 os.environ["MEMFIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="memfit-test-cache-")
 

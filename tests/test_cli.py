@@ -83,3 +83,11 @@ def test_report_of_resnet50_at_batch_256_never_allocates_the_activations() -> No
     rss_kib = int(done.stdout.split("RSS")[1].split()[0])
     assert predicted_peak > 20_000  # MiB: what a real step would need
     assert rss_kib < 2 * 2**20  # KiB: under 2 GiB
+
+
+def test_compress_prints_the_storage_table_and_saves_the_packed_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "mlp.memfit"
+    assert main(["compress", "tests.factories:tiny_mlp", "--method", "ternary", "--input", "1x8x8", "--save", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Bits/w" in out and "computed, not measured" in out and "(measured file size)" in out
+    assert path.stat().st_size > 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -28,15 +27,6 @@ from memfit.compressors.quant import max_level, tanh_levels
 
 DEFAULT = dict(base_in=2, base_out=44, basis_bits=3, coeff_in_bits=6, coeff_out_bits=3)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """The projection runs hundreds of tiny ops; on a busy machine each multi-threaded one can wait
-    a scheduler tick for its second thread (seconds per test), and one thread loses nothing here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _generator(shape: tuple[int, ...], seed: int = 0, **knobs: int) -> MLGGenerator:

@@ -1,0 +1,80 @@
+"""The compressors on real data (scikit-learn's digits), a shortened benchmarks/compress.py: the
+storage ratios exactly, and an accuracy near the uncompressed model's after a short fine-tune
+(the benchmark holds the full-length runs to the 2-point target)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import memfit
+from memfit.compressors import GeneratedConfig, SharedConfig, TernaryConfig, storage_table
+from memfit.compressors.generated import distillation_loss
+from memfit.compressors.ternary import freeze_assignment_
+from memfit.datasets import Split, digits
+
+EPOCHS, FINETUNE = 3, 3
+# Points of accuracy a 3-epoch fine-tune may lose against the uncompressed model here; the full
+# benchmark (8 epochs) is within 2.
+TOLERANCE = 5.0
+
+
+def _train(model: nn.Module, data: Split, epochs: int, lr: float, teacher: nn.Module | None = None, freeze_last: bool = False) -> None:
+    gen = torch.Generator().manual_seed(1)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for epoch in range(epochs):
+        if freeze_last and epoch == epochs - 1:
+            freeze_assignment_(model)
+        for idx in torch.randperm(len(data.y_train), generator=gen).split(64):
+            x, y = data.x_train[idx], data.y_train[idx]
+            logits = model(x)
+            if teacher is None:
+                loss = F.cross_entropy(logits, y)
+            else:
+                with torch.no_grad():
+                    soft = teacher(x)
+                loss = distillation_loss(logits, soft, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+def _accuracy(model: nn.Module, data: Split) -> float:
+    model.eval()
+    with torch.no_grad():
+        correct = (model(data.x_test).argmax(-1) == data.y_test).float().mean().item()
+    model.train()
+    return 100 * correct
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[Split, nn.Module, float]:
+    """digits at 8x8 and a width-8 ResNet-18 trained uncompressed, with its accuracy."""
+    torch.manual_seed(0)
+    data = digits(8)
+    base = memfit.models.create("resnet18", stem="cifar", num_classes=10, width=8)
+    _train(base, data, EPOCHS, 3e-3)
+    return data, base, _accuracy(base, data)
+
+
+@pytest.mark.parametrize(
+    "method, config, lr, least_ratio",
+    [
+        ("ternary", TernaryConfig(), 1e-3, 10.0),
+        ("generated", GeneratedConfig(), 3e-3, 10.0),
+        ("shared", SharedConfig(), 1e-3, 4.0),
+    ],
+)
+def test_compressed_models_keep_their_accuracy_on_digits(trained, method, config, lr, least_ratio) -> None:
+    data, base, reference_accuracy = trained
+    torch.manual_seed(0)
+    model = memfit.compress(base, method, config)
+    _train(model, data, FINETUNE, lr, teacher=base.eval() if method == "generated" else None, freeze_last=method == "ternary")
+    base.train()
+    table = storage_table(model)
+    ratio = table.covered_ratio if method == "shared" else table.parameter_ratio
+    assert ratio >= least_ratio, str(table)
+    assert _accuracy(model, data) >= reference_accuracy - TOLERANCE, (method, _accuracy(model, data), reference_accuracy)
