@@ -8,13 +8,14 @@ import torch
 
 from . import costmodel, workspace
 from .capture import LeafSpec, as_input_tuple, capture, check_model
+from .compressors import generators, storage_table
 from .graph import MemGraph
 from .measurement import measure_step
 from .report import LayerRow, MemoryReport
 from .timeline import Timeline
 from .trainstep import OptimizerSpec, StepConfig
 
-__all__ = ["estimate", "measure", "report_from_graph"]
+__all__ = ["estimate", "measure", "report_from_graph", "with_storage"]
 
 _SHOWN_OPS = ("call_module", "call_function", "call_method")
 
@@ -65,6 +66,15 @@ def report_from_graph(graph: MemGraph, model_name: str, sim: Timeline | None = N
     )
 
 
+def with_storage(report: MemoryReport, model: torch.nn.Module) -> MemoryReport:
+    """Add a compressed model's packed weight storage (computed exactly) to its report."""
+    if generators(model):
+        table = storage_table(model)
+        report.stored_weights_bytes = table.parameter_bytes
+        report.original_weights_bytes = table.original_parameter_bytes
+    return report
+
+
 def estimate(
     model: torch.nn.Module,
     example_inputs: Any,
@@ -106,7 +116,7 @@ def estimate(
     graph = capture(model, example_inputs, config, leaf_modules=leaf_modules)
     if calibrate:
         workspace.calibrate(graph, model, as_input_tuple(example_inputs), config, leaf_modules=leaf_modules)
-    return report_from_graph(graph, type(model).__name__)
+    return with_storage(report_from_graph(graph, type(model).__name__), model)
 
 
 def measure(
@@ -143,7 +153,7 @@ def measure(
     inputs = as_input_tuple(example_inputs)
     m = measure_step(model, inputs, config)
     breakdown = dict(m.at_tensor_peak)
-    return MemoryReport(
+    report = MemoryReport(
         source="measured",
         model=type(model).__name__,
         description=config.describe(),
@@ -160,3 +170,4 @@ def measure(
         peak_breakdown=breakdown,
         phase_peaks=m.phase_peaks,
     )
+    return with_storage(report, model)

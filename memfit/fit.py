@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from . import costmodel, workspace
-from .api import report_from_graph
+from .api import report_from_graph, with_storage
 from .capture import as_input_tuple, capture, check_model, graph_of
 from .errors import MemfitBudgetError, MemfitInputError
 from .graph import MemGraph
@@ -156,7 +156,7 @@ def _fit(
     plan.levels_before = [(phase, level) for phase, _, level in costmodel.simulate(graph).levels]
     plan.levels_after = [(phase, level) for phase, _, level in timeline.levels]
     planned.plan = plan
-    planned.report = Comparison(before=before, after=after)
+    planned.report = Comparison(before=with_storage(before, model), after=with_storage(after, model))
     return planned
 
 

@@ -51,6 +51,9 @@ class MemoryReport:
         phase_peaks: Peak per phase.
         layers: Per-layer rows (predicted reports).
         notes: Extra lines printed under the totals.
+        stored_weights_bytes: For a compressed model, the parameters as stored (packed codes
+            and factors, the rest at their dtype): computed exactly, not predicted or measured.
+        original_weights_bytes: The same parameters at fp32, uncompressed.
     """
 
     source: Literal["predicted", "measured"]
@@ -70,6 +73,8 @@ class MemoryReport:
     phase_peaks: dict[str, int] = field(default_factory=dict)
     layers: list[LayerRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    stored_weights_bytes: int | None = None
+    original_weights_bytes: int | None = None
 
     @property
     def parameters_mb(self) -> float:
@@ -158,6 +163,11 @@ def render(r: MemoryReport) -> str:
         parts = ", ".join(f"{k} {mib(v):.2f}" for k, v in r.peak_breakdown.items() if v)
         where = "At the peak" if "workspace" in r.peak_breakdown else "At the tensor peak"
         lines.append(f"{where} (MiB, {label}): {parts}")
+    if r.stored_weights_bytes is not None and r.original_weights_bytes:
+        lines.append(
+            f"{'Weights stored, packed (MiB, computed):':<58}{mib(r.stored_weights_bytes):>12.2f}"
+            f"  ({r.original_weights_bytes / max(r.stored_weights_bytes, 1):.1f}x smaller than fp32)"
+        )
     lines.extend(r.notes)
     return "\n".join(lines)
 

@@ -136,6 +136,9 @@ def test_the_storage_table_counts_every_field(x: torch.Tensor) -> None:
         assert row.stored_bits == sum(row.fields.values())
         assert row.dense_macs > 0 and row.adds <= row.dense_macs
     assert table.parameter_ratio > 1
+    report = memfit.estimate(small, x)
+    assert report.stored_weights_bytes == table.parameter_bytes and "Weights stored, packed" in str(report)
+    assert memfit.estimate(_net(), x).stored_weights_bytes is None
 
 
 def test_bad_method_and_config_are_refused(small_cnn: nn.Module) -> None:
