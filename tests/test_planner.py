@@ -74,7 +74,8 @@ def test_measured_peak_fits_and_training_is_unchanged(name: str, strategy: str) 
     lowest = _minimum_mb(model, x, strategy)
     assert lowest < unplanned or name in FIXED_PEAK, f"{name}: nothing to plan at this shape"
     for fraction in FRACTIONS:
-        budget = lowest + fraction * (unplanned - lowest)
+        # a fixed-peak model's minimum (with its margin) can sit a hair above its unplanned peak
+        budget = max(lowest, lowest + fraction * (unplanned - lowest))
         reference = copy.deepcopy(model)
         work = copy.deepcopy(model)
         planned = memfit.optimize(work, budget, x, strategy=strategy)
