@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compressors import WeightGenerator, generators, get_method
-from .compressors.apply import META_KEY, canonical, trace_compressed
+from .compressors import generators, get_method
+from .compressors.apply import META_KEY, plain_state, trace_compressed
 from .compressors.layer import generated_layer
 from .errors import MemfitInputError
 from .models import create, spec_of
@@ -77,21 +77,6 @@ def architecture_of(model: nn.Module) -> dict[str, Any] | None:
     return spec_of(model)
 
 
-def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and buffers of the modules outside the generators (a generator that reads another
-    layer's weight does not own it), each under its own path once."""
-    inside = tuple(
-        f"{name}." for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, WeightGenerator)
-    )
-    best: dict[int, tuple[str, torch.Tensor]] = {}
-    for key, value in model.state_dict(keep_vars=True).items():
-        if key.startswith(inside) or not isinstance(value, torch.Tensor):
-            continue
-        if id(value) not in best or canonical(key) < canonical(best[id(value)][0]):
-            best[id(value)] = (key, value)
-    return {key: value.detach().cpu().contiguous().clone() for key, value in sorted(best.values(), key=lambda kv: kv[0])}
-
-
 def save(model: nn.Module, path: str | os.PathLike) -> int:
     """Write a model, its compressed layers packed, to a safetensors file.
 
@@ -113,7 +98,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> int:
     from safetensors.torch import save_file
 
     gens = generators(model)
-    tensors = {_STATE + k: v for k, v in _plain_state(model).items()}
+    tensors = {_STATE + k: v.detach().cpu().contiguous().clone() for k, v in plain_state(model).items()}
     layers: dict[str, Any] = {}
     for name, gen in gens.items():
         meta, packed = gen.pack()

@@ -11,8 +11,7 @@ from torch import nn
 
 from ..capture import as_input_tuple
 from ..report import mib
-from .apply import generators
-from .base import WeightGenerator
+from .apply import generators, plain_state
 from .layer import GeneratedConv2d, GeneratedLinear
 
 __all__ = ["LayerStorage", "StorageReport", "storage_table"]
@@ -167,22 +166,11 @@ def _macs_per_sample(model: nn.Module, example_inputs: Any) -> dict[str, tuple[i
     return found
 
 
-def _own_tensors(model: nn.Module, gens: dict[str, WeightGenerator]) -> tuple[int, int]:
-    """Bytes of parameters and of persistent buffers outside the generators, each tensor once."""
-    inside = tuple(f"{n}." for n in gens)
+def _own_tensors(model: nn.Module) -> tuple[int, int]:
+    """Bytes of the parameters and of the buffers outside the generators."""
     params = {id(p) for p in model.parameters()}
-    seen: set[int] = set()
-    p_bytes = b_bytes = 0
-    for key, t in model.state_dict(keep_vars=True).items():
-        if key.startswith(inside) or id(t) in seen:
-            continue
-        seen.add(id(t))
-        nbytes = t.numel() * t.element_size()
-        if id(t) in params:
-            p_bytes += nbytes
-        else:
-            b_bytes += nbytes
-    return p_bytes, b_bytes
+    sizes = [(id(t) in params, t.numel() * t.element_size()) for t in plain_state(model).values()]
+    return sum(n for is_param, n in sizes if is_param), sum(n for is_param, n in sizes if not is_param)
 
 
 def storage_table(model: nn.Module, example_inputs: Any = None) -> StorageReport:
@@ -217,7 +205,7 @@ def storage_table(model: nn.Module, example_inputs: Any = None) -> StorageReport
                 dense_macs=macs,
             )
         )
-    other_params, buffers = _own_tensors(model, gens)
+    other_params, buffers = _own_tensors(model)
     compressed_layers = {r.name for r in rows}
     dense = sum(m for name, (m, _) in ops.items() if name not in compressed_layers)
     return StorageReport(

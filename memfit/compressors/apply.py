@@ -16,7 +16,7 @@ from ..models import spec_of
 from .base import CompressConfig, Method, WeightGenerator
 from .layer import COMPRESSIBLE, GeneratedConv2d, GeneratedLinear, generated_layer
 
-__all__ = ["compress", "choose_layers", "generators", "canonical", "trace_compressed", "META_KEY"]
+__all__ = ["compress", "choose_layers", "generators", "canonical", "plain_state", "trace_compressed", "META_KEY"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,21 @@ def generators(model: nn.Module) -> dict[str, WeightGenerator]:
         if isinstance(m, WeightGenerator) and (id(m) not in best or canonical(name) < canonical(best[id(m)][0])):
             best[id(m)] = (name, m)
     return dict(sorted(best.values(), key=lambda item: canonical(item[0])))
+
+
+def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers of the modules outside the generators (a generator that
+    reads another layer's weight does not own it), each once, under its own path."""
+    inside = tuple(
+        f"{name}." for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, WeightGenerator)
+    )
+    best: dict[int, tuple[str, torch.Tensor]] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if key.startswith(inside) or not isinstance(value, torch.Tensor):
+            continue
+        if id(value) not in best or canonical(key) < canonical(best[id(value)][0]):
+            best[id(value)] = (key, value)
+    return dict(sorted(best.values(), key=lambda kv: kv[0]))
 
 
 def _execution_order(model: nn.Module, leaves: list) -> list[str]:
