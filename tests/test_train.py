@@ -82,6 +82,17 @@ def assert_same_parameters(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{key} differs")
 
 
+def _feasible_minimum_mb(train, argv: list[str]) -> float:
+    """The least budget memfit can plan the script's model for (at tiny shapes kernel workspaces
+    hold much of the peak, so a fixed fraction of it may be out of reach on some machines)."""
+    args = train._resolve_defaults(train.build_parser().parse_args(argv))
+    data = train.load_data(args)
+    model = train.create_model(args, data.num_classes)
+    with pytest.raises(memfit.MemfitBudgetError) as err:
+        memfit.optimize(model, 1e-6, data.x_train[: args.batch_size], optimizer=train.optimizer_factory(args))
+    return err.value.minimum_mb
+
+
 # ------------------------------------------------------------------------------ single process
 
 
@@ -92,7 +103,7 @@ def test_planned_resnet_on_digits_matches_the_unplanned_one(train, tmp_path, cap
               "--optimizer", "adam", "--lr", "0.01", "--progress", "none"]
     assert train.main([*common, "--out", str(tmp_path / "plain")]) == 0
     plain = metrics(tmp_path / "plain")
-    budget = 0.9 * plain["memory"]["predicted_peak_mb"]
+    budget = 0.5 * (plain["memory"]["predicted_peak_mb"] + _feasible_minimum_mb(train, common))
     assert train.main([*common, "--budget-mb", f"{budget:.4f}", "--out", str(tmp_path / "planned")]) == 0
     printed = capsys.readouterr().out
     assert "Peak before -> after (MiB, predicted)" in printed

@@ -261,6 +261,10 @@ class MLGGenerator(WeightGenerator):
             )
         bo, bi = self.base_out, self.base_in
         target = weight.detach().to(torch.float64).reshape(self.out_channels, self.in_channels, -1)
+        if not target.any():  # the least squares are singular; zero codes are exact
+            for name in self.bits:
+                self._set_code(name, torch.zeros(getattr(self, name).shape, dtype=torch.float64), torch.zeros(()))
+            return self
         v = torch.linalg.svd(target.flatten(1), full_matrices=False)[0][:, :bo]
         kernels = (v.t() @ target.flatten(1)).reshape(bo, self.in_channels, -1)
         p, s, b = torch.linalg.svd(kernels, full_matrices=False)
