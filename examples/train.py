@@ -72,26 +72,24 @@ Distributed data parallel
     Under ``torchrun --nproc_per_node=N`` every process trains a replica wrapped in
     ``DistributedDataParallel(model, gradient_as_bucket_view=True)`` (gloo on CPU, nccl on CUDA,
     one GPU per process) on its ``DistributedSampler`` shard; ``--batch-size`` is per process.
-    Gradients are views into DDP's communication buckets, so there is no second copy of them; but
-    the buckets stay allocated for the whole step, while memfit's step model holds gradients only
-    from the backward on. The budget is per process: the module is planned (unwrapped, before
-    wrapping) for ``--budget-mb`` minus the bucket bytes, which bounds the real step, and every
-    rank checks that it got the same plan. Rank 0 alone prints and writes files.
+    Gradients are views into DDP's communication buckets, allocated once and alive for the whole
+    step. The budget is per process: the module is planned (before wrapping) with
+    ``parallel=memfit.Parallel("ddp", world_size)``, whose cost model holds the buckets, and
+    wrapped by ``memfit.distributed.wrap``; every rank checks that it got the same plan. On CPU
+    the measured peak at the end is one step of a DDP-wrapped copy on every process (the
+    largest). Rank 0 alone prints and writes files.
 
 Fully sharded data parallel (not wired into this script)
-    To shard parameters, gradients and optimizer state, apply ``fully_shard`` from
-    ``torch.distributed.fsdp`` (FSDP2) to each block of the planned module, then to the module
-    itself, before creating the optimizer (a sketch, not run by the tests)::
+    To shard parameters, gradients and optimizer state, plan with
+    ``memfit.Parallel("fsdp", world_size, units=...)`` (units: the blocks to shard one by one)
+    and wrap with ``memfit.distributed.wrap``, before creating the optimizer::
 
-        from torch.distributed.fsdp import fully_shard
-        for block in (planned.layer1, planned.layer2, planned.layer3, planned.layer4):
-            fully_shard(block)
-        fully_shard(planned)
+        parallel = memfit.Parallel("fsdp", dist.get_world_size(), units=("layer1.0", "layer1.1"))
+        planned = memfit.optimize(net, budget_mb, x, optimizer="adam", parallel=parallel)
+        planned = memfit.distributed.wrap(planned, parallel)
 
-    memfit's budget does not account for sharding yet: its cost model counts whole parameters,
-    gradients and optimizer state on every process, so its prediction is an upper bound under
-    FSDP (roughly, those three shrink by the world size, while FSDP adds the all-gathered
-    parameters of the blocks in flight).
+    A planned module calls its layers, not its blocks, so ``fully_shard(block)`` alone would never
+    run; ``wrap`` shards each unit's layers together (``benchmarks/parallel.py`` measures it).
 
 Reproducibility
     The model is initialised from ``--seed`` and planning does not touch the global RNG, so a
@@ -103,6 +101,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -128,8 +127,10 @@ from memfit.cli import load_model
 from memfit.compressors import generators, list_methods
 from memfit.compressors.ternary import freeze_assignment_, ternary_generators
 from memfit.errors import MemfitError, MemfitInputError
+from memfit.measurement import measure_wrapped_step
 from memfit.planner import STRATEGIES
 from memfit.plot import plot_plan
+from memfit.trainstep import StepConfig
 
 __all__ = ["main", "build_parser"]
 
@@ -394,10 +395,6 @@ def optimizer_factory(args: argparse.Namespace) -> Callable[[Sequence[nn.Paramet
     return lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd)
 
 
-def _trainable_bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
-
-
 def _load_init(model: nn.Module, path: str) -> None:
     """Weights from an earlier run's checkpoint.pt or a plain state dict."""
     try:
@@ -422,8 +419,7 @@ class Prepared:
     plan: Any  # memfit Plan: printable, levels for the plot
     planned: bool
     budget_mb: float | None  # the budget given (resolved from a percentage)
-    planner_budget_mb: float | None  # what the planner was given (minus DDP's buckets)
-    bucket_bytes: int  # gradients held in DDP's buckets all step (0 without DDP)
+    parallel: memfit.Parallel | None  # DDP under torchrun: the plan is per process, buckets included
     planning_s: float
 
 
@@ -444,38 +440,33 @@ def prepare(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, ctx: Co
     net = model
     if args.compress not in (None, "auto"):
         net = memfit.compress(model, args.compress)
-    bucket = _trainable_bytes(net) if ctx.distributed else 0
+    parallel = memfit.Parallel("ddp", ctx.world) if ctx.distributed else None
     factory = optimizer_factory(args)
 
     def plan(budget_mb: float, strategy: str) -> nn.Module:
         compress = "auto" if args.compress == "auto" else None
         with torch.random.fork_rng(devices=[ctx.device.index] if ctx.device.type == "cuda" else []):
             return memfit.optimize(net, budget_mb, x, optimizer=factory, amp=args.amp, strategy=strategy,
-                                   compress=compress)
+                                   compress=compress, parallel=parallel)
 
     if args.budget_mb is None:
         unplanned = plan(UNBOUNDED_MB, "auto")
         unplanned.plan.budget_bytes = None
-        return Prepared(net, unplanned.plan, False, None, None, bucket, time.perf_counter() - started)
+        return Prepared(net, unplanned.plan, False, None, parallel, time.perf_counter() - started)
     value, relative = args.budget_mb
     budget = value
     if relative:
         budget = value * plan(UNBOUNDED_MB, "auto").plan.peak_before_bytes / MiB
-    planner_budget = budget - bucket / MiB
-    if planner_budget <= 0:
-        raise MemfitInputError(
-            f"--budget-mb {budget:.2f} MiB per process cannot hold even DDP's gradient buckets ({bucket / MiB:.2f} MiB)"
-        )
-    planned = plan(planner_budget, args.strategy)
+    planned = plan(budget, args.strategy)
     if ctx.distributed:  # every replica must run the same plan over the same parameters
         signatures = _gather(ctx, _plan_signature(planned, planned.plan))
         if len(set(signatures)) > 1:
             strategy = _gather(ctx, planned.plan.strategy)[0]
             if not ctx.main:
-                planned = plan(planner_budget, strategy)
+                planned = plan(budget, strategy)
             if len(set(_gather(ctx, _plan_signature(planned, planned.plan)))) > 1:
                 raise MemfitError("the processes planned the model differently; pass --strategy explicitly")
-    return Prepared(planned, planned.plan, True, budget, planner_budget, bucket, time.perf_counter() - started)
+    return Prepared(planned, planned.plan, True, budget, parallel, time.perf_counter() - started)
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -773,7 +764,6 @@ def _plan_summary(prep: Prepared) -> dict[str, Any]:
         "planned": prep.planned,
         "strategy": plan.strategy,
         "budget_mb": prep.budget_mb,
-        "planner_budget_mb": prep.planner_budget_mb,
         "predicted_peak_before_mb": plan.peak_before_bytes / MiB,
         "predicted_peak_after_mb": plan.peak_after_bytes / MiB,
         "extra_flops_percent": plan.extra_flops_percent,
@@ -839,12 +829,8 @@ class Trainer:
         if prep.planned and args.budget_mb[1]:
             ctx.log(f"Budget {args.budget_mb[0] * 100:g}% of the unplanned predicted peak: {prep.budget_mb:.2f} MiB")
         if ctx.distributed:
-            planner = ("" if prep.planner_budget_mb is None else
-                       f"; the planner was given the budget minus them, {prep.planner_budget_mb:.2f} MiB")
-            ctx.log(f"DDP: gradients are views into DDP's buckets (gradient_as_bucket_view=True, no second copy), "
-                    f"which hold {prep.bucket_bytes / MiB:.2f} MiB for the whole step{planner}; predicted peak per "
-                    f"process with the buckets: at most "
-                    f"{(prep.plan.peak_after_bytes + prep.bucket_bytes) / MiB:.2f} MiB")
+            ctx.log(f"DDP, {ctx.world} processes: figures are per process; gradients are views into DDP's buckets "
+                    f"(gradient_as_bucket_view=True), which the predicted peak holds for the whole step")
         if ctx.main:
             plot_plan(prep.plan, self.out / MEMORY_PNG)
 
@@ -897,10 +883,8 @@ class Trainer:
             torch.manual_seed(args.seed + 1)  # the training's own RNG (dropout): planning cannot shift it
         net: nn.Module = module
         if ctx.distributed:
-            net = nn.parallel.DistributedDataParallel(
-                module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                gradient_as_bucket_view=True,
-            )
+            net = memfit.distributed.wrap(module, self.prep.parallel,
+                                          device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
         reached_max = lambda: args.max_steps is not None and progress.step >= args.max_steps  # noqa: E731
@@ -1005,19 +989,22 @@ class Trainer:
         if ctx.device.type == "cuda":
             measured = torch.cuda.max_memory_allocated(ctx.device) / MiB
             how = "torch.cuda.max_memory_allocated over the training steps"
+        elif ctx.distributed:  # every process measures a wrapped copy: DDP's construction is collective
+            with torch.random.fork_rng(devices=[]):
+                replica = memfit.distributed.wrap(copy.deepcopy(self.module), self.prep.parallel)
+                peak, _ = measure_wrapped_step(replica, (self.x_example,), StepConfig(optimizer=self.factory, amp=args.amp))
+            measured = max(_gather(ctx, peak / MiB))
+            how = "one real step of a DDP-wrapped copy on every process, allocator level (profiler), the largest"
         elif ctx.main:
             with torch.random.fork_rng(devices=[]):
                 measured = memfit.measure(self.module, self.x_example, optimizer=self.factory, amp=args.amp).peak_mb
             how = "memfit.measure: one real step on a copy of the module, allocator level"
-            if ctx.distributed:
-                how += ", without DDP's buckets"
         digests = _gather(ctx, _digest(self.module)) if ctx.distributed else None
         if not ctx.main:
             return
         files = {p.name: p.stat().st_size for p in (out / CHECKPOINT, out / PACKED, out / TRAIN_STATE) if p.exists()}
         plot_curves(progress, max(1, self.batches_per_epoch), out / CURVES_PNG)
         last = progress.history[-1] if progress.history else {}
-        bucket_mb = prep.bucket_bytes / MiB
         metrics = {
             "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
             "device": str(ctx.device),
@@ -1028,9 +1015,8 @@ class Trainer:
             "plan": _plan_summary(prep),
             "memory": {
                 "predicted_peak_mb": predicted,
-                "predicted_how": "memfit dry run of one step (the planned step when planned)",
-                "ddp_bucket_mb": bucket_mb,
-                "predicted_peak_with_ddp_buckets_mb": predicted + bucket_mb if ctx.distributed else None,
+                "predicted_how": ("memfit dry run of one step (the planned step when planned)"
+                                  + (", per DDP process, buckets included" if ctx.distributed else "")),
                 "measured_peak_mb": measured,
                 "measured_how": how,
             },
@@ -1057,7 +1043,7 @@ class Trainer:
 
         print()
         print(f"Peak of a training step (MiB, predicted): {predicted:.2f}"
-              + (f" (+{bucket_mb:.2f} of DDP buckets)" if ctx.distributed else ""))
+              + (" (per DDP process, buckets included)" if ctx.distributed else ""))
         if measured is not None:
             print(f"Peak of a training step (MiB, measured):  {measured:.2f}  [{how}]")
         if last:

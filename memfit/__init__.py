@@ -8,17 +8,19 @@ Example:
 
 from __future__ import annotations
 
-from . import compressors, models
+from . import compressors, distributed, models
 from .api import estimate, measure
 from .compressors import compress
 from .errors import MemfitBudgetError, MemfitError, MemfitInputError, MemfitTraceError
 from .fit import optimize
+from .parallel import Parallel
 from .report import MemoryReport
 from .serialize import load, save
 
 __all__ = [
     "compress",
     "compressors",
+    "distributed",
     "load",
     "save",
     "estimate",
@@ -26,6 +28,7 @@ __all__ = [
     "optimize",
     "MemfitBudgetError",
     "MemoryReport",
+    "Parallel",
     "MemfitError",
     "MemfitInputError",
     "MemfitTraceError",

@@ -11,6 +11,7 @@ from .capture import LeafSpec, as_input_tuple, capture, check_model
 from .compressors import generators, storage_table
 from .graph import MemGraph
 from .measurement import measure_step
+from .parallel import Parallel
 from .report import LayerRow, MemoryReport
 from .timeline import Timeline
 from .trainstep import OptimizerSpec, StepConfig
@@ -24,13 +25,22 @@ def _config(optimizer: OptimizerSpec, amp: str | None, loss_fn: Callable[[Any], 
     return StepConfig(optimizer=optimizer, amp=amp, loss_fn=loss_fn)
 
 
-def report_from_graph(graph: MemGraph, model_name: str, sim: Timeline | None = None) -> MemoryReport:
+def report_from_graph(
+    graph: MemGraph,
+    model_name: str,
+    sim: Timeline | None = None,
+    *,
+    inner: MemGraph | None = None,
+    parallel: Parallel | None = None,
+) -> MemoryReport:
     """The predicted MemoryReport of a captured (and calibrated) MemGraph.
 
-    ``sim`` is its simulated timeline when the caller has one that knows more (a planned
-    model's, with the workspaces of the nodes inside its segments).
+    ``sim`` is its simulated timeline when the caller has one; ``inner`` is the original
+    model's graph for a planned model (it knows the nodes inside its segments); under
+    ``parallel`` the figures are one process's.
     """
-    sim = sim or costmodel.simulate(graph)
+    sim = sim or costmodel.simulate(graph, inner, parallel)
+    step = costmodel.process_step(graph, inner, parallel)
     layers = [
         LayerRow(
             name=info.module_path or info.name,
@@ -48,13 +58,13 @@ def report_from_graph(graph: MemGraph, model_name: str, sim: Timeline | None = N
     return MemoryReport(
         source="predicted",
         model=model_name,
-        description=graph.description,
+        description=graph.description + (f", {parallel.describe()}" if parallel else ""),
         batch_size=graph.batch_size,
-        parameters_bytes=graph.baseline_bytes("parameter"),
-        buffers_bytes=graph.baseline_bytes("buffer"),
-        inputs_bytes=graph.baseline_bytes("input"),
-        gradients_bytes=graph.allocated_bytes("gradient"),
-        optimizer_bytes=graph.baseline_bytes("optimizer"),
+        parameters_bytes=step.baseline_bytes("parameter"),
+        buffers_bytes=step.baseline_bytes("buffer"),
+        inputs_bytes=step.baseline_bytes("input"),
+        gradients_bytes=step.held_at_end("gradient"),
+        optimizer_bytes=step.baseline_bytes("optimizer"),
         activations_bytes=graph.allocated_bytes("activation"),
         peak_bytes=sim.peak_bytes,
         tensor_peak_bytes=sim.tensor_peak_bytes,
@@ -84,6 +94,7 @@ def estimate(
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     leaf_modules: Iterable[type[torch.nn.Module] | str] = (),
     calibrate: bool = True,
+    parallel: Parallel | None = None,
 ) -> MemoryReport:
     """Predict the memory of one training step without allocating it.
 
@@ -100,6 +111,8 @@ def estimate(
         loss_fn: Output -> scalar loss; cross-entropy on the last dimension by default.
         leaf_modules: Module types or qualified names torch.fx should not trace into.
         calibrate: Measure kernel workspaces on small real layers (the allocator-level term).
+        parallel: DDP or FSDP (:class:`memfit.Parallel`): the figures are then one process's,
+            with ``example_inputs`` its batch.
 
     Returns:
         A predicted MemoryReport; ``print`` it for the per-layer table.
@@ -116,7 +129,7 @@ def estimate(
     graph = capture(model, example_inputs, config, leaf_modules=leaf_modules)
     if calibrate:
         workspace.calibrate(graph, model, as_input_tuple(example_inputs), config, leaf_modules=leaf_modules)
-    return with_storage(report_from_graph(graph, type(model).__name__), model)
+    return with_storage(report_from_graph(graph, type(model).__name__, parallel=parallel), model)
 
 
 def measure(

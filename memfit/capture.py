@@ -379,9 +379,35 @@ def capture(
             except _NodeFailure as f:
                 raise _explain(f, gm, inputs) from f.error
             grads = {tracker.sid_of(p.grad) for p in params if p.grad is not None}
+            owners = _owners(gm, rec.param_names, optimizer, tracker)
             tracker.stop()
         del output
-    return _assemble(gm, rec, tracker, grads, inputs, config, device)
+    graph = _assemble(gm, rec, tracker, grads, inputs, config, device)
+    graph.owners = owners
+    graph.param_shapes = {rec.param_names[id(p)]: (tuple(p.shape), p.element_size()) for p in gm.parameters()}
+    return graph
+
+
+def _owners(
+    gm: fx.GraphModule, names: dict[int, str], optimizer: torch.optim.Optimizer | None, tracker: _CountingTracker
+) -> dict[int, str]:
+    """The parameter each parameter, gradient and per-element optimizer-state storage belongs to.
+
+    Data parallelism shards exactly these (FSDP), or moves gradients into buckets (DDP); state
+    that is not shaped like its parameter (Adam's step count) stays whole. Names are the ones
+    the nodes' ``params`` use (``names``: a tied parameter has one).
+    """
+    owners: dict[int, str] = {}
+    for p in gm.parameters():
+        name = names[id(p)]
+        related = [p] + ([p.grad] if p.grad is not None else [])
+        if optimizer is not None:
+            related += [t for t in tensors_in(optimizer.state.get(p, {})) if t.shape == p.shape]
+        for t in related:
+            sid = tracker.sid_of(t)
+            if sid is not None:
+                owners[sid] = name
+    return owners
 
 
 def _assemble(

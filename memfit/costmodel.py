@@ -2,19 +2,36 @@
 
 The step is replayed event by event from the graph's storage log (exact at the dispatcher), and
 each node adds the allocator-only workspace its kernels need while it runs (``workspace_fwd`` /
-``workspace_bwd``, calibrated by :mod:`memfit.workspace`). The result says where the peak falls
+``workspace_bwd``, calibrated by :mod:`memfit.workspace`). Under data parallelism the step is
+first rewritten into one process's (:mod:`memfit.parallel`). The result says where the peak falls
 and what holds it up.
 """
 
 from __future__ import annotations
 
 from .graph import MemGraph
+from .parallel import Parallel, Step, distribute
 from .timeline import Timeline, replay
 
-__all__ = ["simulate"]
+__all__ = ["simulate", "process_step"]
 
 
-def simulate(graph: MemGraph, inner: MemGraph | None = None) -> Timeline:
+def process_step(graph: MemGraph, inner: MemGraph | None = None, parallel: Parallel | None = None) -> Step:
+    """One process's step of a captured graph (the graph's own step without ``parallel``).
+
+    ``inner`` names the parameters of the nodes inside a planned model's segments.
+    """
+
+    def node_params(node: str) -> tuple[str, ...]:
+        for g in (graph, inner):
+            if g is not None and node in g.dag:
+                return g.info(node).params
+        return ()
+
+    return distribute(graph, parallel, node_params)
+
+
+def simulate(graph: MemGraph, inner: MemGraph | None = None, parallel: Parallel | None = None) -> Timeline:
     """Predict the memory timeline of the step a MemGraph describes.
 
     Args:
@@ -23,6 +40,7 @@ def simulate(graph: MemGraph, inner: MemGraph | None = None) -> Timeline:
             checkpointed segments carry the original node names, whose workspaces it knows.
             A recomputation runs forward kernels during backward, so there the larger of a
             node's two workspaces counts.
+        parallel: DDP or FSDP: the timeline of one process.
 
     Returns:
         The predicted Timeline: peak, where it falls, bytes per category at the peak.
@@ -37,4 +55,5 @@ def simulate(graph: MemGraph, inner: MemGraph | None = None) -> Timeline:
             return {"forward": info.workspace_fwd, "backward": max(info.workspace_fwd, info.workspace_bwd)}.get(phase, 0)
         return 0
 
-    return replay(graph.baseline.values(), graph.events, graph.category_of, workspace)
+    step = process_step(graph, inner, parallel)
+    return replay(step.baseline, step.events, step.category_of, workspace)

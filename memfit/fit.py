@@ -22,6 +22,7 @@ from .api import report_from_graph, with_storage
 from .capture import as_input_tuple, capture, check_model, graph_of
 from .errors import MemfitBudgetError, MemfitInputError
 from .graph import MemGraph
+from .parallel import Parallel
 from .planner import STRATEGIES, Chain, Plan, Spans
 from .planner.rewrite import rewrite
 from .report import Comparison, MiB, mib
@@ -55,6 +56,7 @@ def optimize(
     leaf_modules: Iterable[type[torch.nn.Module] | str] = (),
     time_limit_s: float = 60.0,
     compress: str | None = None,
+    parallel: Parallel | None = None,
 ) -> fx.GraphModule:
     """A module that trains like ``model`` and whose training step peaks at most ``budget_mb``.
 
@@ -77,6 +79,8 @@ def optimize(
             first, only when recomputation alone cannot reach the budget; the plan's notes say
             which and why. The result is then a compressed copy (see :func:`memfit.compress`):
             its compact parameters are new, the rest are copies of the model's.
+        parallel: DDP or FSDP (:class:`memfit.Parallel`): ``budget_mb`` is then per process and
+            ``example_inputs`` one process's batch; wrap the result as the Parallel says.
 
     Returns:
         An ``fx.GraphModule`` with ``.plan`` (print it for the table) and ``.report``
@@ -102,7 +106,7 @@ def optimize(
         raise MemfitInputError(f"budget_mb must be a positive number of MiB, got {budget_mb!r}")
     inputs = as_input_tuple(example_inputs)
     leaves = list(leaf_modules)
-    plan_for = lambda net: _fit(net, budget_mb, inputs, config, names, leaves, started + time_limit_s)  # noqa: E731
+    plan_for = lambda net: _fit(net, budget_mb, inputs, config, names, leaves, started + time_limit_s, parallel)  # noqa: E731
     try:
         planned = plan_for(model)
     except MemfitBudgetError as err:
@@ -122,6 +126,7 @@ def _fit(
     names: Sequence[str],
     leaves: list,
     deadline: float,
+    parallel: Parallel | None,
 ) -> fx.GraphModule:
     """Plan, enact and verify for one model (see :func:`optimize`)."""
     graph = capture(model, inputs, config, leaf_modules=leaves)
@@ -131,29 +136,32 @@ def _fit(
     _check_names(chain, gm)
     budget = int(budget_mb * MiB)
     room = budget - math.ceil(budget * MARGIN)  # what a verified prediction may reach
-    before = report_from_graph(graph, type(model).__name__)
+    before = report_from_graph(graph, type(model).__name__, parallel=parallel)
+    # The chain prices plans as one process alone; data parallelism moves every plan's peak by
+    # about what it moves the unplanned one's, and verification corrects the rest.
+    shift = costmodel.simulate(graph).peak_bytes - before.peak_bytes if parallel else 0
 
     def verify(spans: Spans, name: str) -> Verified:
         plan = Plan(segments=chain.to_segments(spans), strategy=name, budget_bytes=budget)
         planned = rewrite(model, gm, plan)
         vgraph = capture(planned, inputs, config)
         _carry_workspace(graph, vgraph)
-        return planned, plan, vgraph, costmodel.simulate(vgraph, inner=graph)
+        return planned, plan, vgraph, costmodel.simulate(vgraph, inner=graph, parallel=parallel)
 
     if before.peak_bytes <= room:
         result = verify([(0, chain.m, "plain")], "none")
     else:
-        result = _search(chain, names, room, verify, deadline)
+        result = _search(chain, names, room, shift, verify, deadline)
         if result is None:
             result = _at_minimum(chain, names, budget, room, verify, before)
     planned, plan, vgraph, timeline = result
-    after = report_from_graph(vgraph, type(model).__name__, timeline)
+    after = report_from_graph(vgraph, type(model).__name__, timeline, inner=graph, parallel=parallel)
     plan.peak_before_bytes = before.peak_bytes
     plan.peak_after_bytes = timeline.peak_bytes
     plan.activations_before_bytes = _held_into_backward(graph)
     plan.activations_after_bytes = _held_into_backward(vgraph)
     plan.forward_flops = chain.forward_flops
-    plan.levels_before = [(phase, level) for phase, _, level in costmodel.simulate(graph).levels]
+    plan.levels_before = [(phase, level) for phase, _, level in costmodel.simulate(graph, parallel=parallel).levels]
     plan.levels_after = [(phase, level) for phase, _, level in timeline.levels]
     planned.plan = plan
     planned.report = Comparison(before=with_storage(before, model), after=with_storage(after, model))
@@ -241,6 +249,7 @@ def _search(
     chain: Chain,
     names: Sequence[str],
     budget: int,
+    shift: int,
     verify: Callable[[Spans, str], Verified],
     deadline: float,
 ) -> Verified | None:
@@ -251,7 +260,7 @@ def _search(
     ``names`` run from the richest strategy down (selective's choices include dp's, dp is optimal
     where chen is greedy), so a strategy's plan costs at least its predecessor's and is made only
     when that bound is reached: usually one plan and one dry run. Past ``deadline`` no further
-    strategy is started.
+    strategy is started. ``shift`` is added to the budget for the chain's own (one-process) prices.
     """
     # (cost or its lower bound, strategy index, round, tie-break, target, spans or None: not planned)
     heap: list[tuple[int, int, int, int, int, Spans | None]] = []
@@ -260,7 +269,7 @@ def _search(
     def push(bound: int, i: int, rnd: int, target: int, spans: Spans | None) -> None:
         heapq.heappush(heap, (bound, i, rnd, next(pushes), target, spans))
 
-    push(0, 0, 0, budget, None)
+    push(0, 0, 0, budget + shift, None)
     excesses: dict[tuple, int] = {}
     while heap:
         bound, i, rnd, _, target, spans = heapq.heappop(heap)
@@ -270,7 +279,7 @@ def _search(
                 bound = chain.cost(spans)
                 push(bound, i, rnd, target, spans)
             if rnd == 0 and i + 1 < len(names) and time.perf_counter() < deadline:
-                push(bound, i + 1, 0, budget, None)
+                push(bound, i + 1, 0, budget + shift, None)
             continue
         key = tuple(spans)
         if key not in excesses:

@@ -78,6 +78,9 @@ class MemGraph:
         batch_size: Leading dimension of the first example input.
         device: Device type of the parameters.
         description: The step configuration, as text (optimizer, precision).
+        owners: Parameter name of every parameter, gradient and parameter-shaped optimizer-state
+            storage: sid -> qualified name.
+        param_shapes: Shape and element size of every parameter, by qualified name.
     """
 
     dag: nx.DiGraph
@@ -89,6 +92,8 @@ class MemGraph:
     batch_size: int
     device: str
     description: str
+    owners: dict[int, str] = field(default_factory=dict)
+    param_shapes: dict[str, tuple[tuple[int, ...], int]] = field(default_factory=dict)
 
     def info(self, name: str) -> NodeInfo:
         """The NodeInfo of a node."""

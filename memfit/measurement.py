@@ -15,7 +15,7 @@ import re
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -27,7 +27,7 @@ from .trainstep import StepConfig, init_optimizer_state, make_optimizer, run_ste
 
 _KINETO_LINE = re.compile(rb"ActivityProfiler\w*\.cpp:\d+\] profiler_(start|stop)")
 
-__all__ = ["StepMeasurement", "measure_step", "allocator_levels", "memory_profile"]
+__all__ = ["StepMeasurement", "measure_step", "measure_wrapped_step", "allocator_levels", "memory_profile"]
 
 
 @dataclass
@@ -176,6 +176,68 @@ def measure_step(
         gradients_bytes=grads,
         optimizer_bytes=baseline["optimizer"],
     )
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor (an FSDP parameter is a DTensor)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    storages = {}
+    for t in tensors:
+        s = _local(t).untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values())
+
+
+def measure_wrapped_step(
+    module: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    config: StepConfig,
+    *,
+    warmup: int = 3,
+) -> tuple[int, dict[str, int]]:
+    """The allocator-level peak of one process's step of a DDP- or FSDP-wrapped module (CPU).
+
+    Unlike :func:`measure_step` this trains ``module`` itself (``warmup`` steps, then the
+    measured one; DDP rebuilds its buckets on the second), since a wrapped module cannot be
+    copied. Gradients are set to None after every step, as ``zero_grad()`` does.
+
+    Returns:
+        The peak and the peak per phase, in bytes: what was alive before the step (this
+        process's parameters, buffers, inputs, optimizer state and DDP's buckets, as DDP reports
+        them) plus the most the profiler saw the step add.
+    """
+    params = unique_trainable(module.parameters())
+    optimizer = make_optimizer(config.optimizer, params)
+    device = _local(params[0]).device.type
+
+    def step(on_phase: Callable[[str, str], None]) -> None:
+        run_step(lambda: module(*inputs), config, device, optimizer, on_phase)
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            module.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step(lambda phase, node: None)
+    start = _storage_bytes([*module.parameters(), *module.buffers(), *inputs])
+    if optimizer is not None:
+        start += _storage_bytes([t for s in optimizer.state.values() for t in tensors_in(s)])
+    logging_data = getattr(module, "_get_ddp_logging_data", None)
+    if logging_data is not None:
+        start += sum(int(b) for b in re.findall(r"\d+", str(logging_data().get("rebuilt_bucket_sizes", ""))))
+    gc.collect()
+
+    def on_phase(phase: str, node: str) -> None:
+        with torch.profiler.record_function(f"memfit::{phase}"):
+            pass
+
+    with memory_profile() as prof:
+        step(on_phase)
+    added, _, phase_peaks = allocator_levels(prof)
+    return start + added, {k: start + v for k, v in phase_peaks.items()}
 
 
 def _tracked(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 
 import pytest
@@ -32,6 +33,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "zoo" in item.keywords:
             item.add_marker(skip)
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a torchrun job's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def zoo_case(name: str) -> tuple[torch.nn.Module, torch.Tensor]:

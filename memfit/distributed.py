@@ -1,0 +1,70 @@
+"""Wrap a model for data parallelism the way memfit's cost model assumes (:class:`memfit.Parallel`).
+
+A planned model is an fx GraphModule: its forward calls the leaf modules (convolutions, norms,
+linears) directly and never the blocks that held them, so ``fully_shard(block)`` would never
+see its block run. An FSDP unit is therefore the group of the leaf modules under the unit's
+name, sharded together (``fully_shard([...])``), and the root takes the rest. The same wrapping
+works for an unplanned model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import MemfitInputError
+from .parallel import Parallel
+
+__all__ = ["wrap"]
+
+
+def _leaves_with_parameters(module: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
+
+
+def wrap(module: torch.nn.Module, parallel: Parallel, **kwargs: Any) -> torch.nn.Module:
+    """Apply DDP or FSDP (FSDP2's ``fully_shard``) to ``module`` as ``parallel`` describes.
+
+    The default process group must be initialised (``torch.distributed.init_process_group``),
+    with ``parallel.world_size`` processes.
+
+    Args:
+        module: The model, planned or not, on this process's device.
+        parallel: What memfit planned for.
+        kwargs: Passed on to ``DistributedDataParallel`` (DDP) or to each ``fully_shard`` call.
+
+    Returns:
+        The DDP wrapper (gradients as views of its buckets, as memfit assumes) or ``module``
+        itself, sharded in place.
+
+    Example (run under ``torchrun --nproc_per_node=2``)::
+
+        parallel = memfit.Parallel("fsdp", world_size=2, units=("layer1.0", "layer1.1"))
+        planned = memfit.optimize(net, 300, x, optimizer="adam", parallel=parallel)
+        planned = memfit.distributed.wrap(planned, parallel)
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise MemfitInputError("torch.distributed is not initialised; call init_process_group first (torchrun sets it up)")
+    if dist.get_world_size() != parallel.world_size:
+        raise MemfitInputError(
+            f"memfit planned for {parallel.world_size} processes but the process group has {dist.get_world_size()}; "
+            "plan with Parallel(world_size=torch.distributed.get_world_size())"
+        )
+    if parallel.kind == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, **{"gradient_as_bucket_view": True, **kwargs})
+    from torch.distributed.fsdp import fully_shard
+
+    claimed: set[int] = set()
+    # innermost units first: a leaf belongs to the innermost unit that holds it, as in the cost model
+    for name in sorted(parallel.unit_names(n for n, _ in module.named_parameters()), key=lambda u: -u.count(".")):
+        leaves = [m for m in _leaves_with_parameters(module.get_submodule(name)) if id(m) not in claimed]
+        claimed.update(map(id, leaves))
+        if leaves:
+            fully_shard(leaves, **kwargs)
+    fully_shard(module, **kwargs)
+    return module
