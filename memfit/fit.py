@@ -299,14 +299,16 @@ def _at_minimum(chain: Chain, names: Sequence[str], budget: int, room: int, veri
     best = min(results, key=lambda r: r[3].peak_bytes)
     if best[3].peak_bytes <= room:
         return best
-    least = best[3].peak_bytes
+    # recomputation can raise a peak it cannot lower (weights' gradients at the end of backward):
+    # then the least is the model as it is
+    least, how = min((best[3].peak_bytes, f"with strategy {best[1].strategy}"), (before.peak_bytes, "unplanned"))
     minimum = math.ceil((least + 1) / (1 - MARGIN))  # the least budget whose room holds that peak
     floor = (
         before.parameters_bytes + before.buffers_bytes + before.inputs_bytes + before.gradients_bytes + before.optimizer_bytes
     )
     raise MemfitBudgetError(
         f"no plan fits {mib(budget):.2f} MiB: the feasible minimum is {mib(minimum):.2f} MiB (predicted: the "
-        f"least peak, {mib(least):.2f} MiB with strategy {best[1].strategy}, and a {100 * MARGIN:g}% margin). Parameters {mib(before.parameters_bytes):.2f} + gradients "
+        f"least peak, {mib(least):.2f} MiB {how}, and a {100 * MARGIN:g}% margin). Parameters {mib(before.parameters_bytes):.2f} + gradients "
         f"{mib(before.gradients_bytes):.2f} + optimizer state {mib(before.optimizer_bytes):.2f} + buffers and "
         f"inputs {mib(before.buffers_bytes + before.inputs_bytes):.2f} = {mib(floor):.2f} MiB are held whatever is "
         "recomputed. Raise the budget, lower the batch size, use a lighter optimizer, or shrink the weights "
