@@ -13,13 +13,14 @@ meas (measured on real tensors) or given (an input of the benchmark).
 4. depth  activation memory at the feasible minimum vs unplanned for DenseNet-BC of growing depth,
           and for resnet152 and densenet264 (--depth-study).
 5. speed  wall time of memfit.optimize for resnet152 at batch 64, 224x224, each run in a fresh
-          process, with an empty workspace cache (cold) and again with the cache it left (warm).
+          process, with an empty workspace cache (cold) and again with the cache it left (warm);
+          the median and the fastest of --speed-repeats such pairs.
 
     .venv/bin/python benchmarks/planner.py --quick                    # about a minute
     .venv/bin/python benchmarks/planner.py                            # main, peers, milp
     .venv/bin/python benchmarks/planner.py --models resnet50 gpt --batch 16 --levels 50
     .venv/bin/python benchmarks/planner.py --parts depth --depths 40 76 100
-    .venv/bin/python benchmarks/planner.py --parts speed               # about two minutes
+    .venv/bin/python benchmarks/planner.py --parts speed               # about three minutes
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ DEPTH_BATCH, DEPTH_INPUT = 4, "3x32x32"
 SPEED_MODELS, SPEED_BATCH, SPEED_INPUT = ["resnet152"], 64, "3x224x224"
 SPEED_STRATEGIES = ["dp", "selective", "chen", "auto"]
 SPEED_BUDGET = 0.4  # of the unplanned predicted peak
+# Cold/warm pairs per strategy: on a shared two-core machine one run's time says more about the
+# neighbours (two intra-op threads stall whenever another process takes a core) than about memfit.
+SPEED_REPEATS = 3
 # optimize() takes MiB and rounds down to bytes; a byte of slack keeps "the minimum" feasible.
 EPS_MB = 1.0 / MiB
 
@@ -800,15 +804,16 @@ def depth_study(depths: list[int], big_models: list[str], batch: int, shape: str
 # --------------------------------------------------------------------------------------------
 
 
-def planning_speed(models: list[str], batch: int, shape: str, strategies: list[str]) -> None:
+def planning_speed(models: list[str], batch: int, shape: str, strategies: list[str], repeats: int) -> None:
     """memfit.optimize's wall time in fresh processes, with an empty and with a filled cache."""
     section(f"5. Planning time: memfit.optimize at {100 * SPEED_BUDGET:.0f}% of the unplanned peak, batch {batch} at {shape}")
     print("Each run is a new process. import: `import memfit` (torch, torch._dynamo); plan: the optimize")
     print("call (capture, calibration, planning, the verifying dry run). cold: empty workspace cache;")
-    print("warm: the cache the cold run left (MEMFIT_CACHE_DIR).\n")
+    print(f"warm: the cache the cold run left (MEMFIT_CACHE_DIR). Median of {repeats} cold/warm pairs, each")
+    print("with its own cache; best: the fastest of them.\n")
     columns = [
         ("model", "", 11), ("strategy", "", 10), ("budget MiB", "given", 11), ("cache", "", 6),
-        ("import s", "meas", 9), ("plan s", "meas", 8), ("peak MiB", "pred", 10),
+        ("import s", "meas", 9), ("plan s", "meas", 8), ("best s", "meas", 8), ("peak MiB", "pred", 10),
     ]
     table = Table(columns, left=4)
     for name in models:
@@ -817,20 +822,28 @@ def planning_speed(models: list[str], batch: int, shape: str, strategies: list[s
             os.environ[workspace.CACHE_ENV] = scratch  # this process's estimate must not warm the runs' cache
             budget = SPEED_BUDGET * memfit.estimate(case.model, case.x).peak_mb
         for strategy in strategies:
-            with tempfile.TemporaryDirectory() as cache:
-                for state in ("cold", "warm"):
-                    job = {"case": case.spec, "budget": budget, "strategy": strategy}
-                    env = {**os.environ, workspace.CACHE_ENV: cache}
-                    proc = subprocess.run(
-                        [sys.executable, __file__, "--speed-worker", json.dumps(job)],
-                        capture_output=True, text=True, env=env,
-                    )
-                    if proc.returncode:
-                        table.row(name, strategy, _f(budget), state, note=f"failed: {proc.stderr.strip()[-200:]}")
-                        continue
-                    got = json.loads(proc.stdout.strip().splitlines()[-1])
-                    table.row(name, strategy, _f(budget), state, _f(got["import_s"], 1), _f(got["plan_s"], 1),
-                              _f(got["peak_mb"]))
+            runs: dict[str, list[dict]] = {"cold": [], "warm": []}
+            failures: dict[str, str] = {}
+            for _ in range(repeats):
+                with tempfile.TemporaryDirectory() as cache:
+                    for state in ("cold", "warm"):
+                        job = {"case": case.spec, "budget": budget, "strategy": strategy}
+                        env = {**os.environ, workspace.CACHE_ENV: cache}
+                        proc = subprocess.run(
+                            [sys.executable, __file__, "--speed-worker", json.dumps(job)],
+                            capture_output=True, text=True, env=env,
+                        )
+                        if proc.returncode:
+                            failures[state] = f"failed: {proc.stderr.strip()[-200:]}"
+                        else:
+                            runs[state].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            for state, got in runs.items():
+                if state in failures:
+                    table.row(name, strategy, _f(budget), state, note=failures[state])
+                    continue
+                plan_s = [g["plan_s"] for g in got]
+                table.row(name, strategy, _f(budget), state, _f(statistics.median(g["import_s"] for g in got), 1),
+                          _f(statistics.median(plan_s), 1), _f(min(plan_s), 1), _f(got[0]["peak_mb"]))
 
 
 def speed_worker(job_json: str) -> None:
@@ -870,6 +883,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speed-models", nargs="+", default=SPEED_MODELS, help=f"default {' '.join(SPEED_MODELS)}")
     p.add_argument("--speed-batch", type=int, default=SPEED_BATCH, help=f"default {SPEED_BATCH}")
     p.add_argument("--speed-input", default=SPEED_INPUT, help=f"default {SPEED_INPUT}")
+    p.add_argument("--speed-repeats", type=int, default=SPEED_REPEATS, help=f"cold/warm pairs, default {SPEED_REPEATS}")
     p.add_argument("--compile-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--speed-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -929,7 +943,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     if "speed" in args.parts:
         speed = [s for s in SPEED_STRATEGIES if s == "auto" or s in args.strategies]
-        planning_speed(args.speed_models, args.speed_batch, args.speed_input, speed)
+        planning_speed(args.speed_models, args.speed_batch, args.speed_input, speed, args.speed_repeats)
     print("\npred = predicted by memfit (nothing allocated); meas = measured on real tensors (allocator level,")
     print(f"profiler memory events on CPU; wall-clock times). Total {time.perf_counter() - started:.0f} s (meas).")
 

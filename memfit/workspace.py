@@ -201,17 +201,33 @@ class _Slot:
 
 class _Noise:
     """Random values for calibration inputs and output gradients, drawn once and then sliced:
-    workspaces do not depend on the values, and drawing fresh ones cost a third of the time."""
+    workspaces do not depend on the values, and drawing fresh ones cost a third of the time.
+
+    A tensor nothing may write into is a view of the pool, not a copy (the copies took up to a
+    tenth of calibration): a leaf that requires grad (autograd refuses in-place writes to it) or a
+    gradient handed to backward (backward formulas do not write into their incoming gradients).
+    Should a layer write into one all the same (under ``no_grad``, say), the pool's version counter
+    shows it and the same values are drawn again, so later layers see what copies would have shown.
+    """
 
     def __init__(self) -> None:
-        self._pool = torch.empty(0)
         self._gen = torch.Generator(device="cpu").manual_seed(0)
+        self._state = self._gen.get_state()
+        self._pool = torch.empty(0)
 
-    def like(self, shape: Sequence[int], dtype: torch.dtype, device: str) -> torch.Tensor:
+    def like(self, shape: Sequence[int], dtype: torch.dtype, device: str, *, writable: bool) -> torch.Tensor:
+        """Values of ``shape``; ``writable``: a copy the caller may write into, else possibly a view."""
         numel = math.prod(shape)
+        if self._pool._version:
+            self._gen.set_state(self._state)
+            self._draw(self._pool.numel())
         if numel > self._pool.numel():
-            self._pool = torch.randn(numel, generator=self._gen)
-        return self._pool[:numel].view(tuple(shape)).to(device=device, dtype=dtype, copy=True)
+            self._draw(numel)
+        return self._pool[:numel].view(tuple(shape)).to(device=device, dtype=dtype, copy=writable)
+
+    def _draw(self, numel: int) -> None:
+        self._state = self._gen.get_state()
+        self._pool = torch.randn(numel, generator=self._gen)
 
 
 def _workspace_for(spec: _Spec, batch: int, config: StepConfig, device: str, noise: _Noise) -> tuple[int, int]:
@@ -243,7 +259,7 @@ def _materialize(spec: _Spec, batch: int, device: str, noise: _Noise) -> list[to
         if scales:
             shape = (batch, *shape[1:])
         if dtype.is_floating_point or dtype.is_complex:
-            t = noise.like(shape, dtype, device)
+            t = noise.like(shape, dtype, device, writable=not requires_grad)
         else:  # indices: zero is valid for every embedding and gather
             t = torch.zeros(shape, dtype=dtype, device=device)
         out.append(t.requires_grad_(requires_grad))
@@ -270,7 +286,7 @@ def _run_layer(spec: _Spec, batch: int, config: StepConfig, device: str, noise: 
     try:
         out = call()  # warm-up: lazy initialisation and primitive caches are not workspace
         outs = [t for t in tensors_in(out) if t.requires_grad]
-        grad_tensors = [noise.like(t.shape, t.dtype, device) for t in outs]
+        grad_tensors = [noise.like(t.shape, t.dtype, device, writable=False) for t in outs]
         if outs:
             torch.autograd.backward(outs, grad_tensors)
     except Exception:

@@ -114,13 +114,15 @@ def _relax(
 ) -> None:
     """Improve the entries ``target`` with candidate plans (objective, exact held bytes, and the
     step that made each: a, kind, class before, bucket before)."""
+    # Only a candidate that beats its entry can replace it, and the best candidate of a target beats
+    # it if any does: dropping the others first picks the same plans from a much shorter sort.
+    better = (value < best[target]) | ((value == best[target]) & (new_held < held[target]))
+    if not better.any():
+        return
+    value, new_held, target, steps = value[better], new_held[better], target[better], steps[better]
     order = np.lexsort((new_held, value, target))  # per target: best objective, then least held
     first = np.r_[True, target[order][1:] != target[order][:-1]]
     pick = order[first]
-    t, v, hb = target[pick], value[pick], new_held[pick]
-    better = (v < best[t]) | ((v == best[t]) & (hb < held[t]))
-    if not better.any():
-        return
-    t = t[better]
-    best[t], held[t] = v[better], hb[better]
-    back[t] = steps[pick][better]
+    t = target[pick]
+    best[t], held[t] = value[pick], new_held[pick]
+    back[t] = steps[pick]
