@@ -195,6 +195,7 @@ class _Fsdp:
         self.grads: dict[str, list[int]] = {}  # unit -> its whole gradients
         self.pending: list[int] = []  # the last reduce-scatter's flat input (and gloo's copy)
         self.backward_started = False
+        self.late: int | None = None  # see reserve_late_release
 
     def _unit_of(self, param: str) -> str:
         return max((u for u in self.units if u and param.startswith(u + ".")), key=len, default="")
@@ -256,6 +257,7 @@ class _Fsdp:
             elif e.phase == "backward" and i in bwd_starts:
                 if not self.backward_started:
                     self.backward_started = True
+                    self.reserve_late_release(e)
                     self.issue(prefetch[""], e)
                 for u in bwd_starts[i]:
                     # a node inside a checkpointed segment is first recomputed: FSDP's pre-forward
@@ -281,6 +283,8 @@ class _Fsdp:
                         self.reduce(u, e)
                 if i == last_backward:
                     self.reduce("", e)
+                    if self.late is not None:
+                        self._emit(self.late, -1, e, "late release", "")
         return Step(baseline=baseline, events=self.out, categories=self.categories, sizes=self.sizes)
 
     def _emit(self, sid: int, sign: int, e: Event, what: str, u: str) -> None:
@@ -292,6 +296,14 @@ class _Fsdp:
             tmp = self._new(nbytes, "temporary")
             self._emit(tmp, 1, e, what, u)
             self._emit(tmp, -1, e, what, u)
+
+    def reserve_late_release(self, e: Event) -> None:
+        """gloo's worker thread lets go of a finished collective's buffers when it gets to it: on
+        a busy machine the measured backward peak of the same step rises by up to a unit's flat
+        buffer. The largest is reserved through backward, so that the prediction bounds it."""
+        if self.gloo:
+            self.late = self._new(self.world * max(self.shard.values()), "temporary")
+            self._emit(self.late, 1, e, "late release", "")
 
     def issue(self, u: str, e: Event) -> None:
         """Start a unit's all-gather: its flat output buffer (padded shards of every process)."""
