@@ -14,6 +14,7 @@ from run to run by up to a unit's flat buffer; memfit's prediction reserves one 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import sys
 from pathlib import Path
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.25, 0.75])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    faulthandler.enable()  # a crash in a native thread still shows where Python was
     dist.init_process_group("gloo")
     try:
         rows = run(args)

@@ -16,8 +16,9 @@ from . import models
 from .api import estimate, measure
 from .compressors import compress, list_methods
 from .compressors.accounting import storage_table
-from .errors import MemfitError
+from .errors import MemfitError, MemfitInputError
 from .fit import optimize
+from .parallel import KINDS, Parallel
 from .planner import STRATEGIES
 from .plot import plot_plan
 from .serialize import save
@@ -83,6 +84,24 @@ def _step_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stem", choices=["imagenet", "cifar"], help="zoo models: input stem")
     p.add_argument("--num-classes", type=int, help="zoo models: classifier outputs")
     p.add_argument("--measure", action="store_true", help="also run one real step and measure it")
+    p.add_argument("--parallel", choices=list(KINDS), help="figures per data-parallel process (DDP or FSDP)")
+    p.add_argument("--world-size", type=int, default=1, help="data-parallel processes (FSDP shards over them)")
+    p.add_argument("--fsdp-unit", action="append", metavar="MODULE",
+                   help="FSDP: a module sharded as one unit (repeat it); default: the model's children")
+
+
+def _parallel(args: argparse.Namespace) -> Parallel | None:
+    """The data parallelism the options describe; measuring it needs the real processes."""
+    if args.parallel is None:
+        if args.fsdp_unit or args.world_size != 1:
+            raise MemfitInputError("--world-size and --fsdp-unit describe --parallel ddp|fsdp; add it")
+        return None
+    if args.measure:
+        raise MemfitInputError(
+            "--measure runs one process alone; measure a data-parallel step under torchrun "
+            "(benchmarks/parallel.py) or drop --parallel"
+        )
+    return Parallel(args.parallel, args.world_size, tuple(args.fsdp_unit) if args.fsdp_unit else None)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,7 +134,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plan(model: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace, optimizer: str | None) -> None:
     planned = optimize(
-        model, args.budget_mb, x, optimizer=optimizer, amp=args.amp, strategy=args.strategy, compress=args.compress
+        model, args.budget_mb, x, optimizer=optimizer, amp=args.amp, strategy=args.strategy, compress=args.compress,
+        parallel=_parallel(args),
     )
     print(planned.plan)
     if args.plot:
@@ -152,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _plan(model, x, args, optimizer)
             return 0
         t0 = time.perf_counter()
-        report = estimate(model, x, optimizer=optimizer, amp=args.amp, calibrate=not args.no_calibrate)
+        report = estimate(model, x, optimizer=optimizer, amp=args.amp, calibrate=not args.no_calibrate,
+                          parallel=_parallel(args))
         elapsed = time.perf_counter() - t0
         if args.summary:
             report.layers = []

@@ -163,6 +163,8 @@ def _fit(
     plan.forward_flops = chain.forward_flops
     plan.levels_before = [(phase, level) for phase, _, level in costmodel.simulate(graph, parallel=parallel).levels]
     plan.levels_after = [(phase, level) for phase, _, level in timeline.levels]
+    if parallel is not None:
+        plan.notes.append(f"Memory figures: {parallel.describe()}.")
     planned.plan = plan
     planned.report = Comparison(before=with_storage(before, model), after=with_storage(after, model))
     return planned

@@ -236,6 +236,9 @@ def measure_wrapped_step(
 
     with memory_profile() as prof:
         step(on_phase)
+        if torch.distributed.is_initialized():
+            # the profiler stops only once every process is past the step's collectives
+            torch.distributed.barrier()
     added, _, phase_peaks = allocator_levels(prof)
     return start + added, {k: start + v for k, v in phase_peaks.items()}
 

@@ -34,9 +34,22 @@ def test_report_of_a_language_model_takes_token_ids(capsys: pytest.CaptureFixtur
     assert "input [2, 16] torch.int64" in capsys.readouterr().out
 
 
+def test_report_and_plan_per_data_parallel_process(capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["resnet18", "--stem", "cifar", "--batch", "2", "--input", "3x32x32", "--optimizer", "adam",
+              "--parallel", "fsdp", "--world-size", "4", "--fsdp-unit", "layer1", "--fsdp-unit", "layer2"]
+    assert main(["report", *common, "--summary", "--no-calibrate"]) == 0
+    out = capsys.readouterr().out
+    assert "FSDP, 4 processes, per process" in out
+    assert main(["plan", *common, "--budget-mb", "1000", "--strategy", "dp"]) == 0
+    assert "Budget (MiB, given): 1000.00" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
+        (["report", "resnet18", "--world-size", "2"], "describe --parallel"),
+        (["report", "resnet18", "--parallel", "ddp", "--measure"], "under torchrun"),
+        (["report", "resnet18", "--parallel", "ddp", "--fsdp-unit", "layer1"], "leave them out for DDP"),
         (["report", "resnet1"], "unknown model"),
         (["report", "no.such.module:f"], "cannot load 'no.such.module:f'"),
         (["report", "tests.factories:tiny_mlp", "--input", "axb"], "--input must look like"),

@@ -18,6 +18,7 @@ import memfit
 from .conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+GLOO_ABORT = "terminate called without an active exception"
 
 
 def _mlp() -> nn.Module:
@@ -94,10 +95,18 @@ def test_a_real_two_process_job_stays_within_the_prediction_and_the_budget(tmp_p
     profiler on every process."""
     out = tmp_path / "rows.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}",
-           str(ROOT / "benchmarks" / "parallel.py"), "--fractions", "0.5", "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    def job() -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}",
+               str(ROOT / "benchmarks" / "parallel.py"), "--fractions", "0.5", "--json", str(out)]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    proc = job()
+    if proc.returncode != 0 and GLOO_ABORT in proc.stderr:
+        # a native thread of gloo or of the profiler aborted the process, seen twice in some
+        # thirty runs on a loaded machine; the measurement itself is what this test is about
+        proc = job()
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert {(r["parallel"], r["fraction"]) for r in rows} == {(k, f) for k in ("ddp", "fsdp") for f in (None, 0.5)}
