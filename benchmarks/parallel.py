@@ -31,11 +31,15 @@ MiB = 2**20
 
 def _model(args: argparse.Namespace) -> torch.nn.Module:
     torch.manual_seed(0)
-    return memfit.models.create(args.model, stem="cifar", num_classes=10, width=args.width)
+    options: dict = {"num_classes": 10} if args.model == "densenet_bc_100" else {"num_classes": 10, "stem": "cifar"}
+    if args.model.startswith("resnet"):
+        options["width"] = args.width
+    return memfit.models.create(args.model, **options)
 
 
 def _parallels(args: argparse.Namespace, world: int) -> list[memfit.Parallel]:
-    blocks = tuple(n for n, _ in _model(args).named_modules() if n.count(".") == 1 and n.startswith("layer"))
+    model = _model(args)  # the blocks: modules one level inside the model's children, with parameters
+    blocks = tuple(n for n, m in model.named_modules() if n.count(".") == 1 and next(m.parameters(), None) is not None)
     return [memfit.Parallel("ddp", world), memfit.Parallel("fsdp", world), memfit.Parallel("fsdp", world, units=blocks)]
 
 
@@ -100,7 +104,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--width", type=int, default=16, help="ResNets: channels of the first stage")
     parser.add_argument("--batch", type=int, default=4, help="per process")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--optimizer", default="adam")
@@ -113,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = run(args)
         if dist.get_rank() == 0:
-            print(f"{args.model} (width {args.width}, CIFAR stem), batch {args.batch} per process, {args.size}x{args.size}, "
+            width = f"width {args.width}, " if args.model.startswith("resnet") else ""
+            print(f"{args.model} ({width}CIFAR stem), batch {args.batch} per process, {args.size}x{args.size}, "
                   f"{args.optimizer}, {dist.get_world_size()} processes (gloo); pred = memfit, meas = profiler")
             print(table(rows))
             if args.json:
