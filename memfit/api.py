@@ -39,8 +39,8 @@ def report_from_graph(
     model's graph for a planned model (it knows the nodes inside its segments); under
     ``parallel`` the figures are one process's.
     """
-    sim = sim or costmodel.simulate(graph, inner, parallel)
     step = costmodel.process_step(graph, inner, parallel)
+    sim = sim or costmodel.simulate(graph, inner, step=step)
     layers = [
         LayerRow(
             name=info.module_path or info.name,

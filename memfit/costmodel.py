@@ -31,7 +31,9 @@ def process_step(graph: MemGraph, inner: MemGraph | None = None, parallel: Paral
     return distribute(graph, parallel, node_params)
 
 
-def simulate(graph: MemGraph, inner: MemGraph | None = None, parallel: Parallel | None = None) -> Timeline:
+def simulate(
+    graph: MemGraph, inner: MemGraph | None = None, parallel: Parallel | None = None, step: Step | None = None
+) -> Timeline:
     """Predict the memory timeline of the step a MemGraph describes.
 
     Args:
@@ -41,6 +43,7 @@ def simulate(graph: MemGraph, inner: MemGraph | None = None, parallel: Parallel 
             A recomputation runs forward kernels during backward, so there the larger of a
             node's two workspaces counts.
         parallel: DDP or FSDP: the timeline of one process.
+        step: That process's step, when the caller already has it (:func:`process_step`).
 
     Returns:
         The predicted Timeline: peak, where it falls, bytes per category at the peak.
@@ -55,5 +58,5 @@ def simulate(graph: MemGraph, inner: MemGraph | None = None, parallel: Parallel 
             return {"forward": info.workspace_fwd, "backward": max(info.workspace_fwd, info.workspace_bwd)}.get(phase, 0)
         return 0
 
-    step = process_step(graph, inner, parallel)
+    step = step or process_step(graph, inner, parallel)
     return replay(step.baseline, step.events, step.category_of, workspace)

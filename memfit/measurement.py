@@ -139,8 +139,7 @@ def measure_step(
 
     def on_phase(phase: str, node: str) -> None:
         tracker.phase, tracker.node = phase, node
-        with torch.profiler.record_function(f"memfit::{phase}"):
-            pass  # a marker: allocator events are placed in a phase by time
+        _mark_phase(phase)
 
     start = sum(baseline.values())
     if device == "cuda":
@@ -176,6 +175,12 @@ def measure_step(
         gradients_bytes=grads,
         optimizer_bytes=baseline["optimizer"],
     )
+
+
+def _mark_phase(phase: str) -> None:
+    """A profiler marker: :func:`allocator_levels` places allocator events in a phase by time."""
+    with torch.profiler.record_function(f"memfit::{phase}"):
+        pass
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -230,12 +235,8 @@ def measure_wrapped_step(
         start += sum(int(b) for b in re.findall(r"\d+", str(logging_data().get("rebuilt_bucket_sizes", ""))))
     gc.collect()
 
-    def on_phase(phase: str, node: str) -> None:
-        with torch.profiler.record_function(f"memfit::{phase}"):
-            pass
-
     with memory_profile() as prof:
-        step(on_phase)
+        step(lambda phase, node: _mark_phase(phase))
         if torch.distributed.is_initialized():
             # the profiler stops only once every process is past the step's collectives
             torch.distributed.barrier()

@@ -104,13 +104,11 @@ class Step:
         baseline: ``(bytes, category)`` of every storage alive before the step.
         events: Allocation and free events in order.
         categories: Category of every storage the events touch.
-        sizes: Bytes of every storage the events touch.
     """
 
     baseline: list[tuple[int, str]]
     events: list[Event]
     categories: dict[int, str] = field(default_factory=dict)
-    sizes: dict[int, int] = field(default_factory=dict)
 
     def category_of(self, sid: int) -> str:
         """Category of a storage the events touch."""
@@ -119,10 +117,6 @@ class Step:
     def baseline_bytes(self, category: str) -> int:
         """Bytes of one category alive before the step."""
         return sum(b for b, c in self.baseline if c == category)
-
-    def allocated_bytes(self, category: str) -> int:
-        """Bytes of one category the step allocates (each storage once)."""
-        return sum(self.sizes[s] for s, c in self.categories.items() if c == category and s in self.sizes)
 
     def held_at_end(self, category: str) -> int:
         """Bytes of one category alive when the step ends (gradients: what the optimizer read)."""
@@ -135,7 +129,6 @@ def single(graph: MemGraph) -> Step:
         baseline=list(graph.baseline.values()),
         events=list(graph.events),
         categories={s: graph.category_of(s) for s in graph.storage_bytes},
-        sizes=dict(graph.storage_bytes),
     )
 
 
@@ -285,7 +278,7 @@ class _Fsdp:
                     self.reduce("", e)
                     if self.late is not None:
                         self._emit(self.late, -1, e, "late release", "")
-        return Step(baseline=baseline, events=self.out, categories=self.categories, sizes=self.sizes)
+        return Step(baseline=baseline, events=self.out, categories=self.categories)
 
     def _emit(self, sid: int, sign: int, e: Event, what: str, u: str) -> None:
         self.out.append(Event(sid, sign * self.sizes[sid], e.phase, f"{what} {u or '(root)'}"))
