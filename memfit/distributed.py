@@ -36,7 +36,8 @@ def wrap(module: torch.nn.Module, parallel: Parallel, **kwargs: Any) -> torch.nn
 
     Returns:
         The DDP wrapper (gradients as views of its buckets, as memfit assumes) or ``module``
-        itself, sharded in place.
+        itself, sharded in place. A planned module shares its layers with the model it was
+        planned from, so FSDP shards that model's layers too, as ``fully_shard`` would.
 
     Example (run under ``torchrun --nproc_per_node=2``)::
 
