@@ -31,7 +31,7 @@ from memfit.compressors import storage_table
 from memfit.compressors.generated import GeneratedConfig, distillation_loss, orthonormality_loss
 from memfit.compressors.shared import SharedConfig
 from memfit.compressors.ternary import TernaryConfig, freeze_assignment_
-from memfit.datasets import Split, cifar, digits
+from memfit.io.datasets import Split, cifar, digits
 
 # name: (method, config, fine-tuning learning rate). MLG's 3-bit factors barely move at 1e-3.
 VARIANTS: dict[str, tuple[str, memfit.compressors.CompressConfig, float]] = {

@@ -1,7 +1,7 @@
 """Data-parallel memory: memfit's per-process prediction against a real DDP / FSDP job (CPU, gloo).
 
 Run under torchrun; every process plans the same model for a budget between the feasible
-minimum and the unplanned peak (per process), wraps it with ``memfit.distributed.wrap`` and
+minimum and the unplanned peak (per process), wraps it with ``memfit.rewrite.distributed.wrap`` and
 measures one steady-state step with the profiler's memory events. Rank 0 prints the table (the
 measured column is the largest over the processes) and, with ``--json``, writes the rows.
 
@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 import memfit
-from memfit.measurement import measure_wrapped_step
-from memfit.trainstep import StepConfig
+from memfit.capture.trainstep import StepConfig
+from memfit.cost.measurement import measure_wrapped_step
 
 MiB = 2**20
 
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 module = memfit.optimize(_model(args), budget, x, optimizer=args.optimizer, parallel=parallel,
                                          strategy=args.strategy)
                 predicted = module.plan.peak_after_bytes / MiB
-            wrapped = memfit.distributed.wrap(module, parallel)
+            wrapped = memfit.rewrite.distributed.wrap(module, parallel)
             peak, phases = measure_wrapped_step(wrapped, (x,), StepConfig(optimizer=args.optimizer))
             measured = [0.0] * world
             dist.all_gather_object(measured, peak / MiB)

@@ -45,13 +45,13 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import memfit  # noqa: E402
-from memfit import workspace  # noqa: E402
+from memfit.capture.trainstep import StepConfig, init_optimizer_state, make_optimizer, run_step, unique_trainable  # noqa: E402
 from memfit.cli import example_input  # noqa: E402
-from memfit.measurement import allocator_levels, memory_profile  # noqa: E402
+from memfit.cost import workspace  # noqa: E402
+from memfit.cost.measurement import allocator_levels, memory_profile  # noqa: E402
 from memfit.models.densenet import DenseNet  # noqa: E402
 from memfit.planner import STRATEGIES  # noqa: E402
-from memfit.report import MiB, mib  # noqa: E402
-from memfit.trainstep import StepConfig, init_optimizer_state, make_optimizer, run_step, unique_trainable  # noqa: E402
+from memfit.report.memory import MiB, mib  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - _started  # what the speed part reports as import time
 

@@ -16,7 +16,7 @@ What it does
     1. Loads the data: ``synthetic`` (class templates plus noise, made here from a fixed seed),
        ``digits`` (scikit-learn's bundled digits, upsampled to ``--image-size``) or ``cifar10`` /
        ``cifar100`` from the standard python archive in ``--data-root`` (no download:
-       ``memfit.datasets``).
+       ``memfit.io.datasets``).
     2. Builds the model (a zoo name or ``package.module:factory``), compresses it when
        ``--compress`` names a method, and plans it with ``memfit.optimize`` so that one training
        step peaks at most ``--budget-mb`` MiB (a number, or a percentage of the unplanned step's
@@ -75,18 +75,18 @@ Distributed data parallel
     Gradients are views into DDP's communication buckets, allocated once and alive for the whole
     step. The budget is per process: the module is planned (before wrapping) with
     ``parallel=memfit.Parallel("ddp", world_size)``, whose cost model holds the buckets, and
-    wrapped by ``memfit.distributed.wrap``; every rank checks that it got the same plan. On CPU
+    wrapped by ``memfit.rewrite.distributed.wrap``; every rank checks that it got the same plan. On CPU
     the measured peak at the end is one step of a DDP-wrapped copy on every process (the
     largest). Rank 0 alone prints and writes files.
 
 Fully sharded data parallel (not wired into this script)
     To shard parameters, gradients and optimizer state, plan with
     ``memfit.Parallel("fsdp", world_size, units=...)`` (units: the blocks to shard one by one)
-    and wrap with ``memfit.distributed.wrap``, before creating the optimizer::
+    and wrap with ``memfit.rewrite.distributed.wrap``, before creating the optimizer::
 
         parallel = memfit.Parallel("fsdp", dist.get_world_size(), units=("layer1.0", "layer1.1"))
         planned = memfit.optimize(net, budget_mb, x, optimizer="adam", parallel=parallel)
-        planned = memfit.distributed.wrap(planned, parallel)
+        planned = memfit.rewrite.distributed.wrap(planned, parallel)
 
     A planned module calls its layers, not its blocks, so ``fully_shard(block)`` alone would never
     run; ``wrap`` shards each unit's layers together (``benchmarks/parallel.py`` measures it).
@@ -122,15 +122,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import memfit
-from memfit import datasets
+from memfit.capture.trainstep import StepConfig
 from memfit.cli import load_model
 from memfit.compressors import generators, list_methods
 from memfit.compressors.ternary import freeze_assignment_, ternary_generators
+from memfit.cost.measurement import measure_wrapped_step
 from memfit.errors import MemfitError, MemfitInputError
-from memfit.measurement import measure_wrapped_step
+from memfit.io import datasets
 from memfit.planner import STRATEGIES
-from memfit.plot import plot_plan
-from memfit.trainstep import StepConfig
+from memfit.report.plot import plot_plan
 
 __all__ = ["main", "build_parser"]
 
@@ -883,7 +883,7 @@ class Trainer:
             torch.manual_seed(args.seed + 1)  # the training's own RNG (dropout): planning cannot shift it
         net: nn.Module = module
         if ctx.distributed:
-            net = memfit.distributed.wrap(module, self.prep.parallel,
+            net = memfit.rewrite.distributed.wrap(module, self.prep.parallel,
                                           device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
@@ -991,7 +991,7 @@ class Trainer:
             how = "torch.cuda.max_memory_allocated over the training steps"
         elif ctx.distributed:  # every process measures a wrapped copy: DDP's construction is collective
             with torch.random.fork_rng(devices=[]):
-                replica = memfit.distributed.wrap(copy.deepcopy(self.module), self.prep.parallel)
+                replica = memfit.rewrite.distributed.wrap(copy.deepcopy(self.module), self.prep.parallel)
                 peak, _ = measure_wrapped_step(replica, (self.x_example,), StepConfig(optimizer=self.factory, amp=args.amp))
             measured = max(_gather(ctx, peak / MiB))
             how = "one real step of a DDP-wrapped copy on every process, allocator level (profiler), the largest"

@@ -8,14 +8,15 @@ Example:
 
 from __future__ import annotations
 
-from . import compressors, distributed, models
+from . import compressors, models
 from .api import estimate, measure
 from .compressors import compress
+from .cost.parallel import Parallel
 from .errors import MemfitBudgetError, MemfitError, MemfitInputError, MemfitTraceError
 from .fit import optimize
-from .parallel import Parallel
-from .report import MemoryReport
-from .serialize import load, save
+from .io.serialize import load, save
+from .report.memory import MemoryReport
+from .rewrite import distributed
 
 __all__ = [
     "compress",

@@ -6,83 +6,18 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from . import costmodel, workspace
-from .capture import LeafSpec, as_input_tuple, capture, check_model
-from .compressors import generators, storage_table
-from .graph import MemGraph
-from .measurement import measure_step
-from .parallel import Parallel
-from .report import LayerRow, MemoryReport
-from .timeline import Timeline
-from .trainstep import OptimizerSpec, StepConfig
+from .capture.dryrun import LeafSpec, as_input_tuple, capture, check_model
+from .capture.trainstep import OptimizerSpec, StepConfig
+from .cost import workspace
+from .cost.measurement import measure_step
+from .cost.parallel import Parallel
+from .report.build import report_from_graph, with_storage
+from .report.memory import MemoryReport
 
-__all__ = ["estimate", "measure", "report_from_graph", "with_storage"]
-
-_SHOWN_OPS = ("call_module", "call_function", "call_method")
-
+__all__ = ["estimate", "measure"]
 
 def _config(optimizer: OptimizerSpec, amp: str | None, loss_fn: Callable[[Any], torch.Tensor] | None) -> StepConfig:
     return StepConfig(optimizer=optimizer, amp=amp, loss_fn=loss_fn)
-
-
-def report_from_graph(
-    graph: MemGraph,
-    model_name: str,
-    sim: Timeline | None = None,
-    *,
-    inner: MemGraph | None = None,
-    parallel: Parallel | None = None,
-) -> MemoryReport:
-    """The predicted MemoryReport of a captured (and calibrated) MemGraph.
-
-    ``sim`` is its simulated timeline when the caller has one; ``inner`` is the original
-    model's graph for a planned model (it knows the nodes inside its segments); under
-    ``parallel`` the figures are one process's.
-    """
-    step = costmodel.process_step(graph, inner, parallel)
-    sim = sim or costmodel.simulate(graph, inner, step=step)
-    layers = [
-        LayerRow(
-            name=info.module_path or info.name,
-            kind=info.module_type or info.target,
-            output_shape=" ".join(str(list(s)) for s in info.output_shapes) or "--",
-            params=info.param_numel,
-            saved_bytes=info.saved_bytes,
-            flops=info.fwd_flops,
-        )
-        for info in graph.nodes
-        if info.op in _SHOWN_OPS and info.output_shapes
-    ]
-    breakdown = dict(sim.at_peak)
-    breakdown["workspace"] = sim.peak_workspace_bytes
-    return MemoryReport(
-        source="predicted",
-        model=model_name,
-        description=graph.description + (f", {parallel.describe()}" if parallel else ""),
-        batch_size=graph.batch_size,
-        parameters_bytes=step.baseline_bytes("parameter"),
-        buffers_bytes=step.baseline_bytes("buffer"),
-        inputs_bytes=step.baseline_bytes("input"),
-        gradients_bytes=step.held_at_end("gradient"),
-        optimizer_bytes=step.baseline_bytes("optimizer"),
-        activations_bytes=graph.allocated_bytes("activation"),
-        peak_bytes=sim.peak_bytes,
-        tensor_peak_bytes=sim.tensor_peak_bytes,
-        peak_phase=sim.peak_phase,
-        peak_breakdown=breakdown,
-        phase_peaks=sim.phase_peaks,
-        layers=layers,
-        notes=[f"Peak while running: {sim.peak_node or '(start of step)'} in {sim.peak_phase}"],
-    )
-
-
-def with_storage(report: MemoryReport, model: torch.nn.Module) -> MemoryReport:
-    """Add a compressed model's packed weight storage (computed exactly) to its report."""
-    if generators(model):
-        table = storage_table(model)
-        report.stored_weights_bytes = table.parameter_bytes
-        report.original_weights_bytes = table.original_parameter_bytes
-    return report
 
 
 def estimate(

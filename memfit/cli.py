@@ -14,15 +14,15 @@ import torch
 
 from . import models
 from .api import estimate, measure
+from .capture.trainstep import AMP_DTYPES, OPTIMIZERS
 from .compressors import compress, list_methods
 from .compressors.accounting import storage_table
+from .cost.parallel import KINDS, Parallel
 from .errors import MemfitError, MemfitInputError
 from .fit import optimize
-from .parallel import KINDS, Parallel
+from .io.serialize import save
 from .planner import STRATEGIES
-from .plot import plot_plan
-from .serialize import save
-from .trainstep import AMP_DTYPES, OPTIMIZERS
+from .report.plot import plot_plan
 
 __all__ = ["main", "load_model", "example_input"]
 

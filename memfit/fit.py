@@ -17,18 +17,19 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from . import costmodel, workspace
-from .api import report_from_graph, with_storage
-from .capture import as_input_tuple, capture, check_model, graph_of
+from .capture.dryrun import as_input_tuple, capture, check_model, graph_of
+from .capture.graph import MemGraph
+from .capture.trainstep import OptimizerSpec, StepConfig
+from .compressors.apply import META_KEY
+from .cost import simulate, workspace
+from .cost.parallel import Parallel
+from .cost.timeline import Timeline
 from .errors import MemfitBudgetError, MemfitInputError
-from .graph import MemGraph
-from .parallel import Parallel
+from .io.serialize import architecture_of
 from .planner import STRATEGIES, Chain, Plan, Spans
-from .planner.rewrite import rewrite
-from .report import Comparison, MiB, mib
-from .serialize import META_KEY, architecture_of
-from .timeline import Timeline
-from .trainstep import OptimizerSpec, StepConfig
+from .report.build import report_from_graph, with_storage
+from .report.memory import Comparison, MiB, mib
+from .rewrite.checkpoint import rewrite
 
 __all__ = ["optimize", "AUTO_ORDER", "VERIFY_ROUNDS", "MARGIN"]
 
@@ -139,14 +140,14 @@ def _fit(
     before = report_from_graph(graph, type(model).__name__, parallel=parallel)
     # The chain prices plans as one process alone; data parallelism moves every plan's peak by
     # about what it moves the unplanned one's, and verification corrects the rest.
-    shift = costmodel.simulate(graph).peak_bytes - before.peak_bytes if parallel else 0
+    shift = simulate.simulate(graph).peak_bytes - before.peak_bytes if parallel else 0
 
     def verify(spans: Spans, name: str) -> Verified:
         plan = Plan(segments=chain.to_segments(spans), strategy=name, budget_bytes=budget)
         planned = rewrite(model, gm, plan)
         vgraph = capture(planned, inputs, config)
         _carry_workspace(graph, vgraph)
-        return planned, plan, vgraph, costmodel.simulate(vgraph, inner=graph, parallel=parallel)
+        return planned, plan, vgraph, simulate.simulate(vgraph, inner=graph, parallel=parallel)
 
     if before.peak_bytes <= room:
         result = verify([(0, chain.m, "plain")], "none")
@@ -161,7 +162,7 @@ def _fit(
     plan.activations_before_bytes = _held_into_backward(graph)
     plan.activations_after_bytes = _held_into_backward(vgraph)
     plan.forward_flops = chain.forward_flops
-    plan.levels_before = [(phase, level) for phase, _, level in costmodel.simulate(graph, parallel=parallel).levels]
+    plan.levels_before = [(phase, level) for phase, _, level in simulate.simulate(graph, parallel=parallel).levels]
     plan.levels_after = [(phase, level) for phase, _, level in timeline.levels]
     if parallel is not None:
         plan.notes.append(f"Memory figures: {parallel.describe()}.")

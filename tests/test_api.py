@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 import memfit
-from memfit.capture import capture
-from memfit.trainstep import StepConfig
+from memfit.capture.dryrun import capture
+from memfit.capture.trainstep import StepConfig
 
 
 def _snapshot(model: nn.Module) -> dict:

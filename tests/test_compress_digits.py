@@ -13,7 +13,7 @@ import memfit
 from memfit.compressors import GeneratedConfig, SharedConfig, TernaryConfig, storage_table
 from memfit.compressors.generated import distillation_loss
 from memfit.compressors.ternary import freeze_assignment_
-from memfit.datasets import Split, digits
+from memfit.io.datasets import Split, digits
 
 EPOCHS, FINETUNE = 3, 3
 # Points of accuracy a 3-epoch fine-tune may lose against the uncompressed model here; the full

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from memfit import MemfitInputError
-from memfit.datasets import cifar, digits
+from memfit.io.datasets import cifar, digits
 
 
 def _write_cifar10(root, *, n: int = 4, extra: object = None) -> None:

@@ -9,13 +9,13 @@ import torch
 import torch.nn as nn
 
 import memfit
-from memfit.capture import capture
+from memfit.capture.dryrun import capture
+from memfit.capture.graph import MemGraph
+from memfit.capture.trainstep import StepConfig
 from memfit.fit import AUTO_ORDER
-from memfit.graph import MemGraph
 from memfit.planner import STRATEGIES, dp, milp, selective
 from memfit.planner.chain import Chain
 from memfit.planner.dp import Spans
-from memfit.trainstep import StepConfig
 
 FRACTIONS = (0.25, 0.5, 0.75)
 

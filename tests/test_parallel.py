@@ -86,7 +86,7 @@ def test_bad_parallel_settings_say_what_to_do() -> None:
 
 def test_wrap_needs_an_initialised_process_group() -> None:
     with pytest.raises(memfit.MemfitInputError, match="init_process_group"):
-        memfit.distributed.wrap(_mlp(), memfit.Parallel("ddp", 2))
+        memfit.rewrite.distributed.wrap(_mlp(), memfit.Parallel("ddp", 2))
 
 
 def test_a_real_two_process_job_stays_within_the_prediction_and_the_budget(tmp_path: Path) -> None:

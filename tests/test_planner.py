@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 
 import memfit
-from memfit.capture import capture, trace
+from memfit.capture.dryrun import capture, trace
+from memfit.capture.trainstep import default_loss
 from memfit.planner import STRATEGIES, Chain, Plan, dp
-from memfit.planner.rewrite import Checkpointed, rewrite
-from memfit.trainstep import default_loss
+from memfit.rewrite.checkpoint import Checkpointed, rewrite
 
 from .conftest import zoo_case
 

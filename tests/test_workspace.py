@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from memfit import workspace
-from memfit.capture import capture
-from memfit.trainstep import StepConfig
+from memfit.capture.dryrun import capture
+from memfit.capture.trainstep import StepConfig
+from memfit.cost import workspace
 
 
 def _calibrated(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[int, int]]:

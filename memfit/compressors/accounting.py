@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..capture import as_input_tuple
-from ..report import mib
+from ..capture.dryrun import as_input_tuple
+from ..units import mib
 from .apply import generators, plain_state
 from .layer import GeneratedConv2d, GeneratedLinear
 

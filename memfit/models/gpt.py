@@ -13,7 +13,6 @@ records it as a single graph node (the check still runs, and raises
 
 from __future__ import annotations
 
-
 import torch
 import torch.fx
 import torch.nn.functional as F

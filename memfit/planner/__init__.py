@@ -12,8 +12,7 @@ from typing import Callable
 
 from . import chen, dp, milp, selective
 from .chain import Chain
-from .dp import Spans
-from .plan import Plan, Segment
+from .plan import Plan, Segment, Spans
 
 __all__ = ["Strategy", "STRATEGIES", "Chain", "Plan", "Segment", "Spans"]
 

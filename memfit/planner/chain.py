@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..graph import MemGraph
-from ..timeline import replay
+from ..capture.graph import MemGraph
+from ..cost.timeline import replay
 from .plan import Segment, SegmentKind
 
 __all__ = ["Chain", "SegmentCost", "SegmentTable", "BYTE_WEIGHT", "MAX_CANDIDATES"]

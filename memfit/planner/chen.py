@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from .chain import Chain
-from .dp import Spans
+from .plan import Spans
 
 __all__ = ["cheapest", "lowest_peak", "greedy", "THRESHOLDS"]
 

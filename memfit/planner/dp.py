@@ -17,14 +17,12 @@ from typing import Sequence
 import numpy as np
 
 from .chain import Chain
-from .plan import SegmentKind
+from .plan import SegmentKind, Spans
 
-__all__ = ["cheapest", "lowest_peak", "KINDS", "BUCKETS", "Spans"]
+__all__ = ["cheapest", "lowest_peak", "KINDS", "BUCKETS"]
 
 BUCKETS = 256
 KINDS: tuple[SegmentKind, ...] = ("plain", "recompute", "nested")
-
-Spans = list[tuple[int, int, SegmentKind]]
 
 
 def cheapest(chain: Chain, budget: int, kinds: Sequence[SegmentKind] = KINDS) -> Spans | None:

@@ -30,8 +30,7 @@ import numpy as np
 
 from ..errors import MemfitInputError
 from .chain import Chain
-from .dp import Spans
-from .plan import SegmentKind
+from .plan import SegmentKind, Spans
 
 __all__ = ["cheapest", "lowest_peak", "KINDS", "MAX_ARCS", "TIME_LIMIT_S", "UNIT"]
 

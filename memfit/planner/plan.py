@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..report import mib
+from ..units import mib
 
-__all__ = ["Segment", "Plan", "SegmentKind"]
+__all__ = ["Segment", "Plan", "SegmentKind", "Spans"]
 
 # "plain": run as is, autograd keeps what it saves. "recompute": run under checkpoint, only the
 # segment's inputs are kept and the rest is recomputed in backward. "selective": under checkpoint,
@@ -17,6 +17,8 @@ __all__ = ["Segment", "Plan", "SegmentKind"]
 # more in its own backward: twice the recomputation for much less memory while it runs (Revolve's
 # second level).
 SegmentKind = Literal["plain", "recompute", "selective", "nested"]
+# A plan as the strategies return it: (first, end) candidate-boundary indices and a treatment.
+Spans = list[tuple[int, int, SegmentKind]]
 
 
 @dataclass(frozen=True)

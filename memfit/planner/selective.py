@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from . import dp
 from .chain import Chain
-from .dp import Spans
-from .plan import SegmentKind
+from .plan import SegmentKind, Spans
 
 __all__ = ["cheapest", "lowest_peak", "KINDS"]
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from .errors import MemfitInputError
-from .parallel import Parallel
+from ..cost.parallel import Parallel
+from ..errors import MemfitInputError
 
 __all__ = ["wrap"]
 
@@ -43,7 +43,7 @@ def wrap(module: torch.nn.Module, parallel: Parallel, **kwargs: Any) -> torch.nn
 
         parallel = memfit.Parallel("fsdp", world_size=2, units=("layer1.0", "layer1.1"))
         planned = memfit.optimize(net, 300, x, optimizer="adam", parallel=parallel)
-        planned = memfit.distributed.wrap(planned, parallel)
+        planned = memfit.rewrite.distributed.wrap(planned, parallel)
     """
     import torch.distributed as dist
 

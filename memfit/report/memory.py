@@ -5,14 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..units import MiB, mib
+
 __all__ = ["MemoryReport", "LayerRow", "Comparison", "MiB", "mib"]
-
-MiB = 2**20
-
-
-def mib(nbytes: int) -> float:
-    """Bytes to MiB (the unit every ``*_mb`` figure of memfit uses)."""
-    return nbytes / MiB
 
 
 @dataclass(frozen=True)

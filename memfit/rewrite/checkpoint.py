@@ -27,8 +27,8 @@ import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from torch.utils.flop_counter import flop_registry
 
-from .. import subgraph
-from .plan import Plan
+from ..capture import subgraph
+from ..planner.plan import Plan
 
 __all__ = ["Checkpointed", "PlannedModule", "rewrite", "SEGMENT_PREFIX"]
 

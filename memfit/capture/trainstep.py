@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .errors import MemfitInputError
+from ..errors import MemfitInputError
 
 __all__ = [
     "StepConfig",

@@ -26,9 +26,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from .errors import MemfitInputError
-from .graph import MemGraph
-from .tracker import Event
+from ..capture.graph import MemGraph
+from ..capture.tracker import Event
+from ..errors import MemfitInputError
 
 __all__ = ["Parallel", "Step", "distribute"]
 

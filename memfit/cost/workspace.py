@@ -26,11 +26,11 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from .capture import LeafSpec, graph_of
-from .graph import MemGraph
+from ..capture.dryrun import LeafSpec, graph_of
+from ..capture.graph import MemGraph
+from ..capture.tracker import StorageTracker, tensors_in
+from ..capture.trainstep import StepConfig
 from .measurement import memory_profile
-from .tracker import StorageTracker, tensors_in
-from .trainstep import StepConfig
 
 __all__ = ["calibrate", "CALIBRATION_BATCH", "CACHE_ENV"]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import MemfitInputError
-from .planner.plan import Plan
-from .report import mib
+from ..errors import MemfitInputError
+from ..planner.plan import Plan
+from ..units import mib
 
 __all__ = ["plot_plan"]
 

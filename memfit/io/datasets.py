@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import MemfitInputError
+from ..errors import MemfitInputError
 
 __all__ = ["Split", "digits", "cifar"]
 

@@ -1,7 +1,7 @@
 """Running a nested fx subgraph (a checkpointed segment) so that a dry run can see inside it.
 
 A planned model runs its checkpointed segments through :func:`run`. Normally that simply calls the
-segment's GraphModule; while :mod:`memfit.capture` dry-runs a step it installs a runner that
+segment's GraphModule; while :mod:`memfit.capture.dryrun` dry-runs a step it installs a runner that
 interprets the segment node by node, so memory events, FLOPs and backward work (recomputation
 included) are attributed to the original nodes rather than to the segment as a whole.
 """

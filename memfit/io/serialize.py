@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compressors import generators, get_method
-from .compressors.apply import META_KEY, plain_state, trace_compressed
-from .compressors.layer import generated_layer
-from .errors import MemfitInputError
-from .models import create, spec_of
+from ..compressors import generators, get_method
+from ..compressors.apply import META_KEY, plain_state, trace_compressed
+from ..compressors.layer import generated_layer
+from ..errors import MemfitInputError
+from ..models import create, spec_of
 
 __all__ = ["save", "load", "architecture_of", "FORMAT_VERSION", "META_KEY"]
 

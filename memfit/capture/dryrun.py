@@ -18,8 +18,8 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 from torch.utils.flop_counter import flop_registry
 
+from ..errors import MemfitInputError, MemfitTraceError
 from . import subgraph
-from .errors import MemfitInputError, MemfitTraceError
 from .graph import MemGraph, NodeInfo
 from .tracker import StorageTracker, tensors_in
 from .trainstep import StepConfig, init_optimizer_state, make_optimizer, run_step, unique_trainable
@@ -209,7 +209,7 @@ class _Recorder(fx.Interpreter):
         return out
 
     def run_segment(self, gm: fx.GraphModule, args: tuple[Any, ...]) -> Any:
-        """Run a nested segment node by node (see :mod:`memfit.subgraph`), attributing its
+        """Run a nested segment node by node (see :mod:`memfit.capture.subgraph`), attributing its
         forward, its recomputation and its backward to its own nodes."""
         return _SegmentRecorder(gm, self).run(*args)
 
@@ -334,7 +334,7 @@ def capture(
 
     Example:
         >>> import torch, memfit
-        >>> g = memfit.capture.capture(memfit.models.create("resnet18", stem="cifar"),
+        >>> g = memfit.capture.dryrun.capture(memfit.models.create("resnet18", stem="cifar"),
         ...                            torch.randn(8, 3, 32, 32))
         >>> g.batch_size
         8

@@ -2,14 +2,14 @@
 
 The step is replayed event by event from the graph's storage log (exact at the dispatcher), and
 each node adds the allocator-only workspace its kernels need while it runs (``workspace_fwd`` /
-``workspace_bwd``, calibrated by :mod:`memfit.workspace`). Under data parallelism the step is
-first rewritten into one process's (:mod:`memfit.parallel`). The result says where the peak falls
+``workspace_bwd``, calibrated by :mod:`memfit.cost.workspace`). Under data parallelism the step is
+first rewritten into one process's (:mod:`memfit.cost.parallel`). The result says where the peak falls
 and what holds it up.
 """
 
 from __future__ import annotations
 
-from .graph import MemGraph
+from ..capture.graph import MemGraph
 from .parallel import Parallel, Step, distribute
 from .timeline import Timeline, replay
 

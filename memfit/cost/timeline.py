@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from .graph import CATEGORIES
-from .tracker import Event
+from ..capture.graph import CATEGORIES
+from ..capture.tracker import Event
 
 __all__ = ["Timeline", "replay"]
 

@@ -4,7 +4,7 @@ The tracker sees every storage an ATen operator returns and notices the moment i
 (storage Python objects are preserved for as long as the storage lives, so a finalizer fires at
 the real free). Run under ``FakeTensorMode`` it gives an exact dry run without allocating; run on
 real tensors it is the dispatch-level half of :func:`memfit.measure`. Buffers that kernels allocate
-internally never reach the dispatcher: :mod:`memfit.workspace` accounts for those.
+internally never reach the dispatcher: :mod:`memfit.cost.workspace` accounts for those.
 """
 
 from __future__ import annotations

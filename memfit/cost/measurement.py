@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .graph import CATEGORIES
+from ..capture.graph import CATEGORIES
+from ..capture.tracker import StorageTracker, tensors_in
+from ..capture.trainstep import StepConfig, init_optimizer_state, make_optimizer, run_step, unique_trainable
 from .timeline import replay
-from .tracker import StorageTracker, tensors_in
-from .trainstep import StepConfig, init_optimizer_state, make_optimizer, run_step, unique_trainable
 
 _KINETO_LINE = re.compile(rb"ActivityProfiler\w*\.cpp:\d+\] profiler_(start|stop)")
 

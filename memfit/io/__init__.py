@@ -1,0 +1,1 @@
+"""Files: packed ``.memfit`` model files (``serialize``) and the data-set readers (``datasets``)."""

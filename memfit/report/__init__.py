@@ -1,0 +1,1 @@
+"""Reports: results rendered for people (memory tables, plan plots); nothing here computes a cost."""
