@@ -65,7 +65,9 @@ def trained() -> tuple[Split, nn.Module, float]:
     [
         ("ternary", TernaryConfig(), 1e-3, 10.0),
         ("generated", GeneratedConfig(), 3e-3, 10.0),
-        ("shared", SharedConfig(), 1e-3, 4.0),
+        # At width 8 the stem has 24 reference kernels and the projection leaves the network near
+        # chance; three epochs at 1e-3 recovered to within 5 points on 2 of seeds 0-3, at 3e-3 on all 4.
+        ("shared", SharedConfig(), 3e-3, 4.0),
     ],
 )
 def test_compressed_models_keep_their_accuracy_on_digits(trained, method, config, lr, least_ratio) -> None:
