@@ -6,7 +6,9 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .capture.dryrun import LeafSpec, as_input_tuple, capture, check_model
+from .capture.dryrun import capture
+from .capture.inputs import as_inputs
+from .capture.trace import check_model, graph_of
 from .capture.trainstep import OptimizerSpec, StepConfig
 from .cost import workspace
 from .cost.measurement import measure_step
@@ -39,7 +41,8 @@ def estimate(
 
     Args:
         model: The network; it is not modified.
-        example_inputs: A tensor or tuple of tensors shaped like a training batch.
+        example_inputs: A tensor, a tuple of tensors or a dict of keyword arguments shaped like a
+            training batch.
         optimizer: ``"sgd"``, ``"momentum"``, ``"adam"``, ``"adamw"``, a factory
             ``params -> Optimizer``, or None (no optimizer step).
         amp: None (full precision), ``"bf16"`` or ``"fp16"`` (``torch.autocast``).
@@ -61,9 +64,11 @@ def estimate(
     """
     config = _config(optimizer, amp, loss_fn)
     check_model(model)
-    graph = capture(model, example_inputs, config, leaf_modules=leaf_modules)
+    inputs = as_inputs(example_inputs)
+    gm = graph_of(model, leaf_modules, inputs)
+    graph = capture(model, inputs, config, leaf_modules=leaf_modules, gm=gm)
     if calibrate:
-        workspace.calibrate(graph, model, as_input_tuple(example_inputs), config, leaf_modules=leaf_modules)
+        workspace.calibrate(graph, gm, inputs.tensors, config, leaf_modules=leaf_modules)
     return with_storage(report_from_graph(graph, type(model).__name__, parallel=parallel), model)
 
 
@@ -82,7 +87,8 @@ def measure(
 
     Args:
         model: The network; it is copied, never modified.
-        example_inputs: A tensor or tuple of tensors: one real training batch.
+        example_inputs: A tensor, a tuple of tensors or a dict of keyword arguments: one real
+            training batch.
         optimizer: As in :func:`estimate`.
         amp: As in :func:`estimate`.
         loss_fn: As in :func:`estimate`.
@@ -98,14 +104,14 @@ def measure(
     """
     config = _config(optimizer, amp, loss_fn)
     check_model(model)
-    inputs = as_input_tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     m = measure_step(model, inputs, config)
     breakdown = dict(m.at_tensor_peak)
     report = MemoryReport(
         source="measured",
         model=type(model).__name__,
         description=config.describe(),
-        batch_size=int(inputs[0].shape[0]) if inputs[0].dim() else 1,
+        batch_size=inputs.batch_size,
         parameters_bytes=m.baseline["parameter"],
         buffers_bytes=m.baseline["buffer"],
         inputs_bytes=m.baseline["input"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import logging
 import math
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -17,8 +18,10 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from .capture.dryrun import as_input_tuple, capture, check_model, graph_of
+from .capture.dryrun import capture
 from .capture.graph import MemGraph
+from .capture.inputs import Inputs, as_inputs
+from .capture.trace import check_model, graph_of
 from .capture.trainstep import OptimizerSpec, StepConfig
 from .compressors.apply import META_KEY
 from .cost import simulate, workspace
@@ -32,6 +35,8 @@ from .report.memory import Comparison, MiB, mib
 from .rewrite.checkpoint import rewrite
 
 __all__ = ["optimize", "AUTO_ORDER", "VERIFY_ROUNDS", "MARGIN"]
+
+log = logging.getLogger(__name__)
 
 # A plan enacted and dry-run: the module, its Plan, its captured graph and simulated timeline.
 Verified = tuple[fx.GraphModule, Plan, MemGraph, Timeline]
@@ -66,7 +71,8 @@ def optimize(
         budget_mb: Budget for the peak of one training step (forward, backward, optimizer
             step), MiB, allocator-level (kernel workspaces included). The verified prediction
             stays ``MARGIN`` (0.1%) below it, the cost model's residual error.
-        example_inputs: A tensor or tuple of tensors shaped like a training batch.
+        example_inputs: A tensor, a tuple of tensors or a dict of keyword arguments shaped like a
+            training batch. A Hugging Face model's batch with ``labels`` trains on its ``.loss``.
         optimizer: The optimizer of the step, as in :func:`memfit.estimate`.
         amp: None, ``"bf16"`` or ``"fp16"`` (``torch.autocast``).
         loss_fn: Output -> scalar loss, as in :func:`memfit.estimate`.
@@ -105,7 +111,7 @@ def optimize(
     check_model(model)
     if not budget_mb > 0:
         raise MemfitInputError(f"budget_mb must be a positive number of MiB, got {budget_mb!r}")
-    inputs = as_input_tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     leaves = list(leaf_modules)
     plan_for = lambda net: _fit(net, budget_mb, inputs, config, names, leaves, started + time_limit_s, parallel)  # noqa: E731
     try:
@@ -122,7 +128,7 @@ def optimize(
 def _fit(
     model: torch.nn.Module,
     budget_mb: float,
-    inputs: tuple[torch.Tensor, ...],
+    inputs: Inputs,
     config: StepConfig,
     names: Sequence[str],
     leaves: list,
@@ -130,11 +136,10 @@ def _fit(
     parallel: Parallel | None,
 ) -> fx.GraphModule:
     """Plan, enact and verify for one model (see :func:`optimize`)."""
-    graph = capture(model, inputs, config, leaf_modules=leaves)
-    gm = graph_of(model, leaves)
-    workspace.calibrate(graph, gm, inputs, config, leaf_modules=leaves)  # one trace serves both
+    gm = graph_of(model, leaves, inputs)  # one trace serves capture, calibration and the rewrite
+    graph = capture(model, inputs, config, leaf_modules=leaves, gm=gm)
+    workspace.calibrate(graph, gm, inputs.tensors, config, leaf_modules=leaves)
     chain = Chain(graph)
-    _check_names(chain, gm)
     budget = int(budget_mb * MiB)
     room = budget - math.ceil(budget * MARGIN)  # what a verified prediction may reach
     before = report_from_graph(graph, type(model).__name__, parallel=parallel)
@@ -142,19 +147,28 @@ def _fit(
     # about what it moves the unplanned one's, and verification corrects the rest.
     shift = simulate.simulate(graph).peak_bytes - before.peak_bytes if parallel else 0
 
-    def verify(spans: Spans, name: str) -> Verified:
+    failures: list[str] = []
+
+    def verify(spans: Spans, name: str) -> Verified | None:
+        """The plan enacted and dry-run; None when that raised: a torch feature the plan leans on
+        may refuse the model where another plan or strategy does not. It is then discarded like
+        a plan that does not fit."""
         plan = Plan(segments=chain.to_segments(spans), strategy=name, budget_bytes=budget)
-        planned = rewrite(model, gm, plan)
-        vgraph = capture(planned, inputs, config)
+        try:
+            planned = rewrite(model, gm, plan)
+            vgraph = capture(planned, inputs, config)
+        except Exception as e:  # noqa: BLE001  whatever torch raises, the plan is only discarded
+            failures.append(f"a {name} plan failed its dry run ({type(e).__name__}: {e})")
+            log.warning("memfit: %s", failures[-1])
+            return None
         _carry_workspace(graph, vgraph)
         return planned, plan, vgraph, simulate.simulate(vgraph, inner=graph, parallel=parallel)
 
-    if before.peak_bytes <= room:
-        result = verify([(0, chain.m, "plain")], "none")
-    else:
+    result = verify([(0, chain.m, "plain")], "none") if before.peak_bytes <= room else None
+    if result is None:
         result = _search(chain, names, room, shift, verify, deadline)
-        if result is None:
-            result = _at_minimum(chain, names, budget, room, verify, before)
+    if result is None:
+        result = _at_minimum(chain, names, budget, room, verify, before, failures)
     planned, plan, vgraph, timeline = result
     after = report_from_graph(vgraph, type(model).__name__, timeline, inner=graph, parallel=parallel)
     plan.peak_before_bytes = before.peak_bytes
@@ -237,23 +251,12 @@ def _strategy_names(strategy: str) -> Sequence[str]:
     return (strategy,)
 
 
-def _check_names(chain: Chain, gm: fx.GraphModule) -> None:
-    """The plan is made on the fake copy's graph and enacted on the real model's: same nodes."""
-    real = {n.name for n in gm.graph.nodes}
-    missing = [n for n in chain.names if n not in real]
-    if missing:
-        raise MemfitInputError(
-            f"tracing the model twice gave different graphs (e.g. node {missing[0]!r}); its forward "
-            "must not depend on global state that changes between calls"
-        )
-
-
 def _search(
     chain: Chain,
     names: Sequence[str],
     budget: int,
     shift: int,
-    verify: Callable[[Spans, str], Verified],
+    verify: Callable[[Spans, str], Verified | None],
     deadline: float,
 ) -> Verified | None:
     """The cheapest plan that verifies, by best-first search over strategies and tightenings.
@@ -287,6 +290,8 @@ def _search(
         key = tuple(spans)
         if key not in excesses:
             result = verify(spans, names[i])
+            if result is None:  # a plan that cannot run is discarded like one that does not fit
+                continue
             excesses[key] = result[3].peak_bytes - budget
             if excesses[key] <= 0:
                 return result
@@ -296,9 +301,18 @@ def _search(
     return None
 
 
-def _at_minimum(chain: Chain, names: Sequence[str], budget: int, room: int, verify: Callable, before: Any) -> Any:
+def _at_minimum(
+    chain: Chain, names: Sequence[str], budget: int, room: int, verify: Callable, before: Any, failures: list[str]
+) -> Any:
     """The plan of least verified peak, if it fits after all; otherwise the error that says why."""
-    results = [verify(STRATEGIES[n].lowest_peak(chain), n) for n in names]
+    results = [r for n in names if (r := verify(STRATEGIES[n].lowest_peak(chain), n)) is not None]
+    if not results:
+        raise MemfitBudgetError(
+            f"no plan of strategies {', '.join(names)} could run for {mib(budget):.2f} MiB: {'; '.join(failures)}. "
+            "Try another strategy, or a budget above the unplanned peak, "
+            f"{mib(before.peak_bytes):.2f} MiB (predicted)",
+            minimum_mb=mib(math.ceil((before.peak_bytes + 1) / (1 - MARGIN))),
+        )
     best = min(results, key=lambda r: r[3].peak_bytes)
     if best[3].peak_bytes <= room:
         return best
@@ -326,6 +340,7 @@ def _carry_workspace(graph: MemGraph, vgraph: MemGraph) -> None:
         if info.name in graph.dag:
             src = graph.info(info.name)
             info.workspace_fwd, info.workspace_bwd = src.workspace_fwd, src.workspace_bwd
+            info.workspace_error = src.workspace_error
 
 
 def _held_into_backward(graph: MemGraph) -> int:

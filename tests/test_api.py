@@ -72,9 +72,18 @@ class _ValueGate(nn.Module):
         return x
 
 
-def test_untraceable_forward_names_the_module_and_the_fix() -> None:
-    with pytest.raises(memfit.MemfitTraceError, match=r"(?s)submodule 'gate' \(_Gate\).*leaf_modules=\[_Gate\]"):
-        memfit.estimate(_Branchy(), torch.randn(2, 3, 8, 8))
+def test_a_branch_fx_cannot_trace_is_captured_by_export() -> None:
+    report = memfit.estimate(_Branchy(), torch.randn(2, 3, 8, 8))
+    measured = memfit.measure(_Branchy(), torch.randn(2, 3, 8, 8))
+    assert report.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.03)
+    assert any("torch.export" in n and "submodule 'gate' (_Gate)" in n for n in report.notes), report.notes
+
+
+def test_a_branch_nothing_can_capture_names_the_module_and_the_fix() -> None:
+    model = _Branchy()
+    model.gate = _ValueGate()
+    with pytest.raises(memfit.MemfitTraceError, match=r"(?s)_Branchy.*submodule 'gate' \(_ValueGate\).*leaf_modules=\[_ValueGate\]"):
+        memfit.estimate(model, torch.randn(2, 3, 8, 8))
 
 
 def test_a_value_dependent_leaf_is_refused_clearly() -> None:

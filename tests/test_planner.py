@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 import torch.nn as nn
 
 import memfit
-from memfit.capture.dryrun import capture, trace
+from memfit.capture.dryrun import capture
+from memfit.capture.trace import trace
 from memfit.capture.trainstep import default_loss
 from memfit.planner import STRATEGIES, Chain, Plan, dp
 from memfit.rewrite.checkpoint import Checkpointed, rewrite
@@ -34,18 +37,29 @@ FRACTIONS = (0.25, 0.5, 0.75)
 FIXED_PEAK = {"gpt2", "vgg11", "vgg13", "vgg16", "vgg19"}
 
 
-def _train_step(model: nn.Module, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+def _train_step(model: nn.Module, x: Any, seed: int = 0, loss_fn: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
     torch.manual_seed(seed)
     model.train()
-    loss = default_loss(model(x))
+    out = model(**x) if isinstance(x, dict) else model(*x) if isinstance(x, (tuple, list)) else model(x)
+    loss = (loss_fn or default_loss)(out)
     loss.backward()
     return loss.detach()
 
 
-def assert_trains_like(original: nn.Module, planned: nn.Module, reference: nn.Module, x: torch.Tensor) -> None:
-    """``planned`` (sharing ``original``'s parameters) takes the same step as ``reference``."""
-    expected = _train_step(reference, x)
-    got = _train_step(planned, x)
+def assert_trains_like(
+    original: nn.Module,
+    planned: nn.Module,
+    reference: nn.Module,
+    x: Any,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+) -> None:
+    """``planned`` (sharing ``original``'s parameters) takes the same step as ``reference``.
+
+    ``x``: a tensor, a tuple of positional tensors or a dict of keyword tensors; ``loss_fn``: output
+    -> scalar loss, memfit's default if None.
+    """
+    expected = _train_step(reference, x, loss_fn=loss_fn)
+    got = _train_step(planned, x, loss_fn=loss_fn)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     ref_grads = {n: p.grad for n, p in reference.named_parameters()}
     for name, p in original.named_parameters():
@@ -62,9 +76,9 @@ def _case(name: str) -> tuple[nn.Module, torch.Tensor]:
     return model, (x[:4] if x.dim() == 4 else x)
 
 
-def _minimum_mb(model: nn.Module, x: torch.Tensor, strategy: str) -> float:
+def _minimum_mb(model: nn.Module, x: Any, strategy: str, **kwargs: Any) -> float:
     with pytest.raises(memfit.MemfitBudgetError) as err:
-        memfit.optimize(model, 1e-6, x, strategy=strategy)
+        memfit.optimize(model, 1e-6, x, strategy=strategy, **kwargs)
     return err.value.minimum_mb
 
 

@@ -1,12 +1,17 @@
-"""Workspace calibration's on-disk cache: reused across processes, never trusted blindly."""
+"""Workspace calibration: its on-disk cache (reused across processes, never trusted blindly), the
+layouts layers run with, and the report of layers that cannot be calibrated."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+import memfit
 from memfit.capture.dryrun import capture
 from memfit.capture.trainstep import StepConfig
 from memfit.cost import workspace
@@ -59,3 +64,138 @@ def test_cache_can_be_disabled(small_cnn, fresh_cache, monkeypatch):
     monkeypatch.setenv(workspace.CACHE_ENV, "off")
     _calibrated(small_cnn, torch.randn(4, 3, 16, 16))
     assert not list(fresh_cache.iterdir())
+
+
+class _LayerNorm2d(nn.LayerNorm):
+    """ConvNeXt's LayerNorm over channels: permute to channels-last, normalise, permute back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class _ConvNeXtBlock(nn.Module):
+    """Depthwise 7x7 conv, LayerNorm and a 4x MLP on channels-last values, layer scale, residual:
+    every block after the first gets a channels-last input, whose depthwise-conv backward and
+    LayerNorm make hidden contiguous copies."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim, 1, 1), 1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc2(self.act(self.fc1(self.norm(self.dwconv(x).permute(0, 2, 3, 1)))))
+        return self.gamma * y.permute(0, 3, 1, 2) + x
+
+
+# (channels, side, batch): contiguous-input calibration was 40% low on both; the second batch is
+# extrapolated from smaller ones, so the layouts must carry over to other batch sizes
+@pytest.mark.parametrize("dim, side, batch", [(64, 8, 4), (128, 4, 16)])
+def test_convnext_blocks_priced_with_their_layouts(fresh_cache, dim, side, batch):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, dim, 1),
+        _LayerNorm2d(dim),
+        *[_ConvNeXtBlock(dim) for _ in range(3)],
+        nn.Flatten(),
+        nn.Linear(dim * side * side, 10),
+    )
+    x = torch.randn(batch, 3, side, side)
+    predicted = memfit.estimate(model, x).peak_mb
+    measured = memfit.measure(model, x).peak_mb
+    assert predicted == pytest.approx(measured, rel=0.03)
+
+
+def test_layout_is_part_of_the_cache_key(fresh_cache):
+    conv = nn.Conv2d(16, 16, 7, padding=3, groups=16)
+    keys = set()
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(4, 16, 8, 8).contiguous(memory_format=fmt)
+        graph = capture(conv, x, StepConfig())
+        workspace._cache.clear()
+        workspace.calibrate(graph, conv, (x,), StepConfig())
+        keys |= set(workspace._cache)
+    assert len(keys) == 2
+
+
+@pytest.mark.parametrize(
+    "shape, strides, new_shape, expected",
+    [
+        ((32, 8, 4, 4), (128, 1, 32, 8), (4, 8, 4, 4), (128, 1, 32, 8)),  # channels-last
+        ((4, 32, 8), (8, 32, 1), (4, 2, 8), (8, 32, 1)),  # (T, B, D) from a transposed (B, T, D)
+        ((32, 8, 6), (48, 6, 1), (4, 8, 6), (48, 6, 1)),  # contiguous
+        ((32, 8, 3), (48, 6, 1), (4, 8, 3), (48, 6, 1)),  # a slice: the gap stays
+        ((32, 8), (0, 1), (4, 8), (0, 1)),  # broadcast over the batch
+    ],
+)
+def test_restride_keeps_the_layout(shape, strides, new_shape, expected):
+    assert workspace._restride(shape, strides, new_shape) == expected
+
+
+class _Fragile(nn.Module):
+    """Runs in the model but, once ``broken``, not alone: a layer calibration cannot run."""
+
+    broken = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self).broken:
+            raise RuntimeError("needs the rest of the model")
+        return self.linear(x)
+
+
+def test_failed_calibration_is_reported_not_zero(fresh_cache, monkeypatch, caplog):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 8), _Fragile())
+    x = torch.randn(4, 3, 8, 8)
+    graph = capture(model, x, StepConfig(), leaf_modules=[_Fragile])
+    monkeypatch.setattr(_Fragile, "broken", True)
+    with caplog.at_level(logging.WARNING, logger=workspace.__name__):
+        workspace.calibrate(graph, model, (x,), StepConfig(), leaf_modules=[_Fragile])
+    (name,) = [i.name for i in graph.nodes if i.module_type == "_Fragile"]
+    assert workspace.uncalibrated(graph) == {name: "RuntimeError: needs the rest of the model"}
+    assert any(name in r.getMessage() and "needs the rest" in r.getMessage() for r in caplog.records)
+    assert any(i.workspace_fwd or i.workspace_bwd for i in graph.nodes), "the conv is still calibrated"
+
+    # the failure is not cached as a zero: once the layer runs, it is measured
+    monkeypatch.setattr(_Fragile, "broken", False)
+    graph = capture(model, x, StepConfig(), leaf_modules=[_Fragile])
+    workspace.calibrate(graph, model, (x,), StepConfig(), leaf_modules=[_Fragile])
+    assert workspace.uncalibrated(graph) == {}
+
+
+def test_inplace_layer_is_calibrated(fresh_cache):
+    # autograd refuses in-place writes into a leaf that requires grad: calibration hands the layer
+    # a copy, as the step hands it an activation
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3), nn.Hardswish(inplace=True))
+    x = torch.randn(4, 3, 12, 12)
+    graph = capture(model, x, StepConfig())
+    workspace.calibrate(graph, model, (x,), StepConfig())
+    assert workspace.uncalibrated(graph) == {}
+
+
+class _Detached(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.conv1(x).detach())
+
+
+def test_recorded_requires_grad_is_used(fresh_cache):
+    # conv2's input needs no gradient: its backward computes none, and calibration must say so
+    model, x = _Detached(), torch.randn(4, 3, 12, 12)
+    graph = capture(model, x, StepConfig())
+    for info in graph.nodes:  # as the step has it: neither the input nor the detached value needs grad
+        info.output_requires_grad = [info.op != "placeholder" and info.target != "detach"] * len(info.output_shapes)
+    workspace.calibrate(graph, model, (x,), StepConfig())
+    (key,) = [k for k in workspace._cache if "Conv2d(8, 8" in k]
+    assert "requires_grad=False" in key

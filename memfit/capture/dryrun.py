@@ -1,4 +1,5 @@
-"""Capture: trace a model with torch.fx and dry-run one training step under FakeTensorMode.
+"""Capture: the model's graph (:mod:`memfit.capture.trace`) dry-run for one training step under
+FakeTensorMode.
 
 The dry run executes the real step (forward under the step's autocast, loss, backward, optimizer
 step) on fake tensors, so it allocates nothing and yet records, per fx node, every storage that is
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import networkx as nx
 import torch
@@ -21,46 +22,14 @@ from torch.utils.flop_counter import flop_registry
 from ..errors import MemfitInputError, MemfitTraceError
 from . import subgraph
 from .graph import MemGraph, NodeInfo
+from .inputs import Inputs, as_inputs
+from .trace import LeafSpec, check_model, graph_of
 from .tracker import StorageTracker, tensors_in
 from .trainstep import StepConfig, init_optimizer_state, make_optimizer, run_step, unique_trainable
 
-__all__ = ["capture", "trace", "graph_of", "as_input_tuple", "check_model"]
+__all__ = ["capture"]
 
 log = logging.getLogger(__name__)
-
-LeafSpec = Iterable["type[torch.nn.Module] | str"]
-
-
-def check_model(model: object) -> torch.nn.Module:
-    """Refuse what cannot be trained: a non-Module or a model without trainable parameters."""
-    if not isinstance(model, torch.nn.Module):
-        raise MemfitInputError(
-            f"expected a torch.nn.Module, got {type(model).__name__}; pass the model object itself "
-            "(for a zoo model: memfit.models.create('resnet18'))"
-        )
-    if not any(p.requires_grad for p in model.parameters()):
-        raise MemfitInputError(
-            f"{type(model).__name__} has no trainable parameters, so a training step has nothing to "
-            "update; give a model with parameters that require grad"
-        )
-    return model
-
-
-def as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    """Normalise example inputs to a tuple of tensors (the model's positional arguments)."""
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-    if not isinstance(inputs, (tuple, list)) or not inputs:
-        raise MemfitInputError(
-            "example_inputs must be a tensor or a non-empty tuple of tensors (the model's "
-            f"positional arguments), got {type(example_inputs).__name__}"
-        )
-    for i, x in enumerate(inputs):
-        if not isinstance(x, torch.Tensor):
-            raise MemfitInputError(
-                f"example_inputs[{i}] is {type(x).__name__}, not a tensor; bind non-tensor "
-                "arguments with functools.partial or a wrapper module"
-            )
-    return tuple(inputs)
 
 
 class _CountingTracker(StorageTracker):
@@ -71,80 +40,74 @@ class _CountingTracker(StorageTracker):
         super().__init__()
         self.flops = 0
         self.random_nodes: set[str] = set()  # nodes whose forward ran an op that draws random numbers
+        self.writes: dict[str, set[int]] = {}  # node -> storages its forward wrote in place
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         out = super().__torch_dispatch__(func, types, args, kwargs)
-        if self.phase == "forward" and torch.Tag.nondeterministic_seeded in func.tags:
-            self.random_nodes.add(self.node)
+        if self.phase == "forward":
+            if torch.Tag.nondeterministic_seeded in func.tags:
+                self.random_nodes.add(self.node)
+            for t in _written(func, args, kwargs):
+                sid = self.sid_of(t)
+                if sid is not None:
+                    self.writes.setdefault(self.node, set()).add(sid)
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
             self.flops += formula(*args, **kwargs, out_val=out)
         return out
 
 
-class _Tracer(fx.Tracer):
-    """An fx tracer that knows which submodule it is inside, to name it when tracing fails."""
-
-    def __init__(self, leaf_modules: LeafSpec = ()) -> None:
-        super().__init__()
-        leaves = list(leaf_modules)
-        self._leaf_types = tuple(x for x in leaves if isinstance(x, type))
-        self._leaf_paths = {x for x in leaves if isinstance(x, str)}
-        self.stack: list[tuple[str, str]] = []
-        self.failed_at: tuple[str, str] | None = None
-
-    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
-        if isinstance(m, self._leaf_types) or qualname in self._leaf_paths:
-            return True
-        return super().is_leaf_module(m, qualname)
-
-    def call_module(self, m, forward, args, kwargs):  # type: ignore[override]
-        self.stack.append((self.path_of_module(m), type(m).__name__))
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_at is None:
-                self.failed_at = self.stack[-1]
-            raise
-        finally:
-            self.stack.pop()
+# Ops that update running statistics without saying so in their schema: (running_mean,
+# running_var, training) argument positions.
+_UNDECLARED_WRITES = {
+    name: (3, 4, 5) for name in ("native_batch_norm", "cudnn_batch_norm", "miopen_batch_norm")
+}
 
 
-def trace(model: torch.nn.Module, leaf_modules: LeafSpec = ()) -> fx.GraphModule:
-    """Trace a model with torch.fx; a failure names the submodule and the fix.
-
-    Args:
-        model: The module to trace (not modified).
-        leaf_modules: Module types or qualified names to keep as opaque calls.
-
-    Returns:
-        A GraphModule sharing the model's submodules and parameters.
-    """
-    tracer = _Tracer(leaf_modules)
-    try:
-        graph = tracer.trace(model)
-    except Exception as e:
-        path, kind = tracer.failed_at or ("", type(model).__name__)
-        where = f"submodule '{path}' ({kind})" if path else f"the top-level forward of {kind}"
-        raise MemfitTraceError(
-            f"torch.fx cannot trace {where}: {type(e).__name__}: {e}\n"
-            "Data-dependent Python control flow (if/for on tensor values) cannot be captured. Fix: "
-            f"declare it a leaf, e.g. leaf_modules=[{kind}]"
-            + (f" or leaf_modules=['{path}']" if path else "")
-            + ", or rewrite the branch with torch.where."
-        ) from e
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    if not any(n.op == "output" for n in gm.graph.nodes) or len(gm.graph.nodes) <= 1:
-        raise MemfitInputError(f"{type(model).__name__} traced to an empty graph; nothing to train")
-    return gm
+def _written(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors an ATen op writes in place, from its schema (``Tensor(a!)`` arguments): this
+    sees every write, including those inside leaf modules and hooks (BatchNorm's statistics)."""
+    schema = func._schema
+    out: list[torch.Tensor] = []
+    for i, a in enumerate(schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            out += tensors_in(args[i] if i < len(args) else kwargs.get(a.name))
+    hidden = _UNDECLARED_WRITES.get(schema.name.split("::")[-1])
+    if hidden is not None:
+        names = [a.name for a in schema.arguments]
+        value = lambda i: args[i] if i < len(args) else kwargs.get(names[i])  # noqa: E731
+        if value(hidden[2]):
+            out += tensors_in([value(hidden[0]), value(hidden[1])])
+    return out
 
 
-def graph_of(model: torch.nn.Module, leaf_modules: LeafSpec = ()) -> fx.GraphModule:
-    """The graph memfit plans on: a GraphModule's own (a planned or compressed model keeps the
-    structure it was given), otherwise the model's trace. Capture, calibration and the rewrite
-    must all see the same nodes."""
-    return model if isinstance(model, fx.GraphModule) else trace(model, leaf_modules)
+def _on_fake(gm: fx.GraphModule, fmodel: torch.nn.Module, mode: FakeTensorMode) -> fx.GraphModule:
+    """``gm``'s graph over the fake copy of its model: the copy's modules and tensors, and fake
+    copies of what only the capture created (tensor constants, export's region bodies)."""
+    root: dict[str, Any] = {}
+    for n in gm.graph.nodes:
+        if n.op in ("call_module", "get_attr"):
+            target = str(n.target)
+            found = _lookup(fmodel, target)
+            if found is None:
+                found = _lookup(gm, target)
+                if isinstance(found, torch.Tensor):
+                    found = mode.from_tensor(found, static_shapes=True)
+            root[target] = found
+    out = fx.GraphModule(root, copy.deepcopy(gm.graph), type(fmodel).__name__)
+    out.meta.update(gm.meta)
+    out.train()
+    return out
+
+
+def _lookup(mod: Any, dotted: str) -> Any:
+    """An attribute by dotted path, or None where the path does not exist."""
+    for part in dotted.split("."):
+        if not hasattr(mod, part):
+            return None
+        mod = getattr(mod, part)
+    return mod
 
 
 def _fake_copy(model: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Module:
@@ -234,6 +197,8 @@ class _Recorder(fx.Interpreter):
             target=_describe_target(n),
             output_shapes=[tuple(t.shape) for t in tensors],
             output_dtypes=[str(t.dtype).replace("torch.", "") for t in tensors],
+            output_strides=[tuple(t.stride()) for t in tensors],
+            output_requires_grad=[t.requires_grad for t in tensors],
             out_bytes=sum(self.tracker.nbytes[s] for s in out_sids),
             out_sids=tuple(sorted({self.tracker.sid_of(t) for t in tensors} - {None})),
         )
@@ -244,6 +209,10 @@ class _Recorder(fx.Interpreter):
             info.module_path, info.module_type = str(n.target), type(mod).__name__
             info.inplace = bool(getattr(mod, "inplace", False))
             params = list(mod.parameters())
+        elif "memfit_module" in n.meta:  # an op of an exported graph: the user's layer it came from
+            info.module_path, info.module_type = n.meta["memfit_module"]
+            reads = [self.module.get_parameter(str(a.target)) for a in n.all_input_nodes if _is_parameter(self.module, a)]
+            params = list({id(p): p for p in reads}.values())
         elif n.op == "get_attr" and isinstance(out, torch.nn.Parameter | torch.Tensor):
             if id(out) in self.param_names:
                 params = [out]
@@ -253,6 +222,10 @@ class _Recorder(fx.Interpreter):
         info.param_numel = sum(p.numel() for p in params)
         info.param_bytes = sum(p.numel() * p.element_size() for p in params)
         self.infos[n.name] = info
+
+
+def _is_parameter(gm: fx.GraphModule, n: fx.Node) -> bool:
+    return n.op == "get_attr" and isinstance(_lookup(gm, str(n.target)), torch.nn.Parameter)
 
 
 _INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor"}
@@ -291,7 +264,7 @@ class _NodeFailure(Exception):
         self.node, self.args_kwargs, self.error = node, args_kwargs, error
 
 
-def _explain(f: _NodeFailure, gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Exception:
+def _explain(f: _NodeFailure, gm: fx.GraphModule, inputs: Inputs) -> Exception:
     """The user-facing error for a node that failed in the dry run."""
     where = f"node '{f.node.name}'"
     if f.node.op == "call_module":
@@ -304,7 +277,7 @@ def _explain(f: _NodeFailure, gm: fx.GraphModule, inputs: Sequence[torch.Tensor]
         )
     return MemfitInputError(
         f"the forward pass failed at {where} with input shapes {_shapes(f.args_kwargs)}: {f.error}\n"
-        f"The example inputs have shapes {_shapes(inputs)}; check they match what the model expects "
+        f"The example inputs have shapes {_shapes(inputs.tensors)}; check they match what the model expects "
         "(batch first)."
     )
 
@@ -319,36 +292,42 @@ def capture(
     config: StepConfig | None = None,
     *,
     leaf_modules: LeafSpec = (),
+    gm: fx.GraphModule | None = None,
 ) -> MemGraph:
     """Trace ``model`` and dry-run one steady-state training step on fake tensors.
 
     Args:
         model: The network (left untouched).
-        example_inputs: A tensor or tuple of tensors with the training batch's shapes. Only
-            shapes, dtypes and devices are read.
+        example_inputs: A tensor, a tuple of tensors or a dict of keyword arguments with the
+            training batch's shapes. Only shapes, dtypes and devices are read.
         config: Optimizer, precision and loss of the step.
         leaf_modules: Module types or qualified names to keep opaque (for untraceable code).
+        gm: The model's graph when the caller has it (:func:`memfit.capture.trace.graph_of`):
+            one trace then serves capture, calibration and the rewrite.
 
     Returns:
         The MemGraph of the step.
 
     Example:
         >>> import torch, memfit
-        >>> g = memfit.capture.dryrun.capture(memfit.models.create("resnet18", stem="cifar"),
-        ...                            torch.randn(8, 3, 32, 32))
+        >>> from memfit.capture.dryrun import capture
+        >>> g = capture(memfit.models.create("resnet18", stem="cifar"), torch.randn(8, 3, 32, 32))
         >>> g.batch_size
         8
     """
     config = config or StepConfig()
     check_model(model)
-    inputs = as_input_tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     fmodel = _fake_copy(model, mode)
-    # A GraphModule (a planned model) already is its graph; tracing again would rename its nodes.
-    gm = graph_of(fmodel, leaf_modules)
-    fake_inputs = [mode.from_tensor(x, static_shapes=True) for x in inputs]
+    if isinstance(model, fx.GraphModule):  # a planned model already is its graph: no new names
+        gm = fmodel
+    else:
+        gm = _on_fake(gm if gm is not None else graph_of(model, leaf_modules, inputs), fmodel, mode)
+    fake_inputs = [mode.from_tensor(x, static_shapes=True) for x in inputs.tensors]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != len(fake_inputs):
+    required = [n for n in placeholders if not n.args]  # the others have defaults
+    if not len(required) <= len(fake_inputs) <= len(placeholders):
         raise MemfitInputError(
             f"{type(model).__name__}.forward takes {len(placeholders)} tensor argument(s) "
             f"({', '.join(n.name for n in placeholders)}) but {len(fake_inputs)} example input(s) were given"
@@ -380,10 +359,13 @@ def capture(
                 raise _explain(f, gm, inputs) from f.error
             grads = {tracker.sid_of(p.grad) for p in params if p.grad is not None}
             owners = _owners(gm, rec.param_names, optimizer, tracker)
+            buffer_names = {tracker.sid_of(b): name for name, b in gm.named_buffers(remove_duplicate=False)}
             tracker.stop()
         del output
     graph = _assemble(gm, rec, tracker, grads, inputs, config, device)
+    graph.capture = str(gm.meta.get("memfit_capture", "torch.fx"))
     graph.owners = owners
+    graph.buffer_names = buffer_names
     graph.param_shapes = {rec.param_names[id(p)]: (tuple(p.shape), p.element_size()) for p in gm.parameters()}
     return graph
 
@@ -415,7 +397,7 @@ def _assemble(
     rec: _Recorder,
     tracker: _CountingTracker,
     grads: set[int | None],
-    inputs: Sequence[torch.Tensor],
+    inputs: Inputs,
     config: StepConfig,
     device: str,
 ) -> MemGraph:
@@ -441,6 +423,7 @@ def _assemble(
         info.saved_sids = tuple(own)
         info.saved_bytes = sum(tracker.nbytes[s] for s in own)
         info.random = n.name in tracker.random_nodes
+        info.writes = tuple(sorted(tracker.writes.get(n.name, ())))
         info.fwd_flops = rec.fwd_flops.get(n.name, 0)
         info.bwd_flops = rec.bwd_flops.get(n.name, 0)
         dag.add_node(n.name, info=info)
@@ -454,7 +437,7 @@ def _assemble(
         categories=categories,
         storage_bytes=dict(tracker.nbytes),
         events=list(tracker.events),
-        batch_size=int(inputs[0].shape[0]) if inputs[0].dim() else 1,
+        batch_size=inputs.batch_size,
         device=device,
         description=config.describe(),
     )

@@ -27,12 +27,18 @@ class NodeInfo:
         module_type: Class name of the called submodule, if any.
         output_shapes: Shapes of the tensors the node returns.
         output_dtypes: Their dtypes, as text.
+        output_strides: Their strides (channels-last and permuted layouts change what kernels
+            allocate internally).
+        output_requires_grad: Whether each requires grad (a layer whose input needs no gradient
+            runs a cheaper backward).
         out_bytes: Bytes of new storages the node returns (views cost nothing).
         out_sids: Every storage its outputs refer to, views of earlier storages included.
         saved_bytes: Bytes of non-parameter storages its autograd nodes save for backward.
         saved_sids: The storage ids behind ``saved_bytes``.
         inplace: Whether it mutates one of its inputs (``ReLU(inplace=True)``, ``x.add_(y)``).
         random: Whether its forward draws random numbers (dropout): a recomputation must replay them.
+        writes: Storages its forward writes in place (seen at the dispatcher, so also inside leaf
+            modules): activations an in-place op changes, or buffers (running statistics).
         params: Qualified names of the parameters it uses directly.
         param_numel: Their number of elements.
         param_bytes: Their bytes.
@@ -40,6 +46,7 @@ class NodeInfo:
         bwd_flops: FLOPs of its backward.
         workspace_fwd: Allocator bytes its forward kernels use beyond what the dispatcher sees.
         workspace_bwd: The same for its backward.
+        workspace_error: Why its workspace could not be calibrated (then both are 0, unmeasured).
     """
 
     name: str
@@ -49,12 +56,15 @@ class NodeInfo:
     module_type: str | None = None
     output_shapes: list[tuple[int, ...]] = field(default_factory=list)
     output_dtypes: list[str] = field(default_factory=list)
+    output_strides: list[tuple[int, ...]] = field(default_factory=list)
+    output_requires_grad: list[bool] = field(default_factory=list)
     out_bytes: int = 0
     out_sids: tuple[int, ...] = ()
     saved_bytes: int = 0
     saved_sids: tuple[int, ...] = ()
     inplace: bool = False
     random: bool = False
+    writes: tuple[int, ...] = ()
     params: tuple[str, ...] = ()
     param_numel: int = 0
     param_bytes: int = 0
@@ -62,6 +72,7 @@ class NodeInfo:
     bwd_flops: int = 0
     workspace_fwd: int = 0
     workspace_bwd: int = 0
+    workspace_error: str | None = None
 
 
 @dataclass
@@ -81,6 +92,8 @@ class MemGraph:
         owners: Parameter name of every parameter, gradient and parameter-shaped optimizer-state
             storage: sid -> qualified name.
         param_shapes: Shape and element size of every parameter, by qualified name.
+        buffer_names: Qualified name of every buffer storage: sid -> name.
+        capture: How the graph was captured (``torch.fx``, or torch.export and why).
     """
 
     dag: nx.DiGraph
@@ -94,6 +107,8 @@ class MemGraph:
     description: str
     owners: dict[int, str] = field(default_factory=dict)
     param_shapes: dict[str, tuple[tuple[int, ...], int]] = field(default_factory=dict)
+    buffer_names: dict[int, str] = field(default_factory=dict)
+    capture: str = "torch.fx"
 
     def info(self, name: str) -> NodeInfo:
         """The NodeInfo of a node."""

@@ -64,10 +64,16 @@ def make_optimizer(spec: OptimizerSpec, params: Sequence[torch.nn.Parameter]) ->
 
 
 def default_loss(output: object) -> torch.Tensor:
-    """Cross-entropy against class 0 for logits ``[..., C]``; the mean for anything else.
+    """The output's own ``loss`` (a Hugging Face ``ModelOutput`` given ``labels``, or a dict);
+    otherwise cross-entropy against class 0 for logits ``[..., C]``, the mean for anything else.
 
     The targets are made inside the step so that prediction and measurement agree on them.
     """
+    own = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    if isinstance(own, torch.Tensor) and own.dim() == 0:
+        return own
+    if isinstance(output, dict) and "logits" in output:
+        output = output["logits"]
     if isinstance(output, (tuple, list)):
         output = output[0]
     if not isinstance(output, torch.Tensor):

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..capture.dryrun import as_input_tuple
+from ..capture.trace import as_input_tuple
 from ..units import mib
 from .apply import generators, plain_state
 from .layer import GeneratedConv2d, GeneratedLinear

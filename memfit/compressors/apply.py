@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..capture.dryrun import LeafSpec, as_input_tuple, check_model, trace
+from ..capture.trace import LeafSpec, as_input_tuple, check_model, trace
 from ..errors import MemfitInputError
 from ..models import spec_of
 from .base import CompressConfig, Method, WeightGenerator

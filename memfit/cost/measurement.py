@@ -21,6 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ..capture.graph import CATEGORIES
+from ..capture.inputs import Inputs, as_inputs
 from ..capture.tracker import StorageTracker, tensors_in
 from ..capture.trainstep import StepConfig, init_optimizer_state, make_optimizer, run_step, unique_trainable
 from .timeline import replay
@@ -107,10 +108,14 @@ def allocator_levels(prof: profile) -> tuple[int, str, dict[str, int]]:
 
 def measure_step(
     model: torch.nn.Module,
-    inputs: tuple[torch.Tensor, ...],
+    inputs: Any,
     config: StepConfig,
 ) -> StepMeasurement:
-    """Measure one steady-state step (optimizer state present, no gradients) on a copy of ``model``."""
+    """Measure one steady-state step (optimizer state present, no gradients) on a copy of ``model``.
+
+    ``inputs``: the batch, as :func:`memfit.capture.inputs.as_inputs` takes it.
+    """
+    inputs = as_inputs(inputs)
     work = copy.deepcopy(model).train()
     params = unique_trainable(work.parameters())
     device = params[0].device.type
@@ -122,7 +127,7 @@ def measure_step(
     tracker = StorageTracker()
     tracker.register(work.parameters(), "parameter")
     tracker.register(work.buffers(), "buffer")
-    tracker.register(inputs, "input")
+    tracker.register(inputs.tensors, "input")
     if optimizer is not None:
         tracker.register([t for s in optimizer.state.values() for t in tensors_in(s)], "optimizer")
     baseline = {c: 0 for c in CATEGORIES}
@@ -198,7 +203,7 @@ def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 def measure_wrapped_step(
     module: torch.nn.Module,
-    inputs: tuple[torch.Tensor, ...],
+    inputs: Any,
     config: StepConfig,
     *,
     warmup: int = 3,
@@ -214,12 +219,13 @@ def measure_wrapped_step(
         process's parameters, buffers, inputs, optimizer state and DDP's buckets, as DDP reports
         them) plus the most the profiler saw the step add.
     """
+    inputs = as_inputs(inputs)
     params = unique_trainable(module.parameters())
     optimizer = make_optimizer(config.optimizer, params)
     device = _local(params[0]).device.type
 
     def step(on_phase: Callable[[str, str], None]) -> None:
-        run_step(lambda: module(*inputs), config, device, optimizer, on_phase)
+        run_step(lambda: inputs.call(module), config, device, optimizer, on_phase)
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
         else:
@@ -227,7 +233,7 @@ def measure_wrapped_step(
 
     for _ in range(warmup):
         step(lambda phase, node: None)
-    start = _storage_bytes([*module.parameters(), *module.buffers(), *inputs])
+    start = _storage_bytes([*module.parameters(), *module.buffers(), *inputs.tensors])
     if optimizer is not None:
         start += _storage_bytes([t for s in optimizer.state.values() for t in tensors_in(s)])
     logging_data = getattr(module, "_get_ddp_logging_data", None)
@@ -246,7 +252,7 @@ def measure_wrapped_step(
 
 def _tracked(
     work: torch.nn.Module,
-    inputs: tuple[torch.Tensor, ...],
+    inputs: Inputs,
     config: StepConfig,
     device: str,
     optimizer: torch.optim.Optimizer | None,
@@ -255,4 +261,4 @@ def _tracked(
     on_phase: Callable[[str, str], None],
 ) -> Any:
     with tracker, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        return run_step(lambda: work(*inputs), config, device, optimizer, on_phase)
+        return run_step(lambda: inputs.call(work), config, device, optimizer, on_phase)

@@ -6,7 +6,11 @@ count towards the real peak. memfit measures them per distinct layer: the layer 
 backward on small real inputs under both the storage tracker and the allocator's profiler, and
 the difference of the two peaks is its workspace. Layers are deduplicated by signature, inputs are
 at most ``CALIBRATION_BATCH`` deep, and larger batches are extrapolated linearly from two small
-ones (buffers scale with the batch or not at all). Random numbers come from a private generator
+ones (buffers scale with the batch or not at all). Each input has the strides, dtype and
+requires_grad it has in the step: kernels make hidden contiguous copies of channels-last or
+permuted inputs (ConvNeXt's LayerNorm between permutes), and a layer priced on contiguous inputs
+misses them. A layer that cannot be run alone is logged and named in its node's
+``workspace_error``; its workspace stays 0, unmeasured. Random numbers come from a private generator
 and the global RNG state is restored, so calibration leaves no trace but a cache: results are kept
 in a JSON file per machine and torch build (``$MEMFIT_CACHE_DIR``, default ``~/.cache/memfit``).
 """
@@ -16,23 +20,25 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
+import logging
 import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.fx as fx
 
-from ..capture.dryrun import LeafSpec, graph_of
 from ..capture.graph import MemGraph
+from ..capture.trace import LeafSpec, graph_of
 from ..capture.tracker import StorageTracker, tensors_in
 from ..capture.trainstep import StepConfig
 from .measurement import memory_profile
 
-__all__ = ["calibrate", "CALIBRATION_BATCH", "CACHE_ENV"]
+__all__ = ["calibrate", "uncalibrated", "CALIBRATION_BATCH", "CACHE_ENV"]
+
+log = logging.getLogger(__name__)
 
 CALIBRATION_BATCH = 8
 # Where measured workspaces are kept between runs (default ~/.cache/memfit; "off" disables).
@@ -49,7 +55,8 @@ def calibrate(
     *,
     leaf_modules: LeafSpec = (),
 ) -> None:
-    """Fill ``workspace_fwd`` and ``workspace_bwd`` of every node of ``graph``.
+    """Fill ``workspace_fwd`` and ``workspace_bwd`` of every node of ``graph``; a node whose layer
+    fails to run alone keeps 0 and gets ``workspace_error`` (see :func:`uncalibrated`).
 
     Args:
         graph: The MemGraph captured from ``model``.
@@ -81,10 +88,20 @@ def calibrate(
             spec = _layer_spec(gm, node, graph, batch, input_grad)
             if spec is None:
                 continue
-            fwd, bwd = _workspace_for(spec, batch, config, graph.device, noise)
+            try:
+                fwd, bwd = _workspace_for(spec, batch, config, graph.device, noise)
+            except Exception as e:  # one layer's failure must not stop the others, nor pass for 0
+                info.workspace_error = f"{type(e).__name__}: {e}".splitlines()[0]
+                log.warning("kernel workspace of %s not calibrated, counted as 0: %s", node.name, info.workspace_error)
+                continue
             info.workspace_fwd, info.workspace_bwd = fwd, bwd
     if path is not None and len(_cache) > known:
         _write(path)
+
+
+def uncalibrated(graph: MemGraph) -> dict[str, str]:
+    """Nodes whose workspace calibration failed: name -> error (their workspace is counted as 0)."""
+    return {i.name: i.workspace_error for i in graph.nodes if i.workspace_error is not None}
 
 
 def _cache_file() -> Path | None:
@@ -128,11 +145,23 @@ def _write(path: Path) -> None:
     except OSError:
         pass  # a read-only home only costs the next run its calibration
 
-class _Spec:
-    """One layer to calibrate: a callable and the shapes of its tensor inputs."""
 
-    def __init__(self, fn: Any, args: Any, kwargs: Any, metas: list[tuple], key: tuple) -> None:
+class _Meta(NamedTuple):
+    """One tensor input of a layer, as the step has it."""
+
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool
+    scales: bool  # its first dimension is the batch
+
+
+class _Spec:
+    """One layer to calibrate: a callable, its tensor inputs, and whether it writes into them."""
+
+    def __init__(self, fn: Any, args: Any, kwargs: Any, metas: list[_Meta], key: tuple, inplace: bool) -> None:
         self.fn, self.args, self.kwargs, self.metas, self.key = fn, args, kwargs, metas, key
+        self.inplace = inplace
 
 
 def _layer_spec(
@@ -140,7 +169,7 @@ def _layer_spec(
 ) -> _Spec | None:
     """How to run ``node`` alone, or None when its arguments are not all plain tensors.
     ``input_grad``: whether each of the model's inputs (placeholders) requires grad."""
-    metas: list[tuple] = []  # (shape, dtype, requires_grad, scales_with_batch)
+    metas: list[_Meta] = []
     index: dict[str, int] = {}
 
     def slot(a: fx.Node) -> Any:
@@ -148,15 +177,20 @@ def _layer_spec(
             value = getattr_path(gm, str(a.target))
             if not isinstance(value, torch.Tensor):
                 raise _Skip
-            meta = (tuple(value.shape), value.dtype, value.requires_grad, False)
+            meta = _Meta(tuple(value.shape), tuple(value.stride()), value.dtype, value.requires_grad, False)
         else:
             info = graph.info(a.name) if a.name in graph.dag else None
             if info is None or len(info.output_shapes) != 1:
                 raise _Skip
-            shape = info.output_shapes[0]
+            shape = tuple(info.output_shapes[0])
+            # graphs from before strides were recorded: contiguous, as the layer most likely saw
+            strides = tuple(info.output_strides[0]) if info.output_strides else _contiguous(shape)
             dtype = getattr(torch, info.output_dtypes[0])
-            scales = len(shape) > 0 and shape[0] == batch
-            meta = (shape, dtype, input_grad.get(a.name, dtype.is_floating_point), scales)
+            if info.output_requires_grad:
+                requires_grad = info.output_requires_grad[0]
+            else:  # not recorded: the caller's inputs say, and any other float is an activation
+                requires_grad = input_grad.get(a.name, dtype.is_floating_point)
+            meta = _Meta(shape, strides, dtype, requires_grad, len(shape) > 0 and shape[0] == batch)
         if a.name not in index:
             index[a.name] = len(metas)
             metas.append(meta)
@@ -176,8 +210,8 @@ def _layer_spec(
         fn, what = str(node.target), (str(node.target),)
     else:
         fn, what = node.target, (getattr(node.target, "__qualname__", str(node.target)),)
-    key = (what, repr(args), repr(kwargs), tuple(metas))
-    return _Spec(fn, args, kwargs, metas, key)
+    key = (what, repr(args), repr(kwargs), tuple(metas))  # strides included: layout is part of a layer
+    return _Spec(fn, args, kwargs, metas, key, graph.info(node.name).inplace)
 
 
 def getattr_path(obj: Any, path: str) -> Any:
@@ -215,15 +249,19 @@ class _Noise:
         self._state = self._gen.get_state()
         self._pool = torch.empty(0)
 
-    def like(self, shape: Sequence[int], dtype: torch.dtype, device: str, *, writable: bool) -> torch.Tensor:
-        """Values of ``shape``; ``writable``: a copy the caller may write into, else possibly a view."""
-        numel = math.prod(shape)
+    def like(
+        self, shape: Sequence[int], strides: Sequence[int], dtype: torch.dtype, device: str, *, writable: bool
+    ) -> torch.Tensor:
+        """Values of ``shape`` laid out with ``strides``; ``writable``: a copy the caller may write
+        into, else possibly a view."""
+        numel = _extent(shape, strides)
         if self._pool._version:
             self._gen.set_state(self._state)
             self._draw(self._pool.numel())
         if numel > self._pool.numel():
             self._draw(numel)
-        return self._pool[:numel].view(tuple(shape)).to(device=device, dtype=dtype, copy=writable)
+        flat = self._pool[:numel].to(device=device, dtype=dtype, copy=writable)
+        return flat.as_strided(tuple(shape), tuple(strides))
 
     def _draw(self, numel: int) -> None:
         self._state = self._gen.get_state()
@@ -231,7 +269,7 @@ class _Noise:
 
 
 def _workspace_for(spec: _Spec, batch: int, config: StepConfig, device: str, noise: _Noise) -> tuple[int, int]:
-    scaled = any(m[3] for m in spec.metas)
+    scaled = any(m.scales for m in spec.metas)
     if not scaled or batch <= CALIBRATION_BATCH:
         return _measured(spec, batch, config, device, noise)
     # Batches 2 and 4 fix the line as well as 4 and 8 at half the cost; batch 1 does not (some
@@ -255,50 +293,92 @@ def _measured(spec: _Spec, batch: int, config: StepConfig, device: str, noise: _
 
 def _materialize(spec: _Spec, batch: int, device: str, noise: _Noise) -> list[torch.Tensor]:
     out = []
-    for shape, dtype, requires_grad, scales in spec.metas:
-        if scales:
+    for m in spec.metas:
+        shape, strides = m.shape, m.strides
+        if m.scales:
             shape = (batch, *shape[1:])
-        if dtype.is_floating_point or dtype.is_complex:
-            t = noise.like(shape, dtype, device, writable=not requires_grad)
+            strides = _restride(m.shape, m.strides, shape)
+        if m.dtype.is_floating_point or m.dtype.is_complex:
+            t = noise.like(shape, strides, m.dtype, device, writable=not m.requires_grad)
         else:  # indices: zero is valid for every embedding and gather
-            t = torch.zeros(shape, dtype=dtype, device=device)
-        out.append(t.requires_grad_(requires_grad))
+            t = torch.zeros(_extent(shape, strides), dtype=m.dtype, device=device).as_strided(shape, strides)
+        out.append(t.requires_grad_(m.requires_grad))
     return out
 
 
+def _contiguous(shape: Sequence[int]) -> tuple[int, ...]:
+    """Row-major strides of ``shape``."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _extent(shape: Sequence[int], strides: Sequence[int]) -> int:
+    """Elements of the storage a tensor of ``shape`` and ``strides`` spans."""
+    if any(n == 0 for n in shape):
+        return 0
+    return 1 + sum((n - 1) * s for n, s in zip(shape, strides))
+
+
+def _restride(shape: Sequence[int], strides: Sequence[int], new_shape: Sequence[int]) -> tuple[int, ...]:
+    """``strides`` of a tensor of ``shape`` carried over to ``new_shape`` (another batch): the same
+    order of dimensions in memory and the same gap after each, so a channels-last or permuted
+    input stays one, and a broadcast dimension (stride 0) stays broadcast."""
+    out = list(strides)
+    span_old = span_new = 1  # elements spanned by the dimensions inside the current one
+    for d in sorted(range(len(shape)), key=lambda d: (strides[d], shape[d])):  # innermost first
+        if strides[d] == 0:
+            continue
+        out[d] = max(1, span_new + strides[d] - span_old)
+        span_old, span_new = strides[d] * shape[d], out[d] * new_shape[d]
+    return tuple(out)
+
+
 def _run_layer(spec: _Spec, batch: int, config: StepConfig, device: str, noise: _Noise) -> tuple[int, int]:
-    """(forward, backward) workspace bytes of one layer at one batch size."""
+    """(forward, backward) workspace bytes of one layer at one batch size; raises what the layer
+    raises."""
     if device != "cpu":
         return 0, 0  # the CUDA caching allocator is measured whole; see measurement.py
     fn = copy.deepcopy(spec.fn).train() if isinstance(spec.fn, torch.nn.Module) else spec.fn
-    values = _materialize(spec, batch, device, noise)
-    args = fx.node.map_aggregate(spec.args, lambda a: values[a.i] if isinstance(a, _Slot) else a)
-    kwargs = fx.node.map_aggregate(spec.kwargs, lambda a: values[a.i] if isinstance(a, _Slot) else a)
+    leaves = _materialize(spec, batch, device, noise)
     params = list(fn.parameters()) if isinstance(fn, torch.nn.Module) else []
     buffers = list(fn.buffers()) if isinstance(fn, torch.nn.Module) else []
 
-    def call() -> Any:
+    def arguments() -> list[torch.Tensor]:
+        # autograd refuses in-place writes into a leaf that requires grad, and in the step such a
+        # layer's input is an activation, not a leaf: give it a copy (strides kept), made per call
+        # and before the profiler starts
+        if not spec.inplace:
+            return leaves
+        return [t.clone() if t.requires_grad else t for t in leaves]
+
+    def call(values: list[torch.Tensor]) -> Any:
+        args = fx.node.map_aggregate(spec.args, lambda a: values[a.i] if isinstance(a, _Slot) else a)
+        kwargs = fx.node.map_aggregate(spec.kwargs, lambda a: values[a.i] if isinstance(a, _Slot) else a)
         with config.autocast(device):
             if isinstance(fn, str):
                 return getattr(args[0], fn)(*args[1:], **kwargs)
             return fn(*args, **kwargs)
 
-    try:
-        out = call()  # warm-up: lazy initialisation and primitive caches are not workspace
-        outs = [t for t in tensors_in(out) if t.requires_grad]
-        grad_tensors = [noise.like(t.shape, t.dtype, device, writable=False) for t in outs]
-        if outs:
-            torch.autograd.backward(outs, grad_tensors)
-    except Exception:
-        return 0, 0
+    out = call(arguments())  # warm-up: lazy initialisation and primitive caches are not workspace
+    outs = [t for t in tensors_in(out) if t.requires_grad]
+    # incoming gradients laid out as the outputs are (empty_like's rule), as a following layer's
+    # backward returns them: a channels-last output gets a channels-last gradient
+    layouts = [torch.empty_like(t, device="meta") for t in outs]
+    grad_tensors = [noise.like(g.shape, g.stride(), g.dtype, device, writable=False) for g in layouts]
+    if outs:
+        torch.autograd.backward(outs, grad_tensors)
     del out, outs
-    for t in values + params:
+    for t in leaves + params:
         t.grad = None
+    values = arguments()
     tracker = StorageTracker()
     tracker.register(values + params + buffers + grad_tensors, "input")
     with memory_profile() as prof:
         with tracker:
-            out = call()
+            out = call(values)
             with torch.profiler.record_function("memfit::backward"):
                 pass
             tracker.phase = "backward"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..capture.graph import MemGraph
+from ..capture.graph import MemGraph, NodeInfo
 from ..cost.timeline import replay
 from .plan import Segment, SegmentKind
 
@@ -77,11 +77,20 @@ class Chain:
         for sid, p in prod.items():
             if graph.category_of(sid) == "activation":
                 act[p] += graph.nbytes(sid)
-        expensive = np.array([i.fwd_flops > 0 for i in infos])
+        self._written: dict[int, set[str]] = {}  # storage -> nodes that write it in place
+        for info in infos:
+            for sid in info.writes:
+                self._written.setdefault(sid, set()).add(info.name)
+        # What a selective segment keeps: every output of a FLOP-counted op (torch's selective
+        # checkpointing caches them whether or not autograd saves them), except one that an
+        # in-place op changes later, which is recomputed instead.
+        expensive = np.array([i.fwd_flops > 0 and not self._overwritten(i) for i in infos])
+        out_bytes = np.array([i.out_bytes for i in infos], dtype=np.int64)
         flops = np.array([i.fwd_flops for i in infos], dtype=np.int64)
-        cost = flops + BYTE_WEIGHT * np.array([i.out_bytes for i in infos], dtype=np.int64)
+        cost = flops + BYTE_WEIGHT * out_bytes
         self._act = _prefix(act)
         self._act_exp = _prefix(np.where(expensive, act, 0))
+        self._cached = _prefix(np.where(expensive, out_bytes, 0))
         self._flops = _prefix(flops)
         self._flops_exp = _prefix(np.where(expensive, flops, 0))
         self._cost = _prefix(cost)
@@ -253,14 +262,13 @@ class Chain:
             return SegmentTable(hold=held, local=local, cost=cost, flops=flops, recomputed=act)
         if kind == "nested":  # every part recomputed twice: in the segment's backward and its own
             return SegmentTable(hold=held, local=self._nested_local(), cost=2 * cost, flops=2 * flops, recomputed=2 * act)
-        kept = _span(self._act_exp, c)
         # at its backward, kept and recomputed activations are all alive: ``local`` is unchanged
         return SegmentTable(
-            hold=held + kept,
+            hold=held + _span(self._cached, c),
             local=local,
             cost=cost - _span(self._cost_exp, c),
             flops=flops - _span(self._flops_exp, c),
-            recomputed=act - kept,
+            recomputed=act - _span(self._act_exp, c),
         )
 
     def _trans_spans(self) -> np.ndarray:
@@ -321,10 +329,17 @@ class Chain:
         out = []
         for (a, b, kind), s in zip(spans, self.costs(spans)):
             names = tuple(self.names[self.cands[a] : self.cands[b]])
-            random = any(self.graph.info(n).random for n in names)
+            infos = [self.graph.info(n) for n in names]
+            random = any(i.random for i in infos)
             parts = tuple(self.to_segments([(k, k + 1, "recompute") for k in range(a, b)])) if kind == "nested" else ()
-            out.append(Segment(names, kind, s.hold, s.recomputed, s.flops, random, parts))
+            buffers = sorted({self.graph.buffer_names[w] for i in infos for w in i.writes if w in self.graph.buffer_names})
+            unsaved = tuple(i.name for i in infos if self._overwritten(i))
+            out.append(Segment(names, kind, s.hold, s.recomputed, s.flops, random, parts, tuple(buffers), unsaved))
         return out
+
+    def _overwritten(self, info: NodeInfo) -> bool:
+        """Whether another node writes in place into a storage this node's output refers to."""
+        return any(self._written.get(sid, set()) - {info.name} for sid in info.out_sids)
 
 
 def _span(prefix: np.ndarray, c: np.ndarray) -> np.ndarray:

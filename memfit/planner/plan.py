@@ -34,6 +34,11 @@ class Segment:
         random: Whether its forward draws random numbers (dropout), so that a recomputation must
             replay the RNG state of the forward; other segments skip saving it.
         inner: For ``"nested"``: its checkpointed parts, covering ``nodes``.
+        buffers: Buffers its forward writes in place (running statistics, counters): a
+            recomputation starts from their values before the forward and leaves them as the
+            forward did, so they move once per step.
+        unsaved: Its nodes whose outputs a later in-place op changes: a selective segment must
+            recompute them rather than keep them (what it kept would no longer be the forward's).
     """
 
     nodes: tuple[str, ...]
@@ -43,6 +48,8 @@ class Segment:
     recomputed_flops: int = 0
     random: bool = False
     inner: tuple[Segment, ...] = ()
+    buffers: tuple[str, ...] = ()
+    unsaved: tuple[str, ...] = ()
 
     @property
     def checkpointed(self) -> bool:

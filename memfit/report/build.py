@@ -63,8 +63,18 @@ def report_from_graph(
         peak_breakdown=breakdown,
         phase_peaks=sim.phase_peaks,
         layers=layers,
-        notes=[f"Peak while running: {sim.peak_node or '(start of step)'} in {sim.peak_phase}"],
+        notes=[f"Peak while running: {sim.peak_node or '(start of step)'} in {sim.peak_phase}"]
+        + ([] if graph.capture == "torch.fx" else [f"Captured with {graph.capture}"])
+        + _uncalibrated_note(graph),
     )
+
+
+def _uncalibrated_note(graph: MemGraph) -> list[str]:
+    failed = [(i.name, i.workspace_error) for i in graph.nodes if i.workspace_error is not None]
+    if not failed:
+        return []
+    name, error = failed[0]
+    return [f"Kernel workspace not measured for {len(failed)} node(s), counted as 0 (e.g. {name}: {error})"]
 
 
 def with_storage(report: MemoryReport, model: torch.nn.Module) -> MemoryReport:

@@ -7,9 +7,13 @@ nodes; plain segments stay inline. Recomputation is made invisible:
 
 * dropout draws the same masks (checkpoint's ``preserve_rng_state``, for the segments that draw
   random numbers: the saved RNG state is a tensor the dispatcher never sees, 5 KB a segment);
-* BatchNorm running statistics are restored after the recomputation, so they move once per step;
+* every buffer a segment writes in place (BatchNorm's running statistics, a counter, a running
+  average, spectral norm's power-iteration vectors) is set back for the recomputation to the value
+  the forward started from and afterwards to the value the forward left: buffers move once per
+  step and the recomputation sees what the forward saw;
 * selective segments keep the outputs of FLOP-heavy ops through torch's selective checkpoint
-  contexts and recompute only the rest;
+  contexts and recompute only the rest, and never keep an output that an in-place op changes
+  later (torch would refuse the changed tensor in backward);
 * a nested segment's body is itself rewritten, its parts checkpointed inside it (non-reentrant
   checkpoints nest);
 * in eval mode, or without grad, the body runs directly.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import operator
+import threading
 from typing import Any, Callable, Iterator
 
 import torch
@@ -35,35 +40,57 @@ __all__ = ["Checkpointed", "PlannedModule", "rewrite", "SEGMENT_PREFIX"]
 SEGMENT_PREFIX = "memfit_segment_"
 
 
+# Nodes whose outputs an in-place op changes later run between these two markers, which the
+# selective policy reads: the markers are nodes of the segment's body, so they run again, in the
+# same places, when the segment is recomputed.
+_unsaved = threading.local()
+
+
+def _unsaved_begin() -> None:
+    _unsaved.depth = getattr(_unsaved, "depth", 0) + 1
+
+
+def _unsaved_end() -> None:
+    _unsaved.depth -= 1
+
+
+_MARKERS = (_unsaved_begin, _unsaved_end)
+
+
 def _keep_expensive(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    """Selective policy: keep what the FLOP counter counts (conv, matmul, attention)."""
-    if op._overloadpacket in flop_registry:
+    """Selective policy: keep what the FLOP counter counts (conv, matmul, attention), unless a
+    later in-place op will change it."""
+    if op._overloadpacket in flop_registry and not getattr(_unsaved, "depth", 0):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+# A buffer as its module and attribute name: looked up when used, so that ``.to(device)``, which
+# replaces buffer tensors in their modules, is followed.
+BufferRef = tuple[torch.nn.Module, str]
+
+
 @contextlib.contextmanager
-def _running_stats_kept(body: torch.nn.Module) -> Iterator[None]:
-    """Undo what a recomputation does to BatchNorm running statistics (exactly: values restored)."""
-    saved = [
-        (buf, buf.clone())
-        for mod in body.modules()
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.track_running_stats
-        for buf in (mod.running_mean, mod.running_var, mod.num_batches_tracked)
-        if buf is not None
-    ]
+def _buffers_replayed(buffers: list[BufferRef], before: list[torch.Tensor]) -> Iterator[None]:
+    """The recomputation starts from the buffers' values before the forward (a spectral norm's
+    vectors, a running average the forward reads); afterwards they are again what the forward
+    left (running statistics move once per step)."""
+    with torch.no_grad():
+        after = [getattr(m, a).clone() for m, a in buffers]
+        for (m, a), value in zip(buffers, before):
+            getattr(m, a).copy_(value)
     try:
         yield
     finally:
         with torch.no_grad():
-            for buf, value in saved:
-                buf.copy_(value)
+            for (m, a), value in zip(buffers, after):
+                getattr(m, a).copy_(value)
 
 
 @contextlib.contextmanager
-def _recomputing(inner: contextlib.AbstractContextManager, body: torch.nn.Module) -> Iterator[None]:
-    """The context of a recomputation: the selective one if any, running statistics kept."""
-    with _running_stats_kept(body), inner:  # the snapshot is not an op of the segment
+def _recomputing(inner: contextlib.AbstractContextManager, buffers: list[BufferRef], before: list[torch.Tensor]) -> Iterator[None]:
+    """The context of a recomputation: the selective one if any, buffers replayed."""
+    with _buffers_replayed(buffers, before), inner:  # the snapshots are not ops of the segment
         yield
 
 
@@ -74,21 +101,27 @@ class Checkpointed(torch.nn.Module):
         body: GraphModule over the segment's nodes; it shares the model's submodules.
         selective: Keep the outputs of FLOP-heavy ops instead of recomputing them.
         random: The segment draws random numbers: its recomputation replays the forward's RNG state.
+        buffers: The buffers its forward writes in place, replayed around the recomputation.
     """
 
-    def __init__(self, body: fx.GraphModule, selective: bool = False, random: bool = True) -> None:
+    def __init__(
+        self, body: fx.GraphModule, selective: bool = False, random: bool = True, buffers: list[BufferRef] | None = None
+    ) -> None:
         super().__init__()
         # Not a child module: the parameters belong to the enclosing model, under their own names.
         object.__setattr__(self, "body", body)
         self.selective = selective
         self.random = random
+        self.written: list[BufferRef] = list(buffers or [])  # not "buffers": nn.Module has that method
 
-    def _contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    def _contexts(
+        self, before: list[torch.Tensor]
+    ) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
         if self.selective:
             forward, recompute = create_selective_checkpoint_contexts(_keep_expensive)
         else:
             forward, recompute = contextlib.nullcontext(), contextlib.nullcontext()
-        return forward, _recomputing(recompute, self.body)
+        return forward, _recomputing(recompute, self.written, before)
 
     def _run(self, *args: Any) -> Any:
         return subgraph.run(self.body, *args)
@@ -101,12 +134,22 @@ class Checkpointed(torch.nn.Module):
     def forward(self, *args: Any) -> Any:
         if not (self.training and torch.is_grad_enabled()):
             return self._run(*args)
+        with torch.no_grad():
+            before = [getattr(m, a).clone() for m, a in self.written]
         return checkpoint(
-            self._run, *args, use_reentrant=False, context_fn=self._contexts, preserve_rng_state=self.random
+            self._run,
+            *args,
+            use_reentrant=False,
+            context_fn=lambda: self._contexts(before),
+            preserve_rng_state=self.random,
         )
 
     def extra_repr(self) -> str:
-        nodes = [n.name for n in self.body.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+        nodes = [
+            n.name
+            for n in self.body.graph.nodes
+            if n.op not in ("placeholder", "output", "get_attr") and n.target not in _MARKERS
+        ]
         kind = ", selective" if self.selective else ", nested" if isinstance(self.body, PlannedModule) else ""
         return f"{nodes[0]} .. {nodes[-1]} ({len(nodes)} nodes){kind}"
 
@@ -158,7 +201,10 @@ def rewrite(model: torch.nn.Module, gm: fx.GraphModule, plan: Plan, prefix: str 
         name = f"{prefix}{i}"
         if seg.kind == "nested":
             body = rewrite(body, body, Plan(segments=list(seg.inner), strategy=plan.strategy), prefix=f"{name}_")
-        wrappers[name] = Checkpointed(body, selective=seg.kind == "selective", random=seg.random)
+        if seg.kind == "selective" and seg.unsaved:
+            _mark_unsaved(body, set(seg.unsaved))
+        buffers = [_buffer_ref(model, b) for b in seg.buffers]
+        wrappers[name] = Checkpointed(body, selective=seg.kind == "selective", random=seg.random, buffers=buffers)
         call = graph.call_module(name, tuple(env[x] for x in inputs))
         for k, out in enumerate(outputs):
             env[out] = graph.call_function(operator.getitem, (call, k))
@@ -175,8 +221,42 @@ def rewrite(model: torch.nn.Module, gm: fx.GraphModule, plan: Plan, prefix: str 
     _copy_trace_attributes(gm, root, graph)
     out = PlannedModule(root, graph, type(model).__name__)
     _adopt(out, root)  # also the submodules only segments read
+    out.meta.update(gm.meta)
+    if str(gm.meta.get("memfit_capture", "torch.fx")).startswith("torch.export"):
+        out.register_forward_pre_hook(_training_only)
     out.train(model.training)
     return out
+
+
+def _training_only(module: torch.nn.Module, args: Any) -> None:
+    """An exported graph has the training mode baked into its ops (dropout, BatchNorm): in eval
+    mode it would still drop and update statistics, so it refuses to run."""
+    if not module.training:
+        raise RuntimeError(
+            f"this planned {type(module).__name__} was captured with torch.export, which fixes dropout and "
+            "BatchNorm in training mode; evaluate with the original model (it shares the parameters)"
+        )
+
+
+def _mark_unsaved(body: fx.GraphModule, names: set[str]) -> None:
+    """Run the named nodes of a selective body between the markers the policy reads."""
+    for n in list(body.graph.nodes):
+        if n.name in names and n.op in ("call_module", "call_function", "call_method"):
+            with body.graph.inserting_before(n):
+                body.graph.call_function(_unsaved_begin)
+            with body.graph.inserting_after(n):
+                body.graph.call_function(_unsaved_end)
+    body.graph.lint()
+    body.recompile()
+
+
+def _buffer_ref(model: torch.nn.Module, name: str) -> BufferRef:
+    """A buffer of ``model`` by qualified name, as (owning module, attribute)."""
+    path, _, attr = name.rpartition(".")
+    owner = model.get_submodule(path) if path else model
+    if not isinstance(getattr(owner, attr, None), torch.Tensor):
+        raise AttributeError(f"{type(model).__name__} has no buffer {name!r} for a planned segment to restore")
+    return owner, attr
 
 
 def _adopt(dst: torch.nn.Module, src: torch.nn.Module, convert: Callable[[Any], Any] = lambda x: x) -> None:
