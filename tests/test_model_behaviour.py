@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 
@@ -166,6 +167,10 @@ def test_no_memfit_call_changes_the_users_model(name: str) -> None:
     lowest = _minimum_mb(model, x, "dp")
     memfit.optimize(model, lowest * 1.01, x, strategy="dp")
     memfit.optimize(model, lowest * 1.01, x, strategy="selective")
+    with contextlib.suppress(memfit.MemfitBudgetError):  # below the minimum: compression is tried
+        memfit.optimize(model, lowest * 0.8, x, strategy="dp", compress="ternary")
+    with contextlib.suppress(memfit.MemfitInputError):  # spectral-norm weights are not compressible
+        memfit.compress(model, "generated")
     _assert_same_state(model, before)
     assert model.training and all(m.training for m in model.modules())
 

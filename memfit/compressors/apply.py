@@ -9,6 +9,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..capture.trace import LeafSpec, as_input_tuple, check_model, trace
 from ..errors import MemfitInputError
@@ -89,6 +90,11 @@ def choose_layers(model: nn.Module, config: CompressConfig, leaf_modules: LeafSp
     chosen = []
     for name in order:
         if name in skipped or not config.selects(name):
+            continue
+        if parametrize.is_parametrized(model.get_submodule(name), "weight"):
+            # its weight is computed from another parameter (spectral norm, weight norm); reading it
+            # would even run the parametrization, which may update the model's buffers
+            log.info("not compressing %s: its weight is parametrized", name)
             continue
         if id(model.get_submodule(name).weight) in tied:
             log.info("not compressing %s: its weight is tied to another module", name)
