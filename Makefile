@@ -7,13 +7,16 @@ MODEL ?= resnet18
 ARGS ?= --stem cifar --batch 64 --input 3x32x32 --optimizer adam --measure
 BIN := $(VENV)/bin
 
-.PHONY: setup report test test-zoo clean
+.PHONY: setup report test test-zoo test-models clean
 
+# The `models` extra (torchvision, timm, transformers for tests/test_foreign_models.py) is pinned to
+# releases that accept torch 2.13.0; TORCH_SPEC goes into the same resolve, so that pip fails rather
+# than replace the installed torch if an extra ever asked for another one.
 $(BIN)/memfit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,models]" "$(TORCH_SPEC)"
 	touch $@
 
 setup: $(BIN)/memfit
@@ -27,6 +30,10 @@ test: setup
 # The planner's correctness matrix over the rest of the zoo (CI runs one model per family): ~30 min.
 test-zoo: setup
 	MEMFIT_ZOO=1 $(BIN)/python -m pytest -q -n 2 --durations=15 tests/test_planner.py -m zoo
+
+# The foreign-model conformance matrix (torchvision, timm, transformers; CI runs a subset): ~8 min.
+test-models: setup
+	MEMFIT_MODELS=all $(BIN)/python -m pytest -q -n 2 --durations=15 tests/test_foreign_models.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -11,6 +11,12 @@ import torch
 
 import memfit
 
+from .foreign import install_torchvision_shim
+
+# PyPI's torchvision (the `models` extra) cannot import beside the CPU torch without it; it must run
+# before anything imports torchvision, timm or a transformers model class (see tests/foreign.py).
+install_torchvision_shim()
+
 # pytest runs two workers on two cores: a second intra-op thread per worker only oversubscribes them,
 # and the suite's many small kernels then wait on scheduler ticks. Predictions and measurements in a
 # test share this setting (workspace calibration is keyed by the thread count).
@@ -26,13 +32,18 @@ GPT2_SEQ = 32  # the 124M preset: its 50257-way head dominates, and bf16 matmuls
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Zoo-matrix cases beyond CI's 15 minutes run only when asked for (``make test-zoo``)."""
-    if os.environ.get("MEMFIT_ZOO") == "1":
-        return
-    skip = pytest.mark.skip(reason="zoo matrix beyond CI's budget: run `make test-zoo` (MEMFIT_ZOO=1)")
+    """Zoo-matrix cases beyond CI's 15 minutes run only when asked for (``make test-zoo``), and so
+    do the foreign models beyond CI's subset (``make test-models``)."""
+    skips = []
+    if os.environ.get("MEMFIT_ZOO") != "1":
+        skips.append(("zoo", pytest.mark.skip(reason="zoo matrix beyond CI's budget: run `make test-zoo` (MEMFIT_ZOO=1)")))
+    if os.environ.get("MEMFIT_MODELS") != "all":
+        reason = "foreign model beyond CI's subset: run `make test-models` (MEMFIT_MODELS=all)"
+        skips.append(("models", pytest.mark.skip(reason=reason)))
     for item in items:
-        if "zoo" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips:
+            if item.get_closest_marker(marker) is not None:
+                item.add_marker(skip)
 
 
 def free_port() -> int:

@@ -143,8 +143,14 @@ class _Call(nn.Module):
 def test_the_plan_names_the_users_layers_when_exported() -> None:
     torch.manual_seed(0)
     model, x = _KeywordModel(), _keyword_batch()
-    rows = {row.name for row in memfit.estimate(model, x).layers}
+    report = memfit.estimate(model, x)
+    rows = {row.name for row in report.layers}
     assert {"blocks.0.fc", "blocks.5.norm", "head", "embed"} <= rows
+    planned = memfit.optimize(model, report.peak_mb * 0.8, x)
+    modules = {name for name, _ in model.named_modules()}
+    named = [layer for s in planned.plan.checkpointed for layer in s.layers]
+    assert named and set(named) <= modules, named
+    assert all(layer in str(planned.plan) for s in planned.plan.checkpointed for layer in (s.layers[0], s.layers[-1]))
 
 
 def test_an_exported_plan_refuses_eval_mode_and_names_the_fix() -> None:

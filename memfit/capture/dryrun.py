@@ -31,6 +31,8 @@ __all__ = ["capture"]
 
 log = logging.getLogger(__name__)
 
+_RNG_STATE_BYTES = torch.get_rng_state().numel()
+
 
 class _CountingTracker(StorageTracker):
     """The storage tracker that also totals FLOPs by torch.utils.flop_counter's formulas (one
@@ -352,7 +354,12 @@ def capture(
             # an output saved by its own grad_fn would form a reference cycle and outlive its free
             return t if t.grad_fn is None else t.detach()
 
-        with tracker, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), subgraph.observed(rec.run_segment):
+        # a stand-in of each RNG state a checkpoint saves, alive to the end of the step (an upper
+        # bound: the real one goes with the segment's backward)
+        rng_states: list[torch.Tensor] = []
+        keep_rng_state = lambda: rng_states.append(torch.empty(_RNG_STATE_BYTES, dtype=torch.uint8))  # noqa: E731
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        with tracker, hooks, subgraph.observed(rec.run_segment, keep_rng_state):
             try:
                 output = run_step(lambda: rec.run(*fake_inputs), config, device, optimizer, rec.enter)
             except _NodeFailure as f:
@@ -362,6 +369,7 @@ def capture(
             buffer_names = {tracker.sid_of(b): name for name, b in gm.named_buffers(remove_duplicate=False)}
             tracker.stop()
         del output
+        rng_states.clear()
     graph = _assemble(gm, rec, tracker, grads, inputs, config, device)
     graph.capture = str(gm.meta.get("memfit_capture", "torch.fx"))
     graph.owners = owners

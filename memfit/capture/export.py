@@ -437,7 +437,7 @@ _CONSTRUCTS = (  # (markers in the error, the construct, the fix)
 
 def _trace_error(model_name: str, e: Exception) -> MemfitTraceError:
     """A MemfitTraceError naming the model class, the construct and the user's line that failed."""
-    text = f"{type(e).__name__}: {e}"
+    text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"  # torch appends whole graphs
     construct, fix = next(
         ((what, fix) for keys, what, fix in _CONSTRUCTS if any(k in text for k in keys)),
         ("its forward", "check that the example inputs are what forward expects"),

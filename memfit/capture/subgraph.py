@@ -13,10 +13,11 @@ from typing import Any, Callable, Iterator
 
 import torch.fx as fx
 
-__all__ = ["run", "observed"]
+__all__ = ["run", "observed", "note_rng_state"]
 
 Runner = Callable[[fx.GraphModule, tuple[Any, ...]], Any]
 _runner: Runner | None = None
+_on_rng_state: Callable[[], None] | None = None
 
 
 def run(gm: fx.GraphModule, *args: Any) -> Any:
@@ -24,12 +25,21 @@ def run(gm: fx.GraphModule, *args: Any) -> Any:
     return gm(*args) if _runner is None else _runner(gm, args)
 
 
+def note_rng_state() -> None:
+    """A checkpoint is about to save the RNG state: a tensor created outside the dispatcher, which
+    a dry run would otherwise never count (5 KB on CPU, held until the segment's backward)."""
+    if _on_rng_state is not None:
+        _on_rng_state()
+
+
 @contextlib.contextmanager
-def observed(runner: Runner) -> Iterator[None]:
-    """Install ``runner`` for segments run in this block (the block of one dry run)."""
-    global _runner
-    previous, _runner = _runner, runner
+def observed(runner: Runner, on_rng_state: Callable[[], None] | None = None) -> Iterator[None]:
+    """Install ``runner`` for segments run in this block (the block of one dry run), and
+    ``on_rng_state`` for the RNG states their checkpoints save."""
+    global _runner, _on_rng_state
+    previous = _runner, _on_rng_state
+    _runner, _on_rng_state = runner, on_rng_state
     try:
         yield
     finally:
-        _runner = previous
+        _runner, _on_rng_state = previous

@@ -106,7 +106,7 @@ class Chain:
         for sid, p in prod.items():
             cut[p + 1 : lastuse[sid] + 1] += graph.nbytes(sid)
         self.cut = cut
-        self.cands = self._candidates(cut, act, self._forbidden(infos), max_candidates)
+        self.cands = self._candidates(cut, act, self._forbidden(infos, prod), max_candidates)
         self._crossing_tables(prod, lastuse)
         self._tables: dict[tuple[SegmentKind, bool], SegmentTable] = {}
 
@@ -156,17 +156,19 @@ class Chain:
         timeline = replay(g.baseline.values(), g.events, g.category_of)
         return trans, grad_at, timeline.phase_peaks.get("optimizer", 0)
 
-    def _forbidden(self, infos: list) -> np.ndarray:
-        """Boundaries that would split an in-place op from the tensor it mutates: recomputing the
-        segment would then see the mutated value."""
+    def _forbidden(self, infos: list, prod: dict[int, int]) -> np.ndarray:
+        """Boundaries that would split an in-place op from the tensor it mutates: a checkpoint
+        keeps its inputs to recompute from, and one changed after the segment's forward would be
+        seen changed (torch refuses it in backward). From the producer of every storage a node
+        writes (through any view: the dispatcher saw the write) to the writer."""
         n = len(self.names)
         bad = np.zeros(n + 1, dtype=bool)
         for i, info in enumerate(infos):
-            if not info.inplace:
-                continue
-            preds = [self.pos[p] for p in self.graph.dag.predecessors(self.names[i]) if p in self.pos]
-            if preds:
-                bad[min(preds) + 1 : i + 1] = True
+            starts = [prod[s] for s in info.writes if s in prod and prod[s] < i]
+            if info.inplace:  # the syntactic view, for graphs captured before writes were recorded
+                starts += [self.pos[p] for p in self.graph.dag.predecessors(self.names[i]) if p in self.pos]
+            if starts:
+                bad[min(starts) + 1 : i + 1] = True
         return bad
 
     def _candidates(self, cut: np.ndarray, act: np.ndarray, bad: np.ndarray, limit: int) -> list[int]:
@@ -334,7 +336,8 @@ class Chain:
             parts = tuple(self.to_segments([(k, k + 1, "recompute") for k in range(a, b)])) if kind == "nested" else ()
             buffers = sorted({self.graph.buffer_names[w] for i in infos for w in i.writes if w in self.graph.buffer_names})
             unsaved = tuple(i.name for i in infos if self._overwritten(i))
-            out.append(Segment(names, kind, s.hold, s.recomputed, s.flops, random, parts, tuple(buffers), unsaved))
+            layers = tuple(dict.fromkeys(i.module_path or i.name for i in infos))
+            out.append(Segment(names, kind, s.hold, s.recomputed, s.flops, random, parts, tuple(buffers), unsaved, layers))
         return out
 
     def _overwritten(self, info: NodeInfo) -> bool:

@@ -39,6 +39,8 @@ class Segment:
             forward did, so they move once per step.
         unsaved: Its nodes whose outputs a later in-place op changes: a selective segment must
             recompute them rather than keep them (what it kept would no longer be the forward's).
+        layers: The user's modules its nodes belong to (qualified names, in order), or the node
+            names of what belongs to none: how the plan names what it recomputes.
     """
 
     nodes: tuple[str, ...]
@@ -50,6 +52,7 @@ class Segment:
     inner: tuple[Segment, ...] = ()
     buffers: tuple[str, ...] = ()
     unsaved: tuple[str, ...] = ()
+    layers: tuple[str, ...] = ()
 
     @property
     def checkpointed(self) -> bool:
@@ -113,16 +116,17 @@ class Plan:
 
 def render(plan: Plan) -> str:
     """The plan as a table of checkpointed segments, then the predicted summary."""
-    headers = ("Segment", "Nodes", "Kind", "Kept MiB", "Recomputed MiB", "Recomputed FLOPs")
+    headers = ("Segment", "Layers", "Kind", "Kept MiB", "Recomputed MiB", "Recomputed FLOPs")
     rows = []
     for i, s in enumerate(plan.segments):
         if not s.checkpointed:
             continue
-        span = s.nodes[0] if len(s.nodes) == 1 else f"{s.nodes[0]} .. {s.nodes[-1]}"
+        names = s.layers or s.nodes
+        span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
         rows.append(
             (
                 str(i),
-                f"{span} ({len(s.nodes)})",
+                f"{span} ({len(s.nodes)} nodes)",
                 f"{s.kind} ({len(s.inner)} parts)" if s.inner else s.kind,
                 f"{mib(s.kept_bytes):.2f}",
                 f"{mib(s.recomputed_bytes):.2f}",

@@ -136,6 +136,8 @@ class Checkpointed(torch.nn.Module):
             return self._run(*args)
         with torch.no_grad():
             before = [getattr(m, a).clone() for m, a in self.written]
+        if self.random:
+            subgraph.note_rng_state()
         return checkpoint(
             self._run,
             *args,
