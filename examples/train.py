@@ -159,16 +159,14 @@ MiB = 2**20
 # --------------------------------------------------------------------------------------- arguments
 
 
-def _budget(text: str) -> tuple[float, bool]:
-    """``"300"`` -> 300 MiB; ``"85%"`` -> 85% of the unplanned step's predicted peak."""
-    relative = text.strip().endswith("%")
+def _budget(text: str) -> str:
+    """memfit's one rule: ``"300"`` MiB, ``"1.5GiB"``, or ``"85%"`` of the unplanned predicted peak
+    (checked here, kept as written: it is saved with the run's arguments)."""
     try:
-        value = float(text.strip().rstrip("%"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MiB (e.g. 300) or a percentage (e.g. 85%), not {text!r}") from None
-    if not value > 0 or (relative and value > 100):
-        raise argparse.ArgumentTypeError(f"the budget must be positive (and at most 100%), not {text!r}")
-    return (value / 100.0 if relative else value), relative
+        memfit.Budget.parse(text, "--budget-mb")
+    except MemfitInputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -453,10 +451,10 @@ def prepare(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, ctx: Co
         unplanned = plan(UNBOUNDED_MB, "auto")
         unplanned.plan.budget_bytes = None
         return Prepared(net, unplanned.plan, False, None, parallel, time.perf_counter() - started)
-    value, relative = args.budget_mb
-    budget = value
-    if relative:
-        budget = value * plan(UNBOUNDED_MB, "auto").plan.peak_before_bytes / MiB
+    given = memfit.Budget.parse(args.budget_mb, "--budget-mb")
+    budget = given.resolve(0) / MiB if given.fraction is None else (
+        given.fraction * plan(UNBOUNDED_MB, "auto").plan.peak_before_bytes / MiB
+    )
     planned = plan(budget, args.strategy)
     if ctx.distributed:  # every replica must run the same plan over the same parameters
         signatures = _gather(ctx, _plan_signature(planned, planned.plan))
@@ -826,8 +824,8 @@ class Trainer:
         ctx, prep, args = self.ctx, self.prep, self.args
         ctx.log("")
         ctx.log(prep.plan)
-        if prep.planned and args.budget_mb[1]:
-            ctx.log(f"Budget {args.budget_mb[0] * 100:g}% of the unplanned predicted peak: {prep.budget_mb:.2f} MiB")
+        if prep.planned and memfit.Budget.parse(args.budget_mb).fraction is not None:
+            ctx.log(f"Budget {args.budget_mb} of the unplanned predicted peak: {prep.budget_mb:.2f} MiB")
         if ctx.distributed:
             ctx.log(f"DDP, {ctx.world} processes: figures are per process; gradients are views into DDP's buckets "
                     f"(gradient_as_bucket_view=True), which the predicted peak holds for the whole step")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from . import compressors, models
 from .api import estimate, measure
+from .budget import Budget
 from .compressors import compress
 from .cost.parallel import Parallel
 from .errors import MemfitBudgetError, MemfitError, MemfitInputError, MemfitTraceError
@@ -19,6 +20,7 @@ from .report.memory import MemoryReport
 from .rewrite import distributed
 
 __all__ = [
+    "Budget",
     "compress",
     "compressors",
     "distributed",

@@ -63,7 +63,7 @@ def estimate(
         ('predicted', True)
     """
     config = _config(optimizer, amp, loss_fn)
-    check_model(model)
+    model = check_model(model)
     inputs = as_inputs(example_inputs)
     gm = graph_of(model, leaf_modules, inputs)
     graph = capture(model, inputs, config, leaf_modules=leaf_modules, gm=gm)
@@ -103,7 +103,7 @@ def measure(
         'measured'
     """
     config = _config(optimizer, amp, loss_fn)
-    check_model(model)
+    model = check_model(model)
     inputs = as_inputs(example_inputs)
     m = measure_step(model, inputs, config)
     breakdown = dict(m.at_tensor_peak)

@@ -14,6 +14,7 @@ import torch
 
 from . import models
 from .api import estimate, measure
+from .budget import Budget
 from .capture.trainstep import AMP_DTYPES, OPTIMIZERS
 from .compressors import compress, list_methods
 from .compressors.accounting import storage_table
@@ -113,7 +114,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--summary", action="store_true", help="totals only, no per-layer table")
     pl = sub.add_parser("plan", help="plan recomputation so that a training step fits a budget")
     _step_arguments(pl)
-    pl.add_argument("--budget-mb", type=float, required=True, help="peak budget of the step, MiB")
+    pl.add_argument(
+        "--budget-mb", type=_budget, required=True, metavar="MIB|SIZE|PCT%",
+        help="peak budget of the step: MiB (300), a size (1.5GiB) or a percentage of the unplanned peak (85%%)",
+    )
     pl.add_argument("--strategy", default="auto", choices=["auto", *sorted(STRATEGIES)])
     pl.add_argument("--plot", metavar="PNG", help="save a plot of memory over the step, before and after")
     pl.add_argument(
@@ -132,6 +136,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _budget(text: str) -> Budget:
+    try:
+        return Budget.parse(text, "--budget-mb")
+    except MemfitInputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _plan(model: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace, optimizer: str | None) -> None:
     planned = optimize(
         model, args.budget_mb, x, optimizer=optimizer, amp=args.amp, strategy=args.strategy, compress=args.compress,
@@ -142,7 +153,7 @@ def _plan(model: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace, opt
         print(f"Plot written to {plot_plan(planned.plan, args.plot)}")
     if args.measure:
         measured = measure(planned, x, optimizer=optimizer, amp=args.amp)
-        verdict = "within" if measured.peak_mb <= args.budget_mb else "OVER"
+        verdict = "within" if measured.peak_bytes <= (planned.plan.budget_bytes or 0) else "OVER"
         print(f"Peak of a real planned step (MiB, measured): {measured.peak_mb:.2f}, {verdict} the budget")
 
 

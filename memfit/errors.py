@@ -21,9 +21,11 @@ class MemfitBudgetError(MemfitError):
     """No plan fits the budget.
 
     Attributes:
-        minimum_mb: The least peak any plan reaches (MiB, verified by a dry run).
+        minimum_mb: The least budget any plan fits (MiB, verified by a dry run).
+        budget_mb: The budget that was asked for, in MiB (a percentage resolved).
     """
 
-    def __init__(self, message: str, minimum_mb: float) -> None:
+    def __init__(self, message: str, minimum_mb: float, budget_mb: float | None = None) -> None:
         super().__init__(message)
         self.minimum_mb = minimum_mb
+        self.budget_mb = budget_mb

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 
+from .budget import Budget
 from .capture.dryrun import capture
 from .capture.graph import MemGraph
 from .capture.inputs import Inputs, as_inputs
@@ -52,7 +53,7 @@ MARGIN = 0.001
 
 def optimize(
     model: torch.nn.Module,
-    budget_mb: float,
+    budget_mb: float | str,
     example_inputs: Any,
     *,
     optimizer: OptimizerSpec = "sgd",
@@ -69,8 +70,10 @@ def optimize(
     Args:
         model: The network; it is not modified. Its parameters are shared with the result.
         budget_mb: Budget for the peak of one training step (forward, backward, optimizer
-            step), MiB, allocator-level (kernel workspaces included). The verified prediction
-            stays ``MARGIN`` (0.1%) below it, the cost model's residual error.
+            step), allocator-level (kernel workspaces included): MiB, a size with its unit
+            (``"1.5GiB"``) or a percentage of the unplanned step's predicted peak (``"85%"``);
+            see :class:`memfit.Budget`. The verified prediction stays ``MARGIN`` (0.1%) below
+            it, the cost model's residual error.
         example_inputs: A tensor, a tuple of tensors or a dict of keyword arguments shaped like a
             training batch. A Hugging Face model's batch with ``labels`` trains on its ``.loss``.
         optimizer: The optimizer of the step, as in :func:`memfit.estimate`.
@@ -108,18 +111,17 @@ def optimize(
     started = time.perf_counter()
     config = StepConfig(optimizer=optimizer, amp=amp, loss_fn=loss_fn)
     names = _strategy_names(strategy)
-    check_model(model)
-    if not budget_mb > 0:
-        raise MemfitInputError(f"budget_mb must be a positive number of MiB, got {budget_mb!r}")
+    model = check_model(model)
+    budget = Budget.parse(budget_mb)
     inputs = as_inputs(example_inputs)
     leaves = list(leaf_modules)
-    plan_for = lambda net: _fit(net, budget_mb, inputs, config, names, leaves, started + time_limit_s, parallel)  # noqa: E731
+    plan_for = lambda net, b: _fit(net, b, inputs, config, names, leaves, started + time_limit_s, parallel)  # noqa: E731
     try:
-        planned = plan_for(model)
+        planned = plan_for(model, budget)
     except MemfitBudgetError as err:
         if compress is None:
             raise
-        planned = _compressed_fit(model, budget_mb, err, compress, config, leaves, plan_for)
+        planned = _compressed_fit(model, err, compress, config, leaves, plan_for)
     planned.meta[META_KEY] = {"architecture": architecture_of(model)}
     planned.plan.planning_seconds = time.perf_counter() - started
     return planned
@@ -127,7 +129,7 @@ def optimize(
 
 def _fit(
     model: torch.nn.Module,
-    budget_mb: float,
+    budget_spec: Budget,
     inputs: Inputs,
     config: StepConfig,
     names: Sequence[str],
@@ -140,9 +142,9 @@ def _fit(
     graph = capture(model, inputs, config, leaf_modules=leaves, gm=gm)
     workspace.calibrate(graph, gm, inputs.tensors, config, leaf_modules=leaves)
     chain = Chain(graph)
-    budget = int(budget_mb * MiB)
-    room = budget - math.ceil(budget * MARGIN)  # what a verified prediction may reach
     before = report_from_graph(graph, type(model).__name__, parallel=parallel)
+    budget = budget_spec.resolve(before.peak_bytes)
+    room = budget - math.ceil(budget * MARGIN)  # what a verified prediction may reach
     # The chain prices plans as one process alone; data parallelism moves every plan's peak by
     # about what it moves the unplanned one's, and verification corrects the rest.
     shift = simulate.simulate(graph).peak_bytes - before.peak_bytes if parallel else 0
@@ -191,12 +193,11 @@ _STATE_PER_BYTE = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
 
 def _compressed_fit(
     model: torch.nn.Module,
-    budget_mb: float,
     err: MemfitBudgetError,
     method: str,
     config: StepConfig,
     leaves: list,
-    plan_for: Callable[[torch.nn.Module], fx.GraphModule],
+    plan_for: Callable[[torch.nn.Module, Budget], fx.GraphModule],
 ) -> fx.GraphModule:
     """Compress the largest layers, as few as the budget needs, then plan the compressed model.
 
@@ -208,6 +209,8 @@ def _compressed_fit(
     from .compressors import compress as compress_model
     from .compressors import get_method
     from .compressors.apply import choose_layers
+
+    budget_mb = err.budget_mb  # resolved against the uncompressed model's peak, as given
 
     name = "generated" if method == "auto" else method
     impl = get_method(name)
@@ -223,13 +226,14 @@ def _compressed_fit(
         chosen = candidates[:count]
         compressed = compress_model(model, impl, dataclasses.replace(base, include=tuple(chosen)), leaf_modules=leaves)
         try:
-            planned = plan_for(compressed)
+            planned = plan_for(compressed, Budget(nbytes=int(budget_mb * MiB)))
         except MemfitBudgetError as again:
             if count == len(candidates):
                 raise MemfitBudgetError(
                     f"{again} (with {name} compression of all {count} compressible layers: recomputation alone "
                     f"reaches {err.minimum_mb:.2f} MiB at least)",
                     minimum_mb=again.minimum_mb,
+                    budget_mb=budget_mb,
                 ) from again
             count = min(2 * count, len(candidates))
             continue
@@ -312,6 +316,7 @@ def _at_minimum(
             "Try another strategy, or a budget above the unplanned peak, "
             f"{mib(before.peak_bytes):.2f} MiB (predicted)",
             minimum_mb=mib(math.ceil((before.peak_bytes + 1) / (1 - MARGIN))),
+            budget_mb=mib(budget),
         )
     best = min(results, key=lambda r: r[3].peak_bytes)
     if best[3].peak_bytes <= room:
@@ -331,6 +336,7 @@ def _at_minimum(
         "recomputed. Raise the budget, lower the batch size, use a lighter optimizer, or shrink the weights "
         "with compress=.",
         minimum_mb=mib(minimum),
+        budget_mb=mib(budget),
     )
 
 

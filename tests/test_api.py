@@ -164,3 +164,36 @@ def test_the_memgraph_attributes_saved_tensors_and_flops(small_cnn: nn.Module) -
     assert relu.saved_bytes == relu.out_bytes  # ReLU saves its output
     assert graph.info("_7").out_bytes == 0  # flatten is a view
     assert list(graph.dag.successors("_3")) == ["_4"]
+
+
+def test_leaf_modules_as_a_bare_name_and_unknown_names() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    assert memfit.estimate(_Branchy(), x, leaf_modules="gate").peak_bytes == memfit.estimate(_Branchy(), x, leaf_modules=["gate"]).peak_bytes
+    with pytest.raises(memfit.MemfitInputError, match=r"leaf_modules: _Branchy has no submodule 'gat'; did you mean 'gate'"):
+        memfit.estimate(_Branchy(), x, leaf_modules=["gat"])
+    with pytest.raises(memfit.MemfitInputError, match=r"leaf_modules: 3 is neither"):
+        memfit.estimate(_Branchy(), x, leaf_modules=[3])
+
+
+def test_compiled_scripted_and_empty_batches(small_cnn: nn.Module) -> None:
+    x = torch.randn(2, 3, 16, 16)
+    compiled = torch.compile(small_cnn)
+    assert memfit.estimate(compiled, x).peak_bytes == memfit.estimate(small_cnn, x).peak_bytes
+    with pytest.raises(memfit.MemfitInputError, match=r"model is a TorchScript module.*pass the nn.Module"):
+        memfit.estimate(torch.jit.script(small_cnn), x)
+    with pytest.raises(memfit.MemfitInputError, match=r"example_inputs has an empty tensor of shape \[0, 3, 16, 16\]"):
+        memfit.estimate(small_cnn, torch.randn(0, 3, 16, 16))
+
+
+def test_optional_forward_arguments_are_not_counted_as_inputs() -> None:
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+            return self.fc(x if mask is None else x * mask)
+
+    x = torch.randn(4, 8)
+    assert memfit.estimate(Masked(), x).peak_bytes == pytest.approx(memfit.measure(Masked(), x).peak_bytes, rel=0.03)

@@ -318,7 +318,7 @@ def capture(
         8
     """
     config = config or StepConfig()
-    check_model(model)
+    model = check_model(model)
     inputs = as_inputs(example_inputs)
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     fmodel = _fake_copy(model, mode)

@@ -62,8 +62,8 @@ def as_inputs(example_inputs: Any) -> Inputs:
     if isinstance(example_inputs, Inputs):
         return example_inputs
     if isinstance(example_inputs, torch.Tensor):
-        return Inputs((example_inputs,))
-    if isinstance(example_inputs, dict):
+        inputs = Inputs((example_inputs,))
+    elif isinstance(example_inputs, dict):
         bad = [k for k in example_inputs if not isinstance(k, str)]
         if bad:
             raise MemfitInputError(f"example_inputs is a dict, so its keys must be forward's argument names; got {bad[0]!r}")
@@ -83,4 +83,9 @@ def as_inputs(example_inputs: Any) -> Inputs:
         )
     if not inputs.tensors:
         raise MemfitInputError("example_inputs holds no tensor; give at least one tensor shaped like a training batch")
+    empty = [tuple(t.shape) for t in inputs.tensors if t.numel() == 0]
+    if empty:
+        raise MemfitInputError(
+            f"example_inputs has an empty tensor of shape {list(empty[0])}: a batch of 0 trains nothing; give at least one sample"
+        )
     return inputs

@@ -9,6 +9,7 @@ resulting GraphModule refers to the user's own modules, parameters and buffers.
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
 from typing import Any, Iterable
 
@@ -25,7 +26,15 @@ LeafSpec = Iterable["type[torch.nn.Module] | str"]
 
 
 def check_model(model: object) -> torch.nn.Module:
-    """Refuse what cannot be trained: a non-Module or a model without trainable parameters."""
+    """The module to capture: a ``torch.compile``d model's original; refused, with the fix, what
+    cannot be trained or traced (not a Module, TorchScript, no trainable parameter)."""
+    if isinstance(model, torch.nn.Module) and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        model = model._orig_mod  # torch.compile's wrapper: memfit plans the module it compiles
+    if isinstance(model, torch.jit.ScriptModule):
+        raise MemfitInputError(
+            f"model is a TorchScript module ({type(model).__name__}), which neither torch.fx nor torch.export "
+            "can capture; pass the nn.Module it was scripted from"
+        )
     if not isinstance(model, torch.nn.Module):
         raise MemfitInputError(
             f"expected a torch.nn.Module, got {type(model).__name__}; pass the model object itself "
@@ -93,6 +102,29 @@ class _Tracer(fx.Tracer):
             self.stack.pop()
 
 
+def check_leaves(leaf_modules: object, model: torch.nn.Module) -> list[type[torch.nn.Module] | str]:
+    """``leaf_modules`` as a list of module types and qualified names of ``model``; a bare name or
+    type is one leaf (not a string's characters), and a name the model lacks is an error."""
+    items = [leaf_modules] if isinstance(leaf_modules, (str, type)) else leaf_modules
+    try:
+        leaves = list(items)  # type: ignore[call-overload]
+    except TypeError:
+        raise MemfitInputError(
+            f"leaf_modules={leaf_modules!r}: give module types or qualified names, e.g. leaf_modules=['blocks.0']"
+        ) from None
+    names = {name for name, _ in model.named_modules()}
+    for leaf in leaves:
+        if isinstance(leaf, type) and issubclass(leaf, torch.nn.Module):
+            continue
+        if not isinstance(leaf, str):
+            raise MemfitInputError(f"leaf_modules: {leaf!r} is neither an nn.Module type nor a qualified module name")
+        if leaf not in names:
+            close = difflib.get_close_matches(leaf, sorted(names - {""}), n=3)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else " (see model.named_modules())"
+            raise MemfitInputError(f"leaf_modules: {type(model).__name__} has no submodule {leaf!r}{hint}")
+    return leaves
+
+
 def trace(model: torch.nn.Module, leaf_modules: LeafSpec = (), given: int | None = None) -> fx.GraphModule:
     """Trace a model with torch.fx; a failure names the submodule and the fix.
 
@@ -109,7 +141,7 @@ def trace(model: torch.nn.Module, leaf_modules: LeafSpec = (), given: int | None
     shared) and reads buffers as graph values: code such as ``self.num_batches_tracked.add_(1)`` in
     a module fx traces through becomes a node of the graph instead of a write into the model.
     """
-    tracer = _Tracer(leaf_modules)
+    tracer = _Tracer(check_leaves(leaf_modules, model))
     tracer.proxy_buffer_attributes = True
     twin = _structural_copy(model)
     try:

@@ -146,7 +146,7 @@ def compress(
     """
     from . import get_method  # the registry imports every method module, which imports this one
 
-    check_model(model)
+    model = check_model(model)
     impl = get_method(method) if isinstance(method, str) else method
     config = impl.config_type() if config is None else config
     if not isinstance(config, impl.config_type):
