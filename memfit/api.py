@@ -8,7 +8,7 @@ import torch
 
 from .capture.dryrun import capture
 from .capture.inputs import as_inputs
-from .capture.trace import check_model, graph_of
+from .capture.trace import check_model, graph_of, serialized
 from .capture.trainstep import OptimizerSpec, StepConfig
 from .cost import workspace
 from .cost.measurement import measure_step
@@ -22,6 +22,7 @@ def _config(optimizer: OptimizerSpec, amp: str | None, loss_fn: Callable[[Any], 
     return StepConfig(optimizer=optimizer, amp=amp, loss_fn=loss_fn)
 
 
+@serialized
 def estimate(
     model: torch.nn.Module,
     example_inputs: Any,
@@ -72,6 +73,7 @@ def estimate(
     return with_storage(report_from_graph(graph, type(model).__name__, parallel=parallel), model)
 
 
+@serialized
 def measure(
     model: torch.nn.Module,
     example_inputs: Any,

@@ -22,7 +22,7 @@ from .budget import Budget
 from .capture.dryrun import capture
 from .capture.graph import MemGraph
 from .capture.inputs import Inputs, as_inputs
-from .capture.trace import check_model, graph_of
+from .capture.trace import check_model, graph_of, serialized
 from .capture.trainstep import OptimizerSpec, StepConfig
 from .compressors.apply import META_KEY
 from .cost import simulate, workspace
@@ -51,6 +51,7 @@ VERIFY_ROUNDS = 4
 MARGIN = 0.001
 
 
+@serialized
 def optimize(
     model: torch.nn.Module,
     budget_mb: float | str,

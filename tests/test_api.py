@@ -197,3 +197,26 @@ def test_optional_forward_arguments_are_not_counted_as_inputs() -> None:
 
     x = torch.randn(4, 8)
     assert memfit.estimate(Masked(), x).peak_bytes == pytest.approx(memfit.measure(Masked(), x).peak_bytes, rel=0.03)
+
+
+def test_estimates_in_two_threads_equal_the_ones_in_sequence(small_cnn: nn.Module) -> None:
+    import threading
+
+    torch.manual_seed(0)
+    models = [small_cnn, memfit.models.create("resnet18", stem="cifar", num_classes=10, width=8)]
+    inputs = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 32, 32)]
+    sequential = [memfit.estimate(m, x).peak_bytes for m, x in zip(models, inputs)]
+    got: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        try:
+            got[i] = memfit.estimate(models[i], inputs[i]).peak_bytes
+        except Exception as e:  # noqa: BLE001  reported below
+            got[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[0], got[1]] == sequential

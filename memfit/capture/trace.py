@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import inspect
-from typing import Any, Iterable
+import logging
+import threading
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 import torch.fx as fx
@@ -20,7 +23,26 @@ from ..errors import MemfitInputError, MemfitTraceError
 from .export import export_graph
 from .inputs import as_inputs
 
-__all__ = ["LeafSpec", "check_model", "as_input_tuple", "trace", "graph_of"]
+__all__ = ["LeafSpec", "check_model", "as_input_tuple", "trace", "graph_of", "serialized"]
+
+log = logging.getLogger(__name__)
+
+# torch.fx patches nn.Module.__call__ and __getattr__ for the whole process while it traces, export
+# and the dry run install dispatch modes, and measurement starts the process's one profiler: one
+# memfit call at a time, whichever thread makes it.
+_LOCK = threading.RLock()
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def serialized(fn: _F) -> _F:
+    """Run ``fn`` holding memfit's process-wide lock (the public entry points are wrapped)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with _LOCK:
+            return fn(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 LeafSpec = Iterable["type[torch.nn.Module] | str"]
 
@@ -143,6 +165,8 @@ def trace(model: torch.nn.Module, leaf_modules: LeafSpec = (), given: int | None
     """
     tracer = _Tracer(check_leaves(leaf_modules, model))
     tracer.proxy_buffer_attributes = True
+    if threading.active_count() > 1:
+        log.debug("torch.fx traces %s with other threads alive: modules they call meanwhile see fx's patch", type(model).__name__)
     twin = _structural_copy(model)
     try:
         with torch.enable_grad(), torch.autocast("cpu", enabled=False):

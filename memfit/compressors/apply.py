@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..capture.trace import LeafSpec, as_input_tuple, check_model, trace
+from ..capture.trace import LeafSpec, as_input_tuple, check_model, serialized, trace
 from ..errors import MemfitInputError
 from ..models import spec_of
 from .base import CompressConfig, Method, WeightGenerator
@@ -112,6 +112,7 @@ def trace_compressed(model: nn.Module, leaf_modules: LeafSpec = ()) -> fx.GraphM
     return gm
 
 
+@serialized
 def compress(
     model: nn.Module,
     method: str | Method,
