@@ -18,8 +18,10 @@ from .report.memory import MemoryReport
 
 __all__ = ["estimate", "measure"]
 
-def _config(optimizer: OptimizerSpec, amp: str | None, loss_fn: Callable[[Any], torch.Tensor] | None) -> StepConfig:
-    return StepConfig(optimizer=optimizer, amp=amp, loss_fn=loss_fn)
+def _config(
+    optimizer: OptimizerSpec, amp: str | None, loss_fn: Callable[[Any], torch.Tensor] | None, accumulate: bool
+) -> StepConfig:
+    return StepConfig(optimizer=optimizer, amp=amp, loss_fn=loss_fn, accumulate=accumulate)
 
 
 @serialized
@@ -33,6 +35,7 @@ def estimate(
     leaf_modules: Iterable[type[torch.nn.Module] | str] = (),
     calibrate: bool = True,
     parallel: Parallel | None = None,
+    accumulate: bool = False,
 ) -> MemoryReport:
     """Predict the memory of one training step without allocating it.
 
@@ -52,6 +55,8 @@ def estimate(
         calibrate: Measure kernel workspaces on small real layers (the allocator-level term).
         parallel: DDP or FSDP (:class:`memfit.Parallel`): the figures are then one process's,
             with ``example_inputs`` its batch.
+        accumulate: Gradient accumulation: the step of a micro-batch after the first, whose
+            gradients exist before its forward (``example_inputs`` is one micro-batch).
 
     Returns:
         A predicted MemoryReport; ``print`` it for the per-layer table.
@@ -63,7 +68,7 @@ def estimate(
         >>> r.source, r.peak_mb > r.parameters_mb
         ('predicted', True)
     """
-    config = _config(optimizer, amp, loss_fn)
+    config = _config(optimizer, amp, loss_fn, accumulate)
     model = check_model(model)
     inputs = as_inputs(example_inputs)
     gm = graph_of(model, leaf_modules, inputs)
@@ -81,6 +86,7 @@ def measure(
     optimizer: OptimizerSpec = "sgd",
     amp: str | None = None,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    accumulate: bool = False,
 ) -> MemoryReport:
     """Measure the memory of one real steady-state training step (on a copy of the model).
 
@@ -94,6 +100,7 @@ def measure(
         optimizer: As in :func:`estimate`.
         amp: As in :func:`estimate`.
         loss_fn: As in :func:`estimate`.
+        accumulate: As in :func:`estimate`.
 
     Returns:
         A measured MemoryReport.
@@ -104,7 +111,7 @@ def measure(
         >>> memfit.measure(net, torch.randn(2, 3, 32, 32)).source
         'measured'
     """
-    config = _config(optimizer, amp, loss_fn)
+    config = _config(optimizer, amp, loss_fn, accumulate)
     model = check_model(model)
     inputs = as_inputs(example_inputs)
     m = measure_step(model, inputs, config)

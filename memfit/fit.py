@@ -65,6 +65,7 @@ def optimize(
     time_limit_s: float = 60.0,
     compress: str | None = None,
     parallel: Parallel | None = None,
+    accumulate: bool = False,
 ) -> fx.GraphModule:
     """A module that trains like ``model`` and whose training step peaks at most ``budget_mb``.
 
@@ -92,6 +93,8 @@ def optimize(
             its compact parameters are new, the rest are copies of the model's.
         parallel: DDP or FSDP (:class:`memfit.Parallel`): ``budget_mb`` is then per process and
             ``example_inputs`` one process's batch; wrap the result as the Parallel says.
+        accumulate: Gradient accumulation (``example_inputs`` one micro-batch): the budget holds
+            for every micro-batch, whose gradients of the earlier ones exist through its forward.
 
     Returns:
         An ``fx.GraphModule`` with ``.plan`` (print it for the table) and ``.report``
@@ -110,7 +113,7 @@ def optimize(
         True
     """
     started = time.perf_counter()
-    config = StepConfig(optimizer=optimizer, amp=amp, loss_fn=loss_fn)
+    config = StepConfig(optimizer=optimizer, amp=amp, loss_fn=loss_fn, accumulate=accumulate)
     names = _strategy_names(strategy)
     model = check_model(model)
     budget = Budget.parse(budget_mb)

@@ -25,7 +25,7 @@ from .graph import MemGraph, NodeInfo
 from .inputs import Inputs, as_inputs
 from .trace import LeafSpec, check_model, graph_of
 from .tracker import StorageTracker, tensors_in
-from .trainstep import StepConfig, init_optimizer_state, make_optimizer, run_step, unique_trainable
+from .trainstep import StepConfig, init_gradients, init_optimizer_state, make_optimizer, run_step, unique_trainable
 
 __all__ = ["capture"]
 
@@ -341,6 +341,7 @@ def capture(
         optimizer = make_optimizer(config.optimizer, params)
         init_optimizer_state(optimizer, params)  # steady state: the state exists before the step
         tracker.register(gm.parameters(), "parameter")
+        tracker.register(init_gradients(config, params), "gradient")
         tracker.register(gm.buffers(), "buffer")
         tracker.register(fake_inputs, "input")
         if optimizer is not None:

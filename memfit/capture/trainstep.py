@@ -96,21 +96,26 @@ class StepConfig:
             ``params -> Optimizer``, or None for forward and backward only.
         amp: None for full precision, ``"bf16"`` or ``"fp16"`` for ``torch.autocast``.
         loss_fn: Maps the model's output to a scalar loss; :func:`default_loss` if None.
+        accumulate: Gradient accumulation: the step is a micro-batch after the first, so every
+            gradient exists before it starts and backward adds into it.
     """
 
     optimizer: OptimizerSpec = "sgd"
     amp: str | None = None
     loss_fn: Callable[[object], torch.Tensor] | None = None
+    accumulate: bool = False
 
     def __post_init__(self) -> None:
         _factory(self.optimizer)
+        if not isinstance(self.accumulate, bool):
+            raise MemfitInputError(f"accumulate must be True or False, not {self.accumulate!r}")
         if self.amp is not None and self.amp not in AMP_DTYPES:
             raise MemfitInputError(f"amp must be None or one of {sorted(AMP_DTYPES)}, not {self.amp!r}")
 
     def describe(self) -> str:
         """The optimizer and precision, as reports print them."""
         opt = self.optimizer if isinstance(self.optimizer, str) or self.optimizer is None else "custom"
-        return f"optimizer={opt}, precision={self.amp or 'fp32'}"
+        return f"optimizer={opt}, precision={self.amp or 'fp32'}" + (", gradients accumulated" if self.accumulate else "")
 
     def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
         """The autocast context of the forward pass (a no-op in full precision)."""
@@ -146,6 +151,15 @@ def init_optimizer_state(optimizer: torch.optim.Optimizer | None, params: Sequen
         p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def init_gradients(config: StepConfig, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients alive before the step: under accumulation, those of the earlier micro-batches."""
+    if not config.accumulate:
+        return []
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    return [p.grad for p in params if p.grad is not None]
 
 
 def run_step(

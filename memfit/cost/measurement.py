@@ -23,7 +23,14 @@ from torch.profiler import ProfilerActivity, profile
 from ..capture.graph import CATEGORIES
 from ..capture.inputs import Inputs, as_inputs
 from ..capture.tracker import StorageTracker, tensors_in
-from ..capture.trainstep import StepConfig, init_optimizer_state, make_optimizer, run_step, unique_trainable
+from ..capture.trainstep import (
+    StepConfig,
+    init_gradients,
+    init_optimizer_state,
+    make_optimizer,
+    run_step,
+    unique_trainable,
+)
 from .timeline import replay
 
 _KINETO_LINE = re.compile(rb"ActivityProfiler\w*\.cpp:\d+\] profiler_(start|stop)")
@@ -126,6 +133,7 @@ def measure_step(
 
     tracker = StorageTracker()
     tracker.register(work.parameters(), "parameter")
+    tracker.register(init_gradients(config, params), "gradient")
     tracker.register(work.buffers(), "buffer")
     tracker.register(inputs.tensors, "input")
     if optimizer is not None:
