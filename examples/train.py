@@ -151,7 +151,7 @@ EXIT_INTERRUPTED = 130
 _RESUME_KEYS = (
     "model", "width", "stem", "data", "image_size", "synthetic_size", "num_classes", "budget_mb",
     "strategy", "compress", "recalibrate_bn", "freeze_epochs", "optimizer", "lr", "momentum", "weight_decay",
-    "schedule", "epochs", "batch_size", "amp", "seed",
+    "schedule", "epochs", "batch_size", "accumulate", "amp", "seed",
 )
 MiB = 2**20
 
@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="learning rate over the run")
     g.add_argument("--epochs", type=int, default=3, help="passes over the training set")
     g.add_argument("--batch-size", type=int, default=64, help="per process")
+    g.add_argument("--accumulate", type=int, default=1, metavar="N",
+                   help="gradient accumulation: each batch runs as N micro-batches, one optimizer step; memfit plans "
+                        "the micro-batch with the gradients held (accumulate=True)")
     g.add_argument("--amp", choices=["bf16", "fp16"], help="torch.autocast precision (fp16 uses a gradient scaler)")
     g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
     g.add_argument("--threads", type=int,
@@ -257,6 +260,11 @@ def _resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("max_steps", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise MemfitInputError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.accumulate < 1 or args.batch_size % args.accumulate:
+        raise MemfitInputError(
+            f"--accumulate {args.accumulate}: give a positive number of micro-batches that divides --batch-size "
+            f"{args.batch_size}"
+        )
     if args.compress == "auto" and args.budget_mb is None:
         raise MemfitInputError("--compress auto compresses only what a budget needs: give --budget-mb too")
     if args.num_classes is not None and args.data != "synthetic":
@@ -445,7 +453,7 @@ def prepare(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, ctx: Co
         compress = "auto" if args.compress == "auto" else None
         with torch.random.fork_rng(devices=[ctx.device.index] if ctx.device.type == "cuda" else []):
             return memfit.optimize(net, budget_mb, x, optimizer=factory, amp=args.amp, strategy=strategy,
-                                   compress=compress, parallel=parallel)
+                                   compress=compress, parallel=parallel, accumulate=args.accumulate > 1)
 
     if args.budget_mb is None:
         unplanned = plan(UNBOUNDED_MB, "auto")
@@ -551,15 +559,21 @@ class Bar:
 
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, xb: torch.Tensor,
-               yb: torch.Tensor, amp: str | None, device: torch.device) -> tuple[float, int]:
+               yb: torch.Tensor, amp: str | None, device: torch.device, micro: int = 1) -> tuple[float, int]:
     """Forward and backward of one step, as memfit's step model has it (gradients None at the
-    start); returns the loss and the number of correct predictions. :func:`apply_update` follows."""
+    start), in ``micro`` micro-batches whose gradients add up to the whole batch's (each loss
+    weighted by its share: the mean over the batch); returns the loss and the number of correct
+    predictions. :func:`apply_update` follows."""
     optimizer.zero_grad(set_to_none=True)
-    with _autocast(device, amp):
-        out = net(xb)
-        loss = F.cross_entropy(out.float(), yb)
-    scaler.scale(loss).backward()
-    return float(loss.detach()), int((out.detach().argmax(dim=1) == yb).sum())
+    total, correct = 0.0, 0
+    for xm, ym in zip(xb.chunk(micro), yb.chunk(micro)):
+        with _autocast(device, amp):
+            out = net(xm)
+            loss = F.cross_entropy(out.float(), ym) * (len(ym) / len(yb))
+        scaler.scale(loss).backward()
+        total += float(loss.detach())
+        correct += int((out.detach().argmax(dim=1) == ym).sum())
+    return total, correct
 
 
 def apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -795,7 +809,8 @@ class Trainer:
         if args.init:
             _load_init(model, args.init)
         self.n_params = sum(p.numel() for p in model.parameters())
-        self.x_example = data.x_train[: args.batch_size].to(ctx.device)
+        # what memfit plans and measures: one micro-batch (the whole batch without accumulation)
+        self.x_example = data.x_train[: args.batch_size // args.accumulate].to(ctx.device)
         ctx.log(f"model {args.model} ({self.n_params / 1e6:.3f} M parameters), data {args.data}: {self.n_train} "
                 f"train / {len(data.y_test)} test images {list(data.x_train.shape[1:])}, {data.num_classes} classes")
         ctx.log(f"device {ctx.device}, {ctx.world} process{'es' if ctx.distributed else ''}, batch {args.batch_size} "
@@ -909,7 +924,8 @@ class Trainer:
                             break
                         xb = self.data.x_train[batches[k]].to(ctx.device, non_blocking=True)
                         yb = self.data.y_train[batches[k]].to(ctx.device, non_blocking=True)
-                        loss, correct = train_step(net, self.optimizer, self.scaler, xb, yb, args.amp, ctx.device)
+                        loss, correct = train_step(net, self.optimizer, self.scaler, xb, yb, args.amp, ctx.device,
+                                                   args.accumulate)
                         in_update = True  # an interruption from here to the counters would tear the step
                         apply_update(self.optimizer, self.scaler, self.scheduler)
                         progress.step_in_epoch, progress.step = k + 1, progress.step + 1
@@ -990,12 +1006,14 @@ class Trainer:
         elif ctx.distributed:  # every process measures a wrapped copy: DDP's construction is collective
             with torch.random.fork_rng(devices=[]):
                 replica = memfit.rewrite.distributed.wrap(copy.deepcopy(self.module), self.prep.parallel)
-                peak, _ = measure_wrapped_step(replica, (self.x_example,), StepConfig(optimizer=self.factory, amp=args.amp))
+                config = StepConfig(optimizer=self.factory, amp=args.amp, accumulate=args.accumulate > 1)
+                peak, _ = measure_wrapped_step(replica, (self.x_example,), config)
             measured = max(_gather(ctx, peak / MiB))
             how = "one real step of a DDP-wrapped copy on every process, allocator level (profiler), the largest"
         elif ctx.main:
             with torch.random.fork_rng(devices=[]):
-                measured = memfit.measure(self.module, self.x_example, optimizer=self.factory, amp=args.amp).peak_mb
+                measured = memfit.measure(self.module, self.x_example, optimizer=self.factory, amp=args.amp,
+                                          accumulate=args.accumulate > 1).peak_mb
             how = "memfit.measure: one real step on a copy of the module, allocator level"
         digests = _gather(ctx, _digest(self.module)) if ctx.distributed else None
         if not ctx.main:

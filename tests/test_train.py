@@ -269,3 +269,24 @@ def test_ddp_two_gloo_processes_end_with_equal_replicas(tmp_path):
     assert m["memory"]["measured_peak_mb"] <= m["plan"]["budget_mb"], "a DDP process's measured step exceeds the budget"
     assert m["final"]["completed"] and m["final"]["step"] == 2 * (32 // 16)  # 64 images, 32 a process
     assert_png(out / "memory.png")
+
+
+def tiny_net_without_batchnorm(num_classes: int = 10) -> nn.Module:
+    """Conv-ReLU x3 and a classifier: nothing depends on how the batch is split."""
+    layers: list[nn.Module] = []
+    for cin, cout in ((3, 16), (16, 16), (16, 32)):
+        layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
+
+
+def test_accumulating_four_micro_batches_trains_like_the_whole_batch_within_budget(train, tmp_path, capsys):
+    args = ["--model", "tests.test_train:tiny_net_without_batchnorm", "--data", "synthetic", "--synthetic-size", "64",
+            "--image-size", "16", "--batch-size", "16", "--epochs", "1", "--progress", "none", "--optimizer", "sgd"]
+    assert train.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    capsys.readouterr()
+    assert train.main([*args, "--accumulate", "4", "--budget-mb", "97%", "--out", str(tmp_path / "micro")]) == 0
+    whole, micro = state(tmp_path / "whole")["model"], state(tmp_path / "micro")["model"]
+    for k, v in whole.items():
+        torch.testing.assert_close(micro[k], v, atol=1e-5, rtol=1e-4, msg=k)
+    metrics = json.loads((tmp_path / "micro" / "metrics.json").read_text())
+    assert metrics["memory"]["measured_peak_mb"] <= metrics["plan"]["budget_mb"], metrics["memory"]
