@@ -8,8 +8,9 @@ with a 1x1 kernel) is generated in two levels from three low-bit factors:
 - level 2, across kernels: ``W = q(V) @ W1`` mixes the ``Bo`` kernel sets into ``Co`` filters.
 
 ``q`` is the shared symmetric quantizer (:func:`~memfit.compressors.quant.tanh_levels` then
-:func:`~memfit.compressors.quant.dequantize`): one trainable float scale per factor, a bit width per
-factor, straight-through gradients to the latent tensors. Only the three codes and their scales are
+:func:`~memfit.compressors.quant.dequantize`): one float scale per factor, trained through a log
+gain (see :class:`MLGGenerator`), a bit width per factor, straight-through gradients to the latent
+tensors. Only the three codes and their scales are
 stored and trained; no dense weight is kept. Generators start from a projection of the trained
 weight (truncated SVDs, then least squares alternated with quantization), and
 :func:`orthonormality_loss` and :func:`distillation_loss` are the two extra losses the method's
@@ -49,6 +50,7 @@ _POLISH_ROUNDS = 3
 # Clipping ratios (of the largest magnitude) tried when fitting a code to a real factor.
 _CLIP_RATIOS = torch.linspace(0.25, 1.0, 16, dtype=torch.float64)
 _SCALE_NAMES = ("basis_scale", "coeff_in_scale", "coeff_out_scale")
+_GAIN_NAMES = ("basis_log_gain", "coeff_in_log_gain", "coeff_out_log_gain")
 
 
 @dataclass(frozen=True)
@@ -169,8 +171,15 @@ class MLGGenerator(WeightGenerator):
     ``Bo <= kh*kw``).
 
     Parameters: the latents ``basis`` ``[Bo, Bi, kh, kw]``, ``coeff_in`` ``[Bo, Ci, Bi]`` and
-    ``coeff_out`` ``[Co, Bo]`` (their :func:`tanh_levels` are the stored codes) and one float32
-    scale each (``basis_scale``, ``coeff_in_scale``, ``coeff_out_scale``).
+    ``coeff_out`` ``[Co, Bo]`` (their :func:`tanh_levels` are the stored codes) and one log gain
+    each (``basis_log_gain``, ...). A factor's scale is its buffer ``*_scale`` (set by the
+    projection or a loaded file) times ``exp(*_log_gain)``. The weight's magnitude is the product
+    of the three scales alone (the levels are normalised), and a BatchNorm after the layer makes
+    the loss blind to it, so a plain scale parameter gets almost no gradient and Adam, whose steps
+    are a fixed size whatever the gradient, walks it by ``lr`` per step: at 3e-3 a deep layer's
+    0.17 reached 0.0005 in 90 steps, the layer's output collapsed faster than BatchNorm's running
+    statistics could follow, and the model fell to chance in eval mode. In log space a step moves
+    the scale by a fraction ``lr`` of itself and never through zero.
 
     Args:
         shape: The weight's shape, ``[Co, Ci, kh, kw]`` or ``[Co, Ci]``.
@@ -205,8 +214,9 @@ class MLGGenerator(WeightGenerator):
         self.basis = nn.Parameter(torch.zeros(bo, bi, *self.kernel))
         self.coeff_in = nn.Parameter(torch.zeros(bo, self.in_channels, bi))
         self.coeff_out = nn.Parameter(torch.zeros(self.out_channels, bo))
-        for name in _SCALE_NAMES:
-            setattr(self, name, nn.Parameter(torch.ones(())))
+        for scale, gain in zip(_SCALE_NAMES, _GAIN_NAMES):
+            self.register_buffer(scale, torch.ones(()))
+            setattr(self, gain, nn.Parameter(torch.zeros(())))
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The quantized factors ``q(B)`` ``[Bo, Bi, kh*kw]``, ``q(U)`` ``[Bo, Ci, Bi]`` and
@@ -220,9 +230,14 @@ class MLGGenerator(WeightGenerator):
         kernels = torch.bmm(u, b).reshape(self.base_out, -1)
         return (v @ kernels).reshape(self.shape)
 
+    def _scale(self, name: str) -> torch.Tensor:
+        """A factor's current scale; exactly the buffer while the gain is 0 (``exp(0) == 1``), so a
+        packed scale loaded back reproduces the weight bit for bit."""
+        return getattr(self, f"{name}_scale") * torch.exp(getattr(self, f"{name}_log_gain"))
+
     def _dequantized(self, name: str) -> torch.Tensor:
         bits = self.bits[name]
-        return dequantize(tanh_levels(getattr(self, name), bits), getattr(self, f"{name}_scale"), bits)
+        return dequantize(tanh_levels(getattr(self, name), bits), self._scale(name), bits)
 
     def _levels(self, name: str) -> torch.Tensor:
         """The stored integer levels of a factor, ``-L..L``."""
@@ -230,11 +245,13 @@ class MLGGenerator(WeightGenerator):
             return tanh_levels(getattr(self, name), self.bits[name]).to(torch.int64)
 
     def _set_code(self, name: str, levels: torch.Tensor, scale: torch.Tensor) -> None:
-        """Load a code into a factor's latent and scale, in place (optimisers keep their tensors)."""
+        """Load a code into a factor's latent and scale (gain reset to 0), in place (optimisers
+        keep their tensors)."""
         latent = getattr(self, name)
         with torch.no_grad():
             latent.copy_(latent_for_levels(levels, self.bits[name]).reshape(latent.shape))
             getattr(self, f"{name}_scale").copy_(scale.reshape(()))
+            getattr(self, f"{name}_log_gain").zero_()
 
     def project_(self, weight: torch.Tensor) -> MLGGenerator:
         """Re-initialise from a dense weight: codes whose product approximates it closely.
@@ -311,8 +328,8 @@ class MLGGenerator(WeightGenerator):
             "coeff_out_bits": self.bits["coeff_out"],
         }
         tensors = {name: pack_bits(self._levels(name) + max_level(bits), bits) for name, bits in self.bits.items()}
-        for name in _SCALE_NAMES:
-            tensors[name] = getattr(self, name).detach().to(torch.float32).cpu().clone()
+        for name in self.bits:
+            tensors[f"{name}_scale"] = self._scale(name).detach().to(torch.float32).cpu().clone()
         return meta, tensors
 
     @classmethod
