@@ -46,6 +46,9 @@ Verified = tuple[fx.GraphModule, Plan, MemGraph, Timeline]
 AUTO_ORDER = ("selective", "dp", "chen")
 # Plan -> dry run -> tighten by the excess: rounds before giving up on a strategy.
 VERIFY_ROUNDS = 4
+# When tightening by the excess does not converge (the chain misprices the plans near the budget),
+# targets between the least-peak plan and the budget are bisected this many times per strategy.
+BISECT_STEPS = 6
 # A verified prediction must stay this fraction below the budget: the cost model's residual error
 # against the allocator. The largest excess the zoo matrix measured was 0.01% (VGG-16, dp).
 MARGIN = 0.001
@@ -173,6 +176,8 @@ def _fit(
     result = verify([(0, chain.m, "plain")], "none") if before.peak_bytes <= room else None
     if result is None:
         result = _search(chain, names, room, shift, verify, deadline)
+    if result is None:
+        result = _between(chain, names, room, shift, verify)
     if result is None:
         result = _at_minimum(chain, names, budget, room, verify, before, failures)
     planned, plan, vgraph, timeline = result
@@ -307,6 +312,32 @@ def _search(
             # a little more than the excess, so the next round does not graze the budget
             push(bound, i, rnd + 1, target - excesses[key] - budget // 500, None)
     return None
+
+
+def _between(
+    chain: Chain, names: Sequence[str], room: int, shift: int, verify: Callable[[Spans, str], Verified | None]
+) -> Verified | None:
+    """The cheapest verified plan between the least-peak one and the budget, by bisecting the
+    chain target: a higher target gives a cheaper plan with a higher verified peak. Without it a
+    budget whose own plans all verify over it fell back to the least-peak plan, so a looser
+    budget could cost more recomputation than a tighter one."""
+    best: tuple[int, Verified] | None = None
+    for name in names:
+        strategy = STRATEGIES[name]
+        low, high = chain.peak(strategy.lowest_peak(chain)), room + shift
+        for _ in range(BISECT_STEPS):
+            if high - low <= room // 1000:
+                break
+            target = (low + high) // 2
+            spans = strategy.cheapest(chain, target)
+            result = verify(spans, name) if spans is not None else None
+            if spans is not None and result is not None and result[3].peak_bytes <= room:
+                low = target
+                if best is None or chain.cost(spans) < best[0]:
+                    best = chain.cost(spans), result
+            else:
+                high = target
+    return best[1] if best is not None else None
 
 
 def _at_minimum(
