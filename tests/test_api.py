@@ -95,6 +95,7 @@ def test_a_value_dependent_leaf_is_refused_clearly() -> None:
 
 def test_a_leaf_module_makes_it_traceable_and_counted() -> None:
     report = memfit.estimate(_Branchy(), torch.randn(2, 3, 8, 8), leaf_modules=[_Gate])
+    assert "Opaque (leaf_modules, one node each, never cut inside): gate (_Gate)" in report.notes
     measured = memfit.measure(_Branchy(), torch.randn(2, 3, 8, 8))
     assert report.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.03)
 

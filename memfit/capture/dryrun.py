@@ -373,6 +373,7 @@ def capture(
         rng_states.clear()
     graph = _assemble(gm, rec, tracker, grads, inputs, config, device)
     graph.capture = str(gm.meta.get("memfit_capture", "torch.fx"))
+    graph.opaque = dict(gm.meta.get("memfit_opaque", {}))
     graph.owners = owners
     graph.buffer_names = buffer_names
     graph.param_shapes = {rec.param_names[id(p)]: (tuple(p.shape), p.element_size()) for p in gm.parameters()}

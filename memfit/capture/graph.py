@@ -94,6 +94,8 @@ class MemGraph:
         param_shapes: Shape and element size of every parameter, by qualified name.
         buffer_names: Qualified name of every buffer storage: sid -> name.
         capture: How the graph was captured (``torch.fx``, or torch.export and why).
+        opaque: Submodules kept whole as ``leaf_modules`` asked: path -> class name (their
+            insides are one node each: costed, never cut).
     """
 
     dag: nx.DiGraph
@@ -109,6 +111,7 @@ class MemGraph:
     param_shapes: dict[str, tuple[tuple[int, ...], int]] = field(default_factory=dict)
     buffer_names: dict[int, str] = field(default_factory=dict)
     capture: str = "torch.fx"
+    opaque: dict[str, str] = field(default_factory=dict)
 
     def info(self, name: str) -> NodeInfo:
         """The NodeInfo of a node."""

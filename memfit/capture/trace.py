@@ -98,6 +98,7 @@ class _Tracer(fx.Tracer):
         self.stack: list[tuple[str, str]] = []
         self.failed_at: tuple[str, str] | None = None
         self.mode_changed_at: str | None = None  # a node made inside no_grad/autocast in forward
+        self.opaque: dict[str, str] = {}  # user-declared leaves met while tracing: path -> class
 
     def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
         node = super().create_node(*args, **kwargs)
@@ -109,6 +110,7 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if isinstance(m, self._leaf_types) or qualname in self._leaf_paths:
+            self.opaque.setdefault(qualname, type(m).__name__)
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -187,6 +189,7 @@ def trace(model: torch.nn.Module, leaf_modules: LeafSpec = (), given: int | None
             f"'{tracer.mode_changed_at}'): a graph without it would differ from the model"
         )
     gm = fx.GraphModule(_attributes_of(graph, model, twin), graph, type(model).__name__)
+    gm.meta["memfit_opaque"] = dict(tracer.opaque)
     if not any(n.op == "output" for n in gm.graph.nodes) or len(gm.graph.nodes) <= 1:
         raise MemfitInputError(f"{type(model).__name__} traced to an empty graph; nothing to train")
     return gm

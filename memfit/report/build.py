@@ -65,8 +65,17 @@ def report_from_graph(
         layers=layers,
         notes=[f"Peak while running: {sim.peak_node or '(start of step)'} in {sim.peak_phase}"]
         + ([] if graph.capture == "torch.fx" else [f"Captured with {graph.capture}"])
-        + _uncalibrated_note(graph),
+        + _uncalibrated_note(graph)
+        + _opaque_note(graph),
     )
+
+
+def _opaque_note(graph: MemGraph) -> list[str]:
+    if not graph.opaque:
+        return []
+    shown = ", ".join(f"{path} ({kind})" for path, kind in list(graph.opaque.items())[:4])
+    more = f" and {len(graph.opaque) - 4} more" if len(graph.opaque) > 4 else ""
+    return [f"Opaque (leaf_modules, one node each, never cut inside): {shown}{more}"]
 
 
 def _uncalibrated_note(graph: MemGraph) -> list[str]:
