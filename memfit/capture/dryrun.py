@@ -21,6 +21,7 @@ from torch.utils.flop_counter import flop_registry
 
 from ..errors import MemfitInputError, MemfitTraceError
 from . import subgraph
+from .attrs import lookup
 from .graph import MemGraph, NodeInfo
 from .inputs import Inputs, as_inputs
 from .trace import LeafSpec, check_model, graph_of
@@ -91,9 +92,9 @@ def _on_fake(gm: fx.GraphModule, fmodel: torch.nn.Module, mode: FakeTensorMode) 
     for n in gm.graph.nodes:
         if n.op in ("call_module", "get_attr"):
             target = str(n.target)
-            found = _lookup(fmodel, target)
+            found = lookup(fmodel, target)
             if found is None:
-                found = _lookup(gm, target)
+                found = lookup(gm, target)
                 if isinstance(found, torch.Tensor):
                     found = mode.from_tensor(found, static_shapes=True)
             root[target] = found
@@ -103,13 +104,6 @@ def _on_fake(gm: fx.GraphModule, fmodel: torch.nn.Module, mode: FakeTensorMode) 
     return out
 
 
-def _lookup(mod: Any, dotted: str) -> Any:
-    """An attribute by dotted path, or None where the path does not exist."""
-    for part in dotted.split("."):
-        if not hasattr(mod, part):
-            return None
-        mod = getattr(mod, part)
-    return mod
 
 
 def _fake_copy(model: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Module:
@@ -227,7 +221,7 @@ class _Recorder(fx.Interpreter):
 
 
 def _is_parameter(gm: fx.GraphModule, n: fx.Node) -> bool:
-    return n.op == "get_attr" and isinstance(_lookup(gm, str(n.target)), torch.nn.Parameter)
+    return n.op == "get_attr" and isinstance(lookup(gm, str(n.target)), torch.nn.Parameter)
 
 
 _INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor"}

@@ -36,6 +36,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from ..errors import MemfitInputError, MemfitTraceError
+from .attrs import lookup
 
 __all__ = ["OUTPUT_SPEC_ATTR", "bind", "export_graph", "rebuild_output", "run_with_autocast", "run_with_grad_mode"]
 
@@ -169,9 +170,9 @@ def bind(
     for n in gm.graph.nodes:
         if n.op == "get_attr":
             target = str(n.target)
-            found = _lookup(model, target)
+            found = lookup(model, target)
             if not isinstance(found, torch.Tensor):
-                found = _lookup(gm, target)
+                found = lookup(gm, target)
                 if isinstance(found, torch.Tensor) and convert is not None:
                     found = convert(found)
             root[target] = found
@@ -257,7 +258,7 @@ def _rebuild(
     for n in old.nodes:
         if n.op == "get_attr":
             env[n] = graph.node_copy(n, lambda x: env[x])
-            attrs[str(n.target)] = _lookup(unlifted, str(n.target))
+            attrs[str(n.target)] = lookup(unlifted, str(n.target))
     for n in old.nodes:
         if n.op in ("placeholder", "get_attr", "output"):
             continue
@@ -300,7 +301,7 @@ def _module_of(n: fx.Node, root: tuple[str, str], owner: fx.GraphModule) -> tupl
     """
     stack = [(str(path), kind) for path, kind in (n.meta.get("nn_module_stack") or {}).values()]
     for arg in n.args:
-        body = _lookup(owner, str(arg.target)) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+        body = lookup(owner, str(arg.target)) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
         if isinstance(body, fx.GraphModule):
             inner = _common_stack(body)
             if len(inner) > len(stack):
@@ -380,7 +381,7 @@ def _replace_hops_in_bodies(attrs: dict[str, Any], hops: dict[Any, Callable[...,
             if n.op == "call_function" and n.target in hops:
                 n.target, changed = hops[n.target], True
             elif n.op == "get_attr":
-                sub = _lookup(body, str(n.target))
+                sub = lookup(body, str(n.target))
                 if isinstance(sub, fx.GraphModule):
                     pending.append(sub)
         if changed:
@@ -392,7 +393,7 @@ def _root_for(model: torch.nn.Module, unlifted: fx.GraphModule, attrs: dict[str,
     (parameters, buffers, tensor attributes), otherwise what the export created."""
     root: dict[str, Any] = {}
     for target, exported in attrs.items():
-        own = _lookup(model, target)
+        own = lookup(model, target)
         own = own if isinstance(own, torch.Tensor) else None  # export's own names never mean the model's objects
         if own is None and isinstance(exported, FakeTensor):
             raise MemfitTraceError(
@@ -403,15 +404,6 @@ def _root_for(model: torch.nn.Module, unlifted: fx.GraphModule, attrs: dict[str,
     return root
 
 
-def _lookup(mod: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if isinstance(mod, torch.nn.Module) and part in mod._modules:
-            mod = mod._modules[part]
-            continue
-        if not hasattr(mod, part):
-            return None
-        mod = getattr(mod, part)
-    return mod
 
 
 _VALUE_FIX = "make it value-independent (torch.where, masks of fixed shape)"

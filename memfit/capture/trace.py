@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import MemfitInputError, MemfitTraceError
+from .attrs import lookup
 from .export import export_graph
 from .inputs import as_inputs
 
@@ -224,22 +225,13 @@ def _attributes_of(graph: fx.Graph, model: torch.nn.Module, twin: torch.nn.Modul
     for n in graph.nodes:
         if n.op in ("call_module", "get_attr"):
             target = str(n.target)
-            found[target] = _lookup(model, target) if _has_attr(model, target) else _lookup(twin, target)
+            own = lookup(model, target)
+            found[target] = own if own is not None else lookup(twin, target)
     return found
 
 
-def _has_attr(mod: Any, dotted: str) -> bool:
-    try:
-        _lookup(mod, dotted)
-    except AttributeError:
-        return False
-    return True
 
 
-def _lookup(mod: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        mod = getattr(mod, part)
-    return mod
 
 
 def graph_of(model: torch.nn.Module, leaf_modules: LeafSpec = (), inputs: Any = None) -> fx.GraphModule:

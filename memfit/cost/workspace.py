@@ -30,6 +30,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import torch
 import torch.fx as fx
 
+from ..capture.attrs import lookup
 from ..capture.graph import MemGraph
 from ..capture.trace import LeafSpec, graph_of
 from ..capture.tracker import StorageTracker, tensors_in
@@ -174,7 +175,7 @@ def _layer_spec(
 
     def slot(a: fx.Node) -> Any:
         if a.op == "get_attr":
-            value = getattr_path(gm, str(a.target))
+            value = lookup(gm, str(a.target))
             if not isinstance(value, torch.Tensor):
                 raise _Skip
             meta = _Meta(tuple(value.shape), tuple(value.stride()), value.dtype, value.requires_grad, False)
@@ -214,11 +215,6 @@ def _layer_spec(
     return _Spec(fn, args, kwargs, metas, key, graph.info(node.name).inplace)
 
 
-def getattr_path(obj: Any, path: str) -> Any:
-    """``obj.a.b.c`` for ``path == "a.b.c"``."""
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 class _Skip(Exception):

@@ -33,6 +33,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from torch.utils.flop_counter import flop_registry
 
 from ..capture import subgraph
+from ..capture.attrs import lookup
 from ..planner.plan import Plan
 
 __all__ = ["Checkpointed", "PlannedModule", "rewrite", "SEGMENT_PREFIX"]
@@ -303,14 +304,6 @@ def _extract(gm: fx.GraphModule, members: list[fx.Node], index: int) -> tuple[fx
 def _copy_trace_attributes(gm: fx.GraphModule, root: torch.nn.Module, graph: fx.Graph) -> None:
     """Tensor constants the trace created (``_tensor_constant0``) are attributes of ``gm`` only."""
     for n in graph.nodes:
-        if n.op == "get_attr" and not _has_attr(root, str(n.target)):
+        if n.op == "get_attr" and lookup(root, str(n.target)) is None:
             setattr(root, str(n.target), getattr(gm, str(n.target)))
 
-
-def _has_attr(mod: torch.nn.Module, dotted: str) -> bool:
-    try:
-        for part in dotted.split("."):
-            mod = getattr(mod, part)
-    except AttributeError:
-        return False
-    return True
