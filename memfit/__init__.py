@@ -14,9 +14,11 @@ from .budget import Budget
 from .compressors import compress
 from .cost.parallel import Parallel
 from .errors import MemfitBudgetError, MemfitError, MemfitInputError, MemfitTraceError
-from .fit import optimize
+from .fit import minimum, optimize, tradeoff
 from .io.serialize import load, save
 from .report.memory import MemoryReport
+from .report.tradeoff import Tradeoff, TradeoffPoint
+from .rewrite.checkpoint import PlannedModule
 from .rewrite import distributed
 
 __all__ = [
@@ -29,6 +31,11 @@ __all__ = [
     "estimate",
     "measure",
     "optimize",
+    "minimum",
+    "tradeoff",
+    "Tradeoff",
+    "TradeoffPoint",
+    "PlannedModule",
     "MemfitBudgetError",
     "MemoryReport",
     "Parallel",

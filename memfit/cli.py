@@ -20,10 +20,10 @@ from .compressors import compress, list_methods
 from .compressors.accounting import storage_table
 from .cost.parallel import KINDS, Parallel
 from .errors import MemfitError, MemfitInputError
-from .fit import optimize
+from .fit import optimize, tradeoff
 from .io.serialize import save
 from .planner import STRATEGIES
-from .report.plot import plot_plan
+from .report.plot import plot_plan, plot_tradeoff
 
 __all__ = ["main", "load_model", "example_input"]
 
@@ -114,12 +114,17 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--summary", action="store_true", help="totals only, no per-layer table")
     pl = sub.add_parser("plan", help="plan recomputation so that a training step fits a budget")
     _step_arguments(pl)
-    pl.add_argument(
-        "--budget-mb", type=_budget, required=True, metavar="MIB|SIZE|PCT%",
+    what = pl.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--budget-mb", type=_budget, metavar="MIB|SIZE|PCT%",
         help="peak budget of the step: MiB (300), a size (1.5GiB) or a percentage of the unplanned peak (85%%)",
     )
+    what.add_argument(
+        "--curve", type=int, nargs="?", const=8, metavar="POINTS",
+        help="no plan: the tradeoff from the feasible minimum to the unplanned peak at POINTS budgets (default 8)",
+    )
     pl.add_argument("--strategy", default="auto", choices=["auto", *sorted(STRATEGIES)])
-    pl.add_argument("--plot", metavar="PNG", help="save a plot of memory over the step, before and after")
+    pl.add_argument("--plot", metavar="PNG", help="save a plot of memory over the step before and after (or of the curve)")
     pl.add_argument(
         "--compress",
         choices=["auto", *list_methods()],
@@ -144,6 +149,13 @@ def _budget(text: str) -> Budget:
 
 
 def _plan(model: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace, optimizer: str | None) -> None:
+    if args.curve is not None:
+        curve = tradeoff(model, x, points=args.curve, optimizer=optimizer, amp=args.amp, strategy=args.strategy,
+                         parallel=_parallel(args))
+        print(curve)
+        if args.plot:
+            print(f"Plot written to {plot_tradeoff(curve, args.plot)}")
+        return
     planned = optimize(
         model, args.budget_mb, x, optimizer=optimizer, amp=args.amp, strategy=args.strategy, compress=args.compress,
         parallel=_parallel(args),

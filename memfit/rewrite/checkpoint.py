@@ -25,7 +25,7 @@ import contextlib
 import copy
 import operator
 import threading
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -35,6 +35,9 @@ from torch.utils.flop_counter import flop_registry
 from ..capture import subgraph
 from ..capture.attrs import lookup
 from ..planner.plan import Plan
+
+if TYPE_CHECKING:  # the report is built by memfit.search, above this package
+    from ..report.memory import Comparison
 
 __all__ = ["Checkpointed", "PlannedModule", "rewrite", "SEGMENT_PREFIX"]
 
@@ -162,7 +165,15 @@ class PlannedModule(fx.GraphModule):
 
     A plain GraphModule keeps only the attributes its own graph reads; the submodules that only
     segments read would be lost on ``copy.deepcopy`` and from the ``state_dict``.
+
+    Attributes:
+        plan: What it recomputes and the predicted figures (print it for the table).
+        report: Predicted memory of the step before and after the plan (:func:`memfit.optimize`
+            fills both; a module rewritten directly has them unset).
     """
+
+    plan: Plan
+    report: Comparison
 
     def __deepcopy__(self, memo: dict[int, Any]) -> PlannedModule:
         res = super().__deepcopy__(memo)
