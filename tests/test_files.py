@@ -195,22 +195,17 @@ def test_load_names_what_the_path_is_when_it_is_no_memfit_file(tmp_path) -> None
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("kwargs", "message"),
     [
-        (("net.memfit",), "memfit.load: model must be an nn.Module or None, got str 'resnet18'"),
-        ((None,), "memfit.load: path must be a file path"),
-        ((b"net.memfit",), "memfit.load: path must be a file path"),
+        ({"path": "net.memfit", "model": "resnet18"}, "memfit.load: model must be an nn.Module or None, got str 'resnet18'"),
+        ({"path": "net.memfit", "model": nn.Linear}, r"memfit.load: model .* pass an instance, e.g. Linear\(...\)"),
+        ({"path": None}, "memfit.load: path must be a file path"),
+        ({"path": b"net.memfit"}, "memfit.load: path must be a file path"),
     ],
 )
-def test_load_names_a_wrong_typed_argument(args, message) -> None:
-    kwargs = {"model": "resnet18"} if args == ("net.memfit",) else {}
+def test_load_names_a_wrong_typed_argument(kwargs, message) -> None:
     with pytest.raises(MemfitInputError, match=message):
-        memfit.load(*args, **kwargs)
-
-
-def test_load_asks_for_an_instance_not_a_class(saved) -> None:
-    with pytest.raises(MemfitInputError, match=r"pass an instance, e.g. Linear\(...\)"):
-        memfit.load(saved["ternary"], model=nn.Linear)
+        memfit.load(**kwargs)
 
 
 def test_save_names_the_path_it_cannot_write_and_leaves_nothing_behind(tmp_path, monkeypatch) -> None:
