@@ -33,7 +33,7 @@ _TRIES = 100  # random temporary names tried before giving up (each a 32-bit nam
 
 def check_path(value: Any, argument: str) -> str:
     """``value`` as a ``str`` path, or a MemfitInputError naming ``argument`` (e.g. ``"memfit.load: path"``)."""
-    if isinstance(value, (str, os.PathLike)) and not isinstance(value, bytes):
+    if isinstance(value, (str, os.PathLike)):
         path = os.fspath(value)
         if isinstance(path, str) and path:
             return path
