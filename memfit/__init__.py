@@ -13,7 +13,7 @@ from .api import estimate, measure
 from .budget import Budget
 from .compressors import compress
 from .cost.parallel import Parallel
-from .errors import MemfitBudgetError, MemfitError, MemfitInputError, MemfitTraceError
+from .errors import MemfitBudgetError, MemfitError, MemfitFileError, MemfitInputError, MemfitTraceError
 from .fit import minimum, optimize, tradeoff
 from .io.serialize import load, save
 from .report.memory import MemoryReport
@@ -40,6 +40,7 @@ __all__ = [
     "MemoryReport",
     "Parallel",
     "MemfitError",
+    "MemfitFileError",
     "MemfitInputError",
     "MemfitTraceError",
     "models",
