@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import operator
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -51,11 +52,13 @@ _unsaved = threading.local()
 
 
 def _unsaved_begin() -> None:
-    _unsaved.depth = getattr(_unsaved, "depth", 0) + 1
+    if not torch.compiler.is_compiling():  # compiled, in-place writes are functionalized: nothing to guard
+        _unsaved.depth = getattr(_unsaved, "depth", 0) + 1
 
 
 def _unsaved_end() -> None:
-    _unsaved.depth -= 1
+    if not torch.compiler.is_compiling():
+        _unsaved.depth -= 1
 
 
 _MARKERS = (_unsaved_begin, _unsaved_end)
@@ -138,6 +141,15 @@ class Checkpointed(torch.nn.Module):
     def forward(self, *args: Any) -> Any:
         if not (self.training and torch.is_grad_enabled()):
             return self._run(*args)
+        if torch.compiler.is_compiling():
+            # torch.compile functionalizes the step: buffer writes are applied once and in-place
+            # writes become new tensors, so neither replay nor markers are needed; dynamo takes a
+            # context_fn only as a function or a functools.partial.
+            # a partial made here, or none: one held in an attribute or a global reaches dynamo unresolved
+            if self.selective:
+                context = functools.partial(create_selective_checkpoint_contexts, _keep_expensive)
+                return checkpoint(self._run, *args, use_reentrant=False, context_fn=context, preserve_rng_state=self.random)
+            return checkpoint(self._run, *args, use_reentrant=False, preserve_rng_state=self.random)
         with torch.no_grad():
             before = [getattr(m, a).clone() for m, a in self.written]
         if self.random:
