@@ -13,14 +13,16 @@ from .api import estimate, measure
 from .budget import Budget
 from .compressors import compress
 from .cost.parallel import Parallel
-from .errors import MemfitBudgetError, MemfitError, MemfitInputError, MemfitTraceError
+from .errors import MemfitBudgetError, MemfitError, MemfitFileError, MemfitInputError, MemfitTraceError
 from .fit import optimize
+from .io import checkpoint
 from .io.serialize import load, save
 from .report.memory import MemoryReport
 from .rewrite import distributed
 
 __all__ = [
     "Budget",
+    "checkpoint",
     "compress",
     "compressors",
     "distributed",
@@ -33,6 +35,7 @@ __all__ = [
     "MemoryReport",
     "Parallel",
     "MemfitError",
+    "MemfitFileError",
     "MemfitInputError",
     "MemfitTraceError",
     "models",
