@@ -15,9 +15,11 @@ from .compressors import compress
 from .cost.parallel import Parallel
 from .errors import MemfitBudgetError, MemfitError, MemfitFileError, MemfitInputError, MemfitTraceError
 from .fit import optimize
-from .io import checkpoint
+from .io import checkpoint, datasets
 from .io.serialize import load, save
+from .planner import list_strategies
 from .report.memory import MemoryReport
+from .report.plot import plot_plan
 from .rewrite import distributed
 
 __all__ = [
@@ -25,12 +27,15 @@ __all__ = [
     "checkpoint",
     "compress",
     "compressors",
+    "datasets",
     "distributed",
     "load",
     "save",
     "estimate",
     "measure",
     "optimize",
+    "list_strategies",
+    "plot_plan",
     "MemfitBudgetError",
     "MemoryReport",
     "Parallel",
