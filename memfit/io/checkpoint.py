@@ -20,7 +20,7 @@ import torch
 
 from ..errors import MemfitFileError, MemfitInputError
 
-__all__ = ["save", "load", "MAGIC"]
+__all__ = ["MAGIC", "load", "save"]
 
 MAGIC = b"memfit-checkpoint-v1\n"
 _DIGEST_BYTES = hashlib.sha256().digest_size
@@ -96,5 +96,8 @@ def load(path: str | os.PathLike, *, map_location: Any = None, plain: bool = Fal
         raise MemfitFileError(f"{path} is not a memfit checkpoint (it does not start with {MAGIC!r})")
     try:
         return torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
-    except Exception as e:  # torch reports a file it cannot read in many ways
-        raise MemfitFileError(f"{path} is neither a memfit checkpoint nor a torch file: {e}") from e
+    except Exception as e:  # torch reports a file it cannot read in many ways, none of them short
+        raise MemfitFileError(
+            f"{path} is neither a memfit checkpoint nor a torch file of tensors (torch.load with weights_only=True "
+            f"failed: {type(e).__name__})"
+        ) from e
