@@ -14,7 +14,7 @@ from torch import nn
 
 import memfit
 
-__all__ = ["Context", "all_sum", "gather", "same_on_every_rank", "setup", "state_digest", "sync_buffers"]
+__all__ = ["Context", "all_sum", "gather", "setup", "state_digest", "sync_buffers"]
 
 
 @dataclasses.dataclass
@@ -86,21 +86,6 @@ def sync_buffers(module: nn.Module, ctx: Context) -> None:
     if ctx.distributed:
         for buffer in module.buffers():
             dist.broadcast(buffer, src=0)
-
-
-def plan_signature(module: nn.Module, plan: Any) -> str:
-    """What must be equal on every rank: the segments and the parameters' names and shapes in order."""
-    h = hashlib.sha256()
-    for s in plan.segments:
-        h.update(f"{s.kind}:{','.join(s.nodes)};".encode())
-    for name, p in module.named_parameters():
-        h.update(f"{name}{tuple(p.shape)};".encode())
-    return h.hexdigest()
-
-
-def same_on_every_rank(ctx: Context, planned: nn.Module) -> bool:
-    """Whether every replica got the same plan over the same parameters (DDP requires it)."""
-    return len(set(gather(ctx, plan_signature(planned, planned.plan)))) == 1
 
 
 def state_digest(module: nn.Module) -> str:

@@ -13,7 +13,7 @@ from torch import nn
 
 import memfit
 
-from .distributed import Context, gather, same_on_every_rank
+from .distributed import Context, gather
 
 __all__ = ["Prepared", "create_model", "optimizer_factory", "prepare", "summary"]
 
@@ -60,30 +60,27 @@ def prepare(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, ctx: Co
     parallel = memfit.Parallel("ddp", ctx.world) if ctx.distributed else None
     factory = optimizer_factory(args)
 
-    def plan(budget_mb: float, strategy: str) -> nn.Module:
+    def plan(budget: float | str, strategy: str) -> nn.Module:
         compress = "auto" if args.compress == "auto" else None
         # planning draws no random numbers of the run's: a planned and an unplanned run train alike
         with torch.random.fork_rng(devices=[ctx.device.index] if ctx.device.type == "cuda" else []):
-            return memfit.optimize(net, budget_mb, x, optimizer=factory, amp=args.amp, strategy=strategy,
+            return memfit.optimize(net, budget, x, optimizer=factory, amp=args.amp, strategy=strategy,
                                    compress=compress, parallel=parallel, accumulate=args.accumulate > 1)
 
     if args.budget_mb is None:
         unplanned = plan(UNBOUNDED_MB, "auto")
         unplanned.plan.budget_bytes = None
         return Prepared(net, unplanned.plan, False, None, parallel, time.perf_counter() - started)
-    given = memfit.Budget.parse(args.budget_mb, "--budget-mb")
-    budget = given.resolve(0) / MiB if given.fraction is None else (
-        given.fraction * plan(UNBOUNDED_MB, "auto").plan.peak_before_bytes / MiB
-    )
-    planned = plan(budget, args.strategy)
-    # each rank measures its kernel workspaces itself, so plans can differ: all follow rank 0's strategy
-    if ctx.distributed and not same_on_every_rank(ctx, planned):
+    planned = plan(args.budget_mb, args.strategy)
+    # plans can differ between ranks (each measures its own kernel workspaces): follow rank 0's strategy
+    if ctx.distributed and not memfit.distributed.same_plan(planned):
         strategy = gather(ctx, planned.plan.strategy)[0]
         if not ctx.main:
-            planned = plan(budget, strategy)
-        if not same_on_every_rank(ctx, planned):
+            planned = plan(args.budget_mb, strategy)
+        if not memfit.distributed.same_plan(planned):
             raise memfit.MemfitError("the processes planned the model differently; pass --strategy explicitly")
-    return Prepared(planned, planned.plan, True, budget, parallel, time.perf_counter() - started)
+    budget_mb = planned.plan.budget_bytes / MiB  # a percentage resolved against the unplanned peak
+    return Prepared(planned, planned.plan, True, budget_mb, parallel, time.perf_counter() - started)
 
 
 def summary(prep: Prepared) -> dict[str, Any]:

@@ -9,6 +9,7 @@ works for an unplanned model.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable
 
 import torch
@@ -18,7 +19,7 @@ from ..cost.measurement import measure_wrapped_step
 from ..cost.parallel import Parallel
 from ..errors import MemfitInputError
 
-__all__ = ["wrap", "measure"]
+__all__ = ["wrap", "measure", "same_plan"]
 
 
 def _leaves_with_parameters(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -103,3 +104,22 @@ def measure(
     """
     config = StepConfig(optimizer=optimizer, amp=amp, loss_fn=loss_fn, accumulate=accumulate)
     return measure_wrapped_step(wrapped, example_inputs, config)
+
+
+def same_plan(planned: torch.nn.Module) -> bool:
+    """Whether every process of the default group holds the same plan over the same parameters.
+
+    DDP and FSDP need identical replicas, but each process plans on its own (its kernel
+    workspaces measured on its own), so plans near a budget can differ. A collective: every
+    process calls it, with the module :func:`memfit.optimize` returned.
+    """
+    import torch.distributed as dist
+
+    h = hashlib.sha256()
+    for segment in planned.plan.segments:
+        h.update(f"{segment.kind}:{','.join(segment.nodes)};".encode())
+    for name, p in planned.named_parameters():
+        h.update(f"{name}{tuple(p.shape)};".encode())
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, h.hexdigest())
+    return len(set(digests)) == 1
