@@ -10,7 +10,7 @@ works for an unplanned model.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 
@@ -18,6 +18,7 @@ from ..capture.trainstep import OptimizerSpec, StepConfig
 from ..cost.measurement import measure_wrapped_step
 from ..cost.parallel import Parallel
 from ..errors import MemfitInputError
+from ..planner import Plan
 
 __all__ = ["wrap", "measure", "same_plan"]
 
@@ -116,7 +117,7 @@ def same_plan(planned: torch.nn.Module) -> bool:
     import torch.distributed as dist
 
     h = hashlib.sha256()
-    for segment in planned.plan.segments:
+    for segment in cast(Plan, planned.plan).segments:  # optimize sets .plan; nn.Module does not declare it
         h.update(f"{segment.kind}:{','.join(segment.nodes)};".encode())
     for name, p in planned.named_parameters():
         h.update(f"{name}{tuple(p.shape)};".encode())
