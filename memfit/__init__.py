@@ -15,16 +15,21 @@ from .compressors import compress
 from .cost.parallel import Parallel
 from .errors import MemfitBudgetError, MemfitError, MemfitFileError, MemfitInputError, MemfitTraceError
 from .fit import minimum, optimize, tradeoff
+from .io import checkpoint, datasets
 from .io.serialize import load, save
+from .planner import list_strategies
 from .report.memory import MemoryReport
+from .report.plot import plot_plan, plot_tradeoff
 from .report.tradeoff import Tradeoff, TradeoffPoint
 from .rewrite.checkpoint import PlannedModule
 from .rewrite import distributed
 
 __all__ = [
     "Budget",
+    "checkpoint",
     "compress",
     "compressors",
+    "datasets",
     "distributed",
     "load",
     "save",
@@ -36,6 +41,9 @@ __all__ = [
     "Tradeoff",
     "TradeoffPoint",
     "PlannedModule",
+    "list_strategies",
+    "plot_plan",
+    "plot_tradeoff",
     "MemfitBudgetError",
     "MemoryReport",
     "Parallel",

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 import time
@@ -25,27 +24,7 @@ from .io.serialize import save
 from .planner import STRATEGIES
 from .report.plot import plot_plan, plot_tradeoff
 
-__all__ = ["main", "load_model", "example_input"]
-
-
-def load_model(spec: str, *, stem: str | None = None, num_classes: int | None = None) -> torch.nn.Module:
-    """A zoo name (``resnet18``) or ``package.module:factory`` to a model."""
-    kwargs: dict[str, object] = {}
-    if stem is not None:
-        kwargs["stem"] = stem
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise MemfitError(f"cannot load '{spec}': {e}; expected package.module:factory") from e
-        return factory(**kwargs)
-    try:
-        return models.create(spec, **kwargs)
-    except (ValueError, TypeError) as e:
-        raise MemfitError(str(e)) from e
+__all__ = ["main", "example_input"]
 
 
 def example_input(model: torch.nn.Module, batch: int, shape: str | None) -> torch.Tensor:
@@ -185,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(models.list_models()))
         return 0
     try:
-        model = load_model(args.model, stem=args.stem, num_classes=args.num_classes)
+        model = models.load(args.model, stem=args.stem, num_classes=args.num_classes)
         if args.command == "compress":
             _compress(model, args)
             return 0

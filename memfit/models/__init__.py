@@ -9,6 +9,6 @@ Importing this package registers every model family; build models by name::
 from __future__ import annotations
 
 from . import densenet, gpt, mobilenet, resnet, vgg  # noqa: F401  (imports register the models)
-from .registry import create, list_models, register_model, spec_of
+from .registry import create, list_models, load, register_model, spec_of
 
-__all__ = ["create", "list_models", "register_model", "spec_of"]
+__all__ = ["create", "list_models", "load", "register_model", "spec_of"]
