@@ -15,8 +15,8 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -34,7 +34,7 @@ from .report.build import report_from_graph, with_storage
 from .report.memory import Comparison, MemoryReport, mib
 from .rewrite.checkpoint import PlannedModule, rewrite
 
-__all__ = ["PlanSearch", "Verified", "VERIFY_ROUNDS", "BISECT_STEPS", "MARGIN"]
+__all__ = ["BISECT_STEPS", "MARGIN", "VERIFY_ROUNDS", "PlanSearch", "Verified"]
 
 log = logging.getLogger(__name__)
 
