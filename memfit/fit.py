@@ -33,7 +33,7 @@ from .search import MARGIN, PlanSearch
 __all__ = ["AUTO_ORDER", "MARGIN", "minimum", "optimize", "tradeoff"]
 
 # auto tries these in turn, best first, and keeps the cheapest verified plan within its time.
-AUTO_ORDER = ("selective", "dp", "chen")
+AUTO_ORDER = ("selective", "dp", "chen", "handwritten")
 # Budgets of a tradeoff curve, from the feasible minimum to the unplanned peak.
 CURVE_POINTS = 8
 
