@@ -15,6 +15,7 @@ import memfit
 from memfit.capture.dryrun import capture
 from memfit.capture.trainstep import StepConfig
 from memfit.cost import workspace
+from memfit.cost.layers import DiskCache, restride
 
 
 def _calibrated(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[int, int]]:
@@ -27,8 +28,7 @@ def _calibrated(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[int, int]
 def fresh_cache(tmp_path, monkeypatch):
     """An empty cache directory and no entries in memory, as in a new process."""
     monkeypatch.setenv(workspace.CACHE_ENV, str(tmp_path))
-    monkeypatch.setattr(workspace, "_cache", {})
-    monkeypatch.setattr(workspace, "_loaded", set())
+    monkeypatch.setattr(workspace, "_cache", DiskCache("workspace", workspace._cache.decode))
     return tmp_path
 
 
@@ -42,8 +42,7 @@ def test_cache_round_trip(small_cnn, fresh_cache, monkeypatch):
     def no_runs(*args, **kwargs):
         raise AssertionError("a cached layer was measured again")
 
-    monkeypatch.setattr(workspace, "_cache", {})
-    monkeypatch.setattr(workspace, "_loaded", set())
+    workspace._cache.clear()
     monkeypatch.setattr(workspace, "_run_layer", no_runs)
     assert _calibrated(small_cnn, x) == measured
 
@@ -55,7 +54,6 @@ def test_unreadable_cache_is_remeasured(small_cnn, fresh_cache, content):
     (path,) = fresh_cache.glob("workspace-*.json")
     path.write_text(content)
     workspace._cache.clear()
-    workspace._loaded.clear()
     assert _calibrated(small_cnn, x) == expected
     assert json.loads(path.read_text())  # rewritten whole
 
@@ -134,7 +132,7 @@ def test_layout_is_part_of_the_cache_key(fresh_cache):
     ],
 )
 def test_restride_keeps_the_layout(shape, strides, new_shape, expected):
-    assert workspace._restride(shape, strides, new_shape) == expected
+    assert restride(shape, strides, new_shape) == expected
 
 
 class _Fragile(nn.Module):
