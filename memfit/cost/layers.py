@@ -16,18 +16,20 @@ import json
 import os
 import platform
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from ..capture.attrs import lookup
 from ..capture.graph import MemGraph, NodeInfo
+from ..capture.trace import LeafSpec, graph_of
 from ..capture.tracker import tensors_in
 from ..capture.trainstep import StepConfig
 
-__all__ = ["CACHE_ENV", "DiskCache", "LayerSpec", "LayerRun", "Noise", "layers_of", "restride"]
+__all__ = ["CACHE_ENV", "DiskCache", "LayerRun", "LayerSpec", "Noise", "calibrate_layers", "restride"]
 
 # Where measurements are kept between runs (default ~/.cache/memfit; "off" disables).
 CACHE_ENV = "MEMFIT_CACHE_DIR"
@@ -61,6 +63,14 @@ class DiskCache(dict):
             (torch.__version__, platform.machine(), _cpu_model(), str(torch.get_num_threads()), str(torch.backends.mkldnn.is_available()))
         )
         return Path(root) / f"{self.kind}-{hashlib.sha1(tag.encode()).hexdigest()[:16]}.json"
+
+    def layer(self, spec: LayerSpec, batch: int, config: StepConfig, device: str, measure: Callable[[], Any]) -> Any:
+        """The entry of one layer at one batch size, precision and device; ``measure`` makes it
+        when it is missing."""
+        key = repr((spec.key, batch, config.amp, device))
+        if key not in self:
+            self[key] = measure()
+        return self[key]
 
     def session(self) -> _Session:
         """A context in which the file's entries are loaded, and new ones written back at its end."""
@@ -137,11 +147,45 @@ class LayerSpec:
         return any(m.scales for m in self.metas)
 
 
-def layers_of(
-    gm: fx.GraphModule, graph: MemGraph, inputs: Sequence[torch.Tensor], keep: Callable[[NodeInfo], bool] = lambda i: True
+class Calibrated(NamedTuple):
+    """What calibrating one node gave: its spec (None when its arguments are not all plain
+    tensors, and then it was not run), what was measured, or why it failed."""
+
+    info: NodeInfo
+    spec: LayerSpec | None
+    result: Any = None
+    error: str | None = None
+
+
+def calibrate_layers(
+    graph: MemGraph,
+    model: torch.nn.Module,
+    inputs: Sequence[torch.Tensor],
+    cache: DiskCache,
+    measure: Callable[[NodeInfo, LayerSpec, Noise], Any],
+    *,
+    leaf_modules: LeafSpec = (),
+    keep: Callable[[NodeInfo], bool] = lambda i: True,
+) -> Iterator[Calibrated]:
+    """``measure`` every compute node of ``graph`` with outputs that ``keep`` accepts, each run
+    alone; one node's failure is reported, and does not stop the others. ``cache`` is loaded
+    first and saved when the iteration ends; the global RNG is restored."""
+    gm = graph_of(model, leaf_modules)
+    noise = Noise()
+    with cache.session(), torch.random.fork_rng(devices=[]):
+        for info, spec in _layers_of(gm, graph, inputs, keep):
+            if spec is None:
+                yield Calibrated(info, None)
+                continue
+            try:
+                yield Calibrated(info, spec, measure(info, spec, noise))
+            except Exception as e:  # noqa: BLE001  one layer's failure must not stop the others
+                yield Calibrated(info, spec, error=f"{type(e).__name__}: {e}".splitlines()[0])
+
+
+def _layers_of(
+    gm: fx.GraphModule, graph: MemGraph, inputs: Sequence[torch.Tensor], keep: Callable[[NodeInfo], bool]
 ) -> Iterator[tuple[NodeInfo, LayerSpec | None]]:
-    """Every compute node of ``graph`` with outputs that ``keep`` accepts, and how to run it alone
-    (None when its arguments are not all plain tensors)."""
     # The model's inputs need grad only if the caller's do; a conv whose input needs none runs a
     # cheaper backward (no input gradient), with a smaller workspace.
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]

@@ -18,15 +18,15 @@ in a JSON file per machine and torch build (``$MEMFIT_CACHE_DIR``, default ``~/.
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
-from ..capture.graph import MemGraph
-from ..capture.trace import LeafSpec, graph_of
-from ..capture.trainstep import StepConfig
+from ..capture.graph import MemGraph, NodeInfo
+from ..capture.trace import LeafSpec
 from ..capture.tracker import StorageTracker
-from .layers import CACHE_ENV, DiskCache, LayerRun, LayerSpec, Noise, backward, extrapolate, layers_of
+from ..capture.trainstep import StepConfig
+from .layers import CACHE_ENV, DiskCache, LayerRun, LayerSpec, Noise, backward, calibrate_layers, extrapolate
 from .measurement import memory_profile
 
 __all__ = ["calibrate", "uncalibrated", "CALIBRATION_BATCH", "CACHE_ENV"]
@@ -55,21 +55,17 @@ def calibrate(
         config: The step configuration (autocast matters).
         leaf_modules: As given to capture, so node names agree.
     """
-    gm = graph_of(model, leaf_modules)
-    batch = graph.batch_size
     allocating = {e.node for e in graph.events if e.delta > 0}
-    noise = Noise()
-    with _cache.session(), torch.random.fork_rng(devices=[]):
-        for info, spec in layers_of(gm, graph, inputs, lambda i: i.name in allocating):
-            if spec is None:
-                continue
-            try:
-                fwd, bwd = _workspace_for(spec, batch, config, graph.device, noise)
-            except Exception as e:  # one layer's failure must not stop the others, nor pass for 0
-                info.workspace_error = f"{type(e).__name__}: {e}".splitlines()[0]
-                log.warning("kernel workspace of %s not calibrated, counted as 0: %s", info.name, info.workspace_error)
-                continue
-            info.workspace_fwd, info.workspace_bwd = fwd, bwd
+
+    def measure(info: NodeInfo, spec: LayerSpec, noise: Noise) -> tuple[int, int]:
+        return _workspace_for(spec, graph.batch_size, config, graph.device, noise)
+
+    for c in calibrate_layers(graph, model, inputs, _cache, measure, leaf_modules=leaf_modules, keep=lambda i: i.name in allocating):
+        if c.error is not None:  # a failure must not pass for 0
+            c.info.workspace_error = c.error
+            log.warning("kernel workspace of %s not calibrated, counted as 0: %s", c.info.name, c.error)
+        elif c.result is not None:
+            c.info.workspace_fwd, c.info.workspace_bwd = c.result
 
 
 def uncalibrated(graph: MemGraph) -> dict[str, str]:
@@ -89,10 +85,7 @@ def _workspace_for(spec: LayerSpec, batch: int, config: StepConfig, device: str,
 
 
 def _measured(spec: LayerSpec, batch: int, config: StepConfig, device: str, noise: Noise) -> tuple[int, int]:
-    key = repr((spec.key, batch, config.amp, device))
-    if key not in _cache:
-        _cache[key] = _run_layer(spec, batch, config, device, noise)
-    return _cache[key]
+    return _cache.layer(spec, batch, config, device, lambda: _run_layer(spec, batch, config, device, noise))
 
 
 def _run_layer(spec: LayerSpec, batch: int, config: StepConfig, device: str, noise: Noise) -> tuple[int, int]:
@@ -109,14 +102,13 @@ def _run_layer(spec: LayerSpec, batch: int, config: StepConfig, device: str, noi
     values = run.arguments()
     tracker = StorageTracker()
     tracker.register(values + run.params + run.buffers + grad_tensors, "input")
-    with memory_profile() as prof:
-        with tracker:
-            out = run.call(values)
-            with torch.profiler.record_function("memfit::backward"):
-                pass
-            tracker.phase = "backward"
-            backward(out, grad_tensors)
-            tracker.stop()
+    with memory_profile() as prof, tracker:
+        out = run.call(values)
+        with torch.profiler.record_function("memfit::backward"):
+            pass
+        tracker.phase = "backward"
+        backward(out, grad_tensors)
+        tracker.stop()
     del out
     raw = prof.profiler.kineto_results.events()
     split = min((e.start_ns() for e in raw if e.name() == "memfit::backward"), default=None)
