@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import statistics
 import time
@@ -68,8 +69,10 @@ MAX_LAYER_FLOPS = 2e10
 # Seconds of timed forwards per layer: short layers are repeated until this much, up to MAX_REPEATS.
 TARGET_SECONDS = 0.01
 MIN_REPEATS, MAX_REPEATS = 3, 9
-# Checkpoint cost calibration: a chain of tiny operators, at two lengths, this many runs each.
-_CHAIN_LENGTHS, _CHAIN_RUNS = (1, 16), 31
+# Checkpoint cost calibration: a chain of operators, at two lengths, this many runs each, on
+# tensors the size of the step's typical activation, up to _CHAIN_NUMEL elements. What
+# checkpointing adds per operator grows with the tensors: 5 us at 64 elements, 60-90 at 2**17.
+_CHAIN_LENGTHS, _CHAIN_RUNS, _CHAIN_NUMEL = (1, 8), 11, 2**17
 
 _OPS = ("placeholder", "get_attr")
 # (forward, backward, cheap forward seconds, operators) per layer and batch; checkpoint costs
@@ -113,7 +116,7 @@ def calibrate_times(
             fwd, bwd, cheap, ops = c.result
             c.info.fwd_seconds, c.info.bwd_seconds, c.info.cheap_seconds, c.info.operators = fwd, bwd, cheap, round(ops)
     with _cache.session():
-        graph.checkpoint_cost = _checkpoint_cost()
+        graph.checkpoint_cost = _checkpoint_cost(_typical_numel(graph))
     for info in graph.nodes:
         if info.op not in _OPS and info.fwd_seconds is None and info.time_error is None:
             info.time_error = "it returns no tensor"
@@ -157,9 +160,17 @@ def node_times(infos: list[NodeInfo]) -> NodeTimes | None:
     return NodeTimes(f, b, cheap, ops)
 
 
-def _clock() -> Callable[[], float]:
+def _clock(device: str = "cpu") -> Callable[[], float]:
     """CPU time of this thread when torch computes on it alone (robust to other processes' load),
-    else wall time."""
+    else wall time; on an accelerator, wall time once its queued kernels have finished."""
+    if device != "cpu":
+        module = getattr(torch, device)
+
+        def synchronized() -> float:
+            module.synchronize()
+            return time.perf_counter()
+
+        return synchronized
     return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
@@ -188,7 +199,7 @@ def _run_layer(spec: LayerSpec, batch: int, config: StepConfig, device: str, noi
     """(forward, backward, cheap forward seconds, operators) of one layer at one batch size;
     raises what the layer raises."""
     run = LayerRun(spec, batch, config, device, noise)
-    clock = _clock()
+    clock = _clock(device)
     # warm-up: lazy initialisation and oneDNN primitives (made per shape) are not the step's time
     start = clock()
     out = run.call(run.arguments())
@@ -239,19 +250,27 @@ class _OperatorClock(TorchDispatchMode):
         return out
 
 
-def _checkpoint_cost() -> CheckpointCost:
-    """What checkpointing adds beyond recomputation on this machine, measured once and cached."""
-    key = repr(("checkpoint", "cpu"))
+def _typical_numel(graph: MemGraph) -> int:
+    """The median element count of the compute nodes' outputs, as a power of two in [64, _CHAIN_NUMEL]."""
+    sizes = sorted(math.prod(i.output_shapes[0]) for i in graph.nodes if i.op not in _OPS and i.output_shapes)
+    median = sizes[len(sizes) // 2] if sizes else 64
+    return 2 ** round(math.log2(min(max(median, 64), _CHAIN_NUMEL)))
+
+
+def _checkpoint_cost(numel: int) -> CheckpointCost:
+    """What checkpointing adds beyond recomputation on this machine for tensors of ``numel``
+    elements, measured once and cached."""
+    key = repr(("checkpoint", numel))
     if key not in _cache:
-        _cache[key] = _checkpoint_overheads()
+        _cache[key] = _checkpoint_overheads(numel)
     return CheckpointCost(*_cache[key])
 
 
-def _checkpoint_overheads() -> tuple[float, float, float]:
-    """(per segment, per operator, more per operator when selective): chains of tiny operators at
-    two lengths, plain and checkpointed each way; what checkpointing adds beyond one more forward,
+def _checkpoint_overheads(numel: int) -> tuple[float, float, float]:
+    """(per segment, per operator, more per operator when selective): chains of operators at two
+    lengths, plain and checkpointed each way; what checkpointing adds beyond one more forward,
     fitted as a line in the number of operators."""
-    x = torch.randn(8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(0)).requires_grad_()
     clock = _clock()
 
     def body(t: torch.Tensor, n: int) -> torch.Tensor:
