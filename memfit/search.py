@@ -25,7 +25,7 @@ from .capture.graph import MemGraph
 from .capture.inputs import Inputs
 from .capture.trace import graph_of
 from .capture.trainstep import StepConfig
-from .cost import simulate, workspace
+from .cost import simulate, timing, workspace
 from .cost.parallel import Parallel
 from .cost.timeline import Timeline
 from .errors import MemfitBudgetError
@@ -82,6 +82,7 @@ class PlanSearch:
         self.gm = graph_of(model, leaves, inputs)  # one trace serves capture, calibration and the rewrite
         self.graph = capture(model, inputs, config, leaf_modules=leaves, gm=self.gm)
         workspace.calibrate(self.graph, self.gm, inputs.tensors, config, leaf_modules=leaves)
+        timing.calibrate_times(self.graph, self.gm, inputs.tensors, config, leaf_modules=leaves)
         self.chain = Chain(self.graph)
         self.unplanned = simulate.simulate(self.graph, parallel=parallel)
         self.before: MemoryReport = report_from_graph(self.graph, type(model).__name__, self.unplanned, parallel=parallel)
@@ -121,7 +122,12 @@ class PlanSearch:
         return self._verified[key]
 
     def _enact(self, spans: Spans, name: str) -> Verified | None:
-        plan = Plan(segments=self.chain.to_segments(spans), strategy=name, forward_flops=self.chain.forward_flops)
+        plan = Plan(
+            segments=self.chain.to_segments(spans),
+            strategy=name,
+            forward_flops=self.chain.forward_flops,
+            step_seconds=self.chain.step_seconds,
+        )
         try:
             planned = rewrite(self.model, self.gm, plan)
             vgraph = capture(planned, self.inputs, self.config)

@@ -15,6 +15,9 @@ import memfit
 from memfit.capture.dryrun import capture
 from memfit.capture.trainstep import StepConfig
 from memfit.cost import workspace
+from memfit.cost.layers import DiskCache, restride
+
+from .factories import Fragile
 
 
 def _calibrated(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[int, int]]:
@@ -27,8 +30,7 @@ def _calibrated(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[int, int]
 def fresh_cache(tmp_path, monkeypatch):
     """An empty cache directory and no entries in memory, as in a new process."""
     monkeypatch.setenv(workspace.CACHE_ENV, str(tmp_path))
-    monkeypatch.setattr(workspace, "_cache", {})
-    monkeypatch.setattr(workspace, "_loaded", set())
+    monkeypatch.setattr(workspace, "_cache", DiskCache("workspace", workspace._cache.decode))
     return tmp_path
 
 
@@ -42,8 +44,7 @@ def test_cache_round_trip(small_cnn, fresh_cache, monkeypatch):
     def no_runs(*args, **kwargs):
         raise AssertionError("a cached layer was measured again")
 
-    monkeypatch.setattr(workspace, "_cache", {})
-    monkeypatch.setattr(workspace, "_loaded", set())
+    workspace._cache.clear()
     monkeypatch.setattr(workspace, "_run_layer", no_runs)
     assert _calibrated(small_cnn, x) == measured
 
@@ -55,7 +56,6 @@ def test_unreadable_cache_is_remeasured(small_cnn, fresh_cache, content):
     (path,) = fresh_cache.glob("workspace-*.json")
     path.write_text(content)
     workspace._cache.clear()
-    workspace._loaded.clear()
     assert _calibrated(small_cnn, x) == expected
     assert json.loads(path.read_text())  # rewritten whole
 
@@ -134,40 +134,25 @@ def test_layout_is_part_of_the_cache_key(fresh_cache):
     ],
 )
 def test_restride_keeps_the_layout(shape, strides, new_shape, expected):
-    assert workspace._restride(shape, strides, new_shape) == expected
-
-
-class _Fragile(nn.Module):
-    """Runs in the model but, once ``broken``, not alone: a layer calibration cannot run."""
-
-    broken = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if type(self).broken:
-            raise RuntimeError("needs the rest of the model")
-        return self.linear(x)
+    assert restride(shape, strides, new_shape) == expected
 
 
 def test_failed_calibration_is_reported_not_zero(fresh_cache, monkeypatch, caplog):
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 8), _Fragile())
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 8), Fragile())
     x = torch.randn(4, 3, 8, 8)
-    graph = capture(model, x, StepConfig(), leaf_modules=[_Fragile])
-    monkeypatch.setattr(_Fragile, "broken", True)
+    graph = capture(model, x, StepConfig(), leaf_modules=[Fragile])
+    monkeypatch.setattr(Fragile, "broken", True)
     with caplog.at_level(logging.WARNING, logger=workspace.__name__):
-        workspace.calibrate(graph, model, (x,), StepConfig(), leaf_modules=[_Fragile])
-    (name,) = [i.name for i in graph.nodes if i.module_type == "_Fragile"]
+        workspace.calibrate(graph, model, (x,), StepConfig(), leaf_modules=[Fragile])
+    (name,) = [i.name for i in graph.nodes if i.module_type == "Fragile"]
     assert workspace.uncalibrated(graph) == {name: "RuntimeError: needs the rest of the model"}
     assert any(name in r.getMessage() and "needs the rest" in r.getMessage() for r in caplog.records)
     assert any(i.workspace_fwd or i.workspace_bwd for i in graph.nodes), "the conv is still calibrated"
 
     # the failure is not cached as a zero: once the layer runs, it is measured
-    monkeypatch.setattr(_Fragile, "broken", False)
-    graph = capture(model, x, StepConfig(), leaf_modules=[_Fragile])
-    workspace.calibrate(graph, model, (x,), StepConfig(), leaf_modules=[_Fragile])
+    monkeypatch.setattr(Fragile, "broken", False)
+    graph = capture(model, x, StepConfig(), leaf_modules=[Fragile])
+    workspace.calibrate(graph, model, (x,), StepConfig(), leaf_modules=[Fragile])
     assert workspace.uncalibrated(graph) == {}
 
 

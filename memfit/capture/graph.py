@@ -8,7 +8,7 @@ import networkx as nx
 
 from .tracker import Event
 
-__all__ = ["NodeInfo", "MemGraph", "CATEGORIES"]
+__all__ = ["NodeInfo", "MemGraph", "CheckpointCost", "CATEGORIES"]
 
 # MemTracker's words. "activation" is storage saved for backward that is not a parameter;
 # "temporary" is everything else a step allocates: unsaved outputs, activation gradients, scratch.
@@ -49,6 +49,12 @@ class NodeInfo:
         workspace_fwd: Allocator bytes its forward kernels use beyond what the dispatcher sees.
         workspace_bwd: The same for its backward.
         workspace_error: Why its workspace could not be calibrated (then both are 0, unmeasured).
+        fwd_seconds: Time of its forward on this machine, measured alone (None: not measured).
+        bwd_seconds: Time of its backward, measured alone (None: not measured).
+        cheap_seconds: The part of ``fwd_seconds`` spent in operators the FLOP counter does not
+            count: what a selective segment recomputes of it (None: not measured).
+        operators: Operators its forward dispatches (checkpointing costs a little per operator).
+        time_error: Why its time was not measured (then it is priced by FLOPs).
     """
 
     name: str
@@ -76,6 +82,28 @@ class NodeInfo:
     workspace_fwd: int = 0
     workspace_bwd: int = 0
     workspace_error: str | None = None
+    fwd_seconds: float | None = None
+    bwd_seconds: float | None = None
+    cheap_seconds: float | None = None
+    operators: int = 0
+    time_error: str | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointCost:
+    """What ``torch.utils.checkpoint`` adds to a step beyond the recomputation itself, in seconds
+    on this machine.
+
+    Attributes:
+        segment: Per checkpointed segment (the call, RNG state, the recomputation's set-up).
+        per_operator: Per operator of a checkpointed segment's forward (saved-tensor hooks).
+        selective_per_operator: More per operator of a selective segment (its dispatch mode runs
+            in the forward and again in the recomputation).
+    """
+
+    segment: float
+    per_operator: float
+    selective_per_operator: float
 
 
 @dataclass
@@ -99,6 +127,8 @@ class MemGraph:
         capture: How the graph was captured (``torch.fx``, or torch.export and why).
         opaque: Submodules kept whole as ``leaf_modules`` asked: path -> class name (their
             insides are one node each: costed, never cut).
+        checkpoint_cost: What checkpointing adds on this machine beyond recomputation (None: not
+            calibrated; see :mod:`memfit.cost.timing`).
     """
 
     dag: nx.DiGraph
@@ -115,6 +145,7 @@ class MemGraph:
     buffer_names: dict[int, str] = field(default_factory=dict)
     capture: str = "torch.fx"
     opaque: dict[str, str] = field(default_factory=dict)
+    checkpoint_cost: CheckpointCost | None = None
 
     def info(self, name: str) -> NodeInfo:
         """The NodeInfo of a node."""

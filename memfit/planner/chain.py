@@ -10,7 +10,11 @@ per-node facts and event log:
   them (its outputs that later nodes need; for a plain segment also everything it saves);
 * ``local``: bytes the segment adds on top while its backward runs (recomputed activations, the
   largest transient of its nodes, kernel workspace);
-* ``cost`` and ``flops`` of the recomputation.
+* ``cost`` and ``flops`` of the recomputation: ``cost`` is in nanoseconds, the sum of the
+  recomputed nodes' forward times as calibrated on this machine (:mod:`memfit.cost.timing`) and
+  what checkpointing itself adds (per segment and per operator); or, for a graph whose times were
+  not calibrated, the FLOP proxy ``flops + BYTE_WEIGHT * bytes written``. Integers either way:
+  the planners compare sums of them exactly.
 
 The peak of a plan is then ``baseline + max over segments j of (sum of hold of segments before j
 + local_j + gradients of the parameters at or after j)``, and the optimizer phase's own peak: a
@@ -24,16 +28,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..capture.graph import MemGraph, NodeInfo
+from ..capture.graph import CheckpointCost, MemGraph, NodeInfo
 from ..cost.timeline import replay
+from ..cost.timing import BYTE_WEIGHT, node_times
 from .blocks import find_blocks
 from .plan import Segment, SegmentKind
 
 __all__ = ["Chain", "SegmentCost", "SegmentTable", "BYTE_WEIGHT", "MAX_CANDIDATES"]
 
-# A memory-bound op costs about this many FLOPs per byte it writes: the time proxy that keeps
-# recomputing BatchNorm and activations from looking free.
-BYTE_WEIGHT = 4
 # Candidate boundaries kept for planning; DP time grows with the square of this.
 MAX_CANDIDATES = 96
 
@@ -53,13 +55,17 @@ class SegmentTable:
 
 @dataclass(frozen=True)
 class SegmentCost:
-    """What one segment costs under one treatment (bytes and FLOPs; see the module docstring)."""
+    """What one segment costs under one treatment (bytes, FLOPs and time; see the module docstring).
+
+    ``seconds``: predicted time of its recomputation (0.0 when the chain is not timed).
+    """
 
     hold: int
     local: int
     cost: int
     flops: int
     recomputed: int
+    seconds: float = 0.0
 
 
 class Chain:
@@ -88,14 +94,12 @@ class Chain:
         expensive = np.array([i.fwd_flops > 0 and not self._overwritten(i) for i in infos])
         out_bytes = np.array([i.out_bytes for i in infos], dtype=np.int64)
         flops = np.array([i.fwd_flops for i in infos], dtype=np.int64)
-        cost = flops + BYTE_WEIGHT * out_bytes
+        self._timing(infos, expensive, flops + BYTE_WEIGHT * out_bytes, prod)
         self._act = _prefix(act)
         self._act_exp = _prefix(np.where(expensive, act, 0))
         self._cached = _prefix(np.where(expensive, out_bytes, 0))
         self._flops = _prefix(flops)
         self._flops_exp = _prefix(np.where(expensive, flops, 0))
-        self._cost = _prefix(cost)
-        self._cost_exp = _prefix(np.where(expensive, cost, 0))
         self.total_act = int(act.sum())
         self.forward_flops = int(flops.sum())
 
@@ -114,6 +118,36 @@ class Chain:
         self._tables: dict[tuple[SegmentKind, bool], SegmentTable] = {}
 
     # -- facts from the graph ---------------------------------------------------------------
+    def _timing(self, infos: list, expensive: np.ndarray, proxy: np.ndarray, prod: dict[int, int]) -> None:
+        """Per-node recomputation costs, in a plain and in a selective segment, the cost of a
+        checkpointed segment itself, and where recomputation stops: nanoseconds when the graph's
+        times were calibrated, else the FLOP proxy (nothing per segment; a selective segment
+        recomputes the nodes that count no FLOPs; every node is recomputed)."""
+        times = node_times(infos)
+        self.timed = times is not None  # whether ``cost`` is in nanoseconds
+        self._stop = np.arange(len(infos) + 1)
+        if times is None:
+            self.forward_seconds = self.backward_seconds = 0.0
+            self._cost, self._cost_sel = _prefix(proxy), _prefix(np.where(expensive, 0, proxy))
+            self._segment_ns = 0
+            return
+        self.forward_seconds, self.backward_seconds = float(times.forward.sum()), float(times.backward.sum())
+        extra = self.graph.checkpoint_cost or CheckpointCost(0.0, 0.0, 0.0)
+        kept = np.where(expensive, times.cheap, times.forward)
+        recompute = times.forward + extra.per_operator * times.operators
+        selective = kept + (extra.per_operator + extra.selective_per_operator) * times.operators
+        self._cost, self._cost_sel = _prefix(_ns(recompute)), _prefix(_ns(selective))
+        self._segment_ns = int(_ns(extra.segment))
+        # torch stops a recomputation once the segment's last saved tensor is packed again: the
+        # nodes after the last one that saves, and that one too when it saves only what came
+        # before it (a Linear packs its input before its matmul runs; GPT's head is never rerun)
+        last = -1
+        for k, info in enumerate(infos):
+            if info.saved_sids or info.params:
+                own = info.inplace or any(prod.get(sid) == k for sid in info.saved_sids)
+                last = k + own
+            self._stop[k + 1] = max(last, 0)
+
     def _lifetimes(self, infos: list) -> tuple[dict[int, int], dict[int, int]]:
         """Producer position of every storage a compute node allocates in forward, and the last
         position that reads it in forward (``len(names)`` for what reaches the model output)."""
@@ -237,6 +271,11 @@ class Chain:
 
     # -- segment costs ----------------------------------------------------------------------
     @property
+    def step_seconds(self) -> float:
+        """Predicted time of the unplanned step's forward and backward (0.0 when not timed)."""
+        return self.forward_seconds + self.backward_seconds
+
+    @property
     def m(self) -> int:
         """Number of candidate intervals."""
         return len(self.cands) - 1
@@ -264,7 +303,7 @@ class Chain:
             zero = np.zeros_like(act)
             return SegmentTable(hold=act, local=local, cost=zero, flops=zero, recomputed=zero)
         held = self._cross + (self._inputs if after_plain else 0)
-        cost, flops = _span(self._cost, c), _span(self._flops, c)
+        cost, flops = self._until_stop(self._cost, c) + self._segment_ns, _span(self._flops, c)
         if kind == "recompute":
             return SegmentTable(hold=held, local=local, cost=cost, flops=flops, recomputed=act)
         if kind == "nested":  # every part recomputed twice: in the segment's backward and its own
@@ -273,10 +312,22 @@ class Chain:
         return SegmentTable(
             hold=held + _span(self._cached, c),
             local=local,
-            cost=cost - _span(self._cost_exp, c),
+            cost=self._until_stop(self._cost_sel, c) + self._segment_ns,
             flops=flops - _span(self._flops_exp, c),
             recomputed=act - _span(self._act_exp, c),
         )
+
+    def _until_stop(self, prefix: np.ndarray, c: np.ndarray) -> np.ndarray:
+        """``[a, b]``: the sum over the nodes of candidate interval [a, b) that its recomputation
+        runs, from a prefix sum."""
+        stop = np.maximum(c[:, None], self._stop[c][None, :])
+        return prefix[stop] - prefix[c][:, None]
+
+    def recomputed_nodes(self, a: int, b: int) -> list[str]:
+        """The nodes a recomputation of candidate interval [a, b) runs (all of them when the chain
+        is not timed)."""
+        first = self.cands[a]
+        return self.names[first : max(first, int(self._stop[self.cands[b]]))]
 
     def _trans_spans(self) -> np.ndarray:
         """``[a, b]``: the largest transient of a node in candidate interval [a, b)."""
@@ -309,7 +360,8 @@ class Chain:
     def segment(self, a: int, b: int, kind: SegmentKind, after_plain: bool = True) -> SegmentCost:
         """The cost of candidate interval [a, b) under ``kind``, after a plain or checkpointed one."""
         t = self.table(kind, after_plain)
-        return SegmentCost(*(int(x[a, b]) for x in (t.hold, t.local, t.cost, t.flops, t.recomputed)))
+        hold, local, cost, flops, recomputed = (int(x[a, b]) for x in (t.hold, t.local, t.cost, t.flops, t.recomputed))
+        return SegmentCost(hold, local, cost, flops, recomputed, cost / 1e9 if self.timed else 0.0)
 
     def costs(self, spans: list[tuple[int, int, SegmentKind]]) -> list[SegmentCost]:
         """The cost of every segment of a plan, each knowing what precedes it."""
@@ -320,7 +372,8 @@ class Chain:
         return out
 
     def cost(self, spans: list[tuple[int, int, SegmentKind]]) -> int:
-        """Recomputation cost of a plan in the chain model's units (what the planners minimise)."""
+        """Recomputation cost of a plan in the chain model's units (what the planners minimise):
+        nanoseconds when the chain is timed, else the FLOP proxy."""
         return sum(s.cost for s in self.costs(spans))
 
     def peak(self, spans: list[tuple[int, int, SegmentKind]]) -> int:
@@ -342,7 +395,9 @@ class Chain:
             buffers = sorted({self.graph.buffer_names[w] for i in infos for w in i.writes if w in self.graph.buffer_names})
             unsaved = tuple(i.name for i in infos if self._overwritten(i))
             layers = tuple(dict.fromkeys(i.module_path or i.name for i in infos))
-            out.append(Segment(names, kind, s.hold, s.recomputed, s.flops, random, parts, tuple(buffers), unsaved, layers))
+            out.append(
+                Segment(names, kind, s.hold, s.recomputed, s.flops, random, parts, tuple(buffers), unsaved, layers, s.seconds)
+            )
         return out
 
     def _overwritten(self, info: NodeInfo) -> bool:
@@ -354,6 +409,10 @@ def _span(prefix: np.ndarray, c: np.ndarray) -> np.ndarray:
     """``[a, b]``: the sum over nodes from candidate a to candidate b, from a prefix sum."""
     at = prefix[c]
     return at[None, :] - at[:, None]
+
+
+def _ns(seconds: np.ndarray | float) -> np.ndarray:
+    return np.round(np.asarray(seconds) * 1e9).astype(np.int64)
 
 
 def _prefix(x: np.ndarray) -> np.ndarray:

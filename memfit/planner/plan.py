@@ -41,6 +41,8 @@ class Segment:
             recompute them rather than keep them (what it kept would no longer be the forward's).
         layers: The user's modules its nodes belong to (qualified names, in order), or the node
             names of what belongs to none: how the plan names what it recomputes.
+        recomputed_seconds: Predicted time of its recomputation on this machine (0.0 when the
+            step's times were not calibrated).
     """
 
     nodes: tuple[str, ...]
@@ -53,6 +55,7 @@ class Segment:
     buffers: tuple[str, ...] = ()
     unsaved: tuple[str, ...] = ()
     layers: tuple[str, ...] = ()
+    recomputed_seconds: float = 0.0
 
     @property
     def checkpointed(self) -> bool:
@@ -73,6 +76,8 @@ class Plan:
         activations_before_bytes: Activations the unplanned step saves for backward (predicted).
         activations_after_bytes: Activations the planned step keeps between forward and backward.
         forward_flops: FLOPs of the unplanned forward pass.
+        step_seconds: Predicted time of the unplanned step's forward and backward on this machine
+            (0.0 when its times were not calibrated).
         planning_seconds: Wall time of planning, capture and verification included (measured).
         levels_before: Live tensor bytes after every event of the unplanned step (predicted).
         levels_after: The same for the planned step (predicted), for plots.
@@ -88,6 +93,7 @@ class Plan:
     activations_before_bytes: int = 0
     activations_after_bytes: int = 0
     forward_flops: int = 0
+    step_seconds: float = 0.0
     planning_seconds: float = 0.0
     levels_before: list[tuple[str, int]] = field(default_factory=list, repr=False)
     levels_after: list[tuple[str, int]] = field(default_factory=list, repr=False)
@@ -104,6 +110,17 @@ class Plan:
         """Extra FLOPs as a percentage of the forward and backward FLOPs of the unplanned step."""
         # A backward costs about twice its forward, so a step is about three forwards.
         return 100.0 * self.extra_flops / max(1, 3 * self.forward_flops)
+
+    @property
+    def extra_seconds(self) -> float:
+        """Predicted time the plan adds to a step by recomputation."""
+        return sum(s.recomputed_seconds for s in self.segments)
+
+    @property
+    def extra_time_percent(self) -> float | None:
+        """Extra time as a percentage of the unplanned step's forward and backward; None when
+        the step's times were not calibrated."""
+        return 100.0 * self.extra_seconds / self.step_seconds if self.step_seconds > 0 else None
 
     @property
     def checkpointed(self) -> list[Segment]:
@@ -136,7 +153,7 @@ def render(plan: Plan) -> str:
     lines = [f"memfit plan ({plan.strategy})"]
     if rows:
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-        fmt = lambda r: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+        fmt = lambda r: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
         lines += [fmt(headers), "-" * (sum(widths) + 2 * (len(widths) - 1))]
         lines += [fmt(r) for r in rows]
     else:
@@ -148,6 +165,11 @@ def render(plan: Plan) -> str:
         f"Activations before -> after (MiB, predicted): {mib(plan.activations_before_bytes):.2f} -> "
         f"{mib(plan.activations_after_bytes):.2f}",
         f"Extra FLOPs (predicted): {plan.extra_flops / 1e9:.3f}G, {plan.extra_flops_percent:.1f}% of a step",
+        *(
+            [f"Extra time (predicted): {1e3 * plan.extra_seconds:.1f} ms, {plan.extra_time_percent:.1f}% of a step"]
+            if plan.extra_time_percent is not None
+            else []
+        ),
         f"Segments: {len(plan.segments)}, checkpointed: {len(plan.checkpointed)}",
         f"Planning time (s, measured): {plan.planning_seconds:.2f}",
     ]

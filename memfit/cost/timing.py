@@ -1,0 +1,309 @@
+"""Time cost model: how long every node of a step takes on this machine, forward and backward.
+
+FLOPs misprice recomputation: BatchNorm, activations and concatenation are memory-bound, and a
+plan that recomputes them instead of a convolution can cost more time for fewer FLOPs (ResNet-18's
+``selective`` plan measured +48% against ``chen``'s +35%). So every distinct layer of a graph runs
+alone (the machinery of :mod:`memfit.cost.layers`, as workspace calibration does) on inputs
+shaped like the step's, and its forward and backward are timed. Timing is CPU time of the calling
+thread when torch runs one intra-op thread (other processes' load barely moves it), wall time
+otherwise; the forward is the median of a few repeats, the backward of fewer. A layer whose
+forward would take long is timed at two smaller batches and extrapolated linearly to the step's.
+One more forward runs under a dispatch mode that times each operator: the share of the operators
+the FLOP counter does not count is what a selective segment recomputes (attention on CPU with
+dropout is mostly softmax, masking and dropout), and their number prices checkpointing's own
+per-operator work, calibrated once per machine with the per-segment cost
+(:class:`~memfit.capture.graph.CheckpointCost`). Results are cached per machine and torch build
+beside the workspaces.
+
+A node that cannot be timed alone (non-tensor arguments, a layer that fails by itself) keeps
+``fwd_seconds = None`` and gets ``time_error``; :func:`node_times` then prices it by the FLOP
+proxy at a rate fitted to the measured nodes. ``MEMFIT_TIMING=off`` skips calibration, and the
+planners fall back to the FLOP proxy alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.flop_counter import flop_registry
+
+from ..capture.graph import CheckpointCost, MemGraph, NodeInfo
+from ..capture.trace import LeafSpec
+from ..capture.trainstep import StepConfig
+from .layers import DiskCache, LayerRun, LayerSpec, Noise, backward, calibrate_layers, extrapolate
+
+__all__ = [
+    "BYTE_WEIGHT",
+    "MAX_LAYER_FLOPS",
+    "TIMING_ENV",
+    "NodeTimes",
+    "calibrate_times",
+    "enabled",
+    "node_times",
+    "unmeasured",
+]
+
+log = logging.getLogger(__name__)
+
+# "off" (or 0, no, false) skips time calibration: plans are priced by the FLOP proxy.
+TIMING_ENV = "MEMFIT_TIMING"
+# A memory-bound op costs about this many FLOPs per byte it writes: the proxy that keeps
+# recomputing BatchNorm and activations from looking free when nothing is timed.
+BYTE_WEIGHT = 4
+# A layer of more forward FLOPs is timed at smaller batches (a few hundred milliseconds on one
+# core); below it, at the step's own, since time is not linear in the batch (a 16 MiB output may
+# come from the heap where a 32 MiB one is fresh pages: a Linear took 13 ms at batch 4, 38 at 8):
+# calibration stays a small part of planning for any batch.
+MAX_LAYER_FLOPS = 2e10
+# Seconds of timed forwards per layer: short layers are repeated until this much, up to MAX_REPEATS.
+TARGET_SECONDS = 0.01
+MIN_REPEATS, MAX_REPEATS = 3, 9
+# Checkpoint cost calibration: a chain of operators, at two lengths, this many runs each, on
+# tensors the size of the step's typical activation, up to _CHAIN_NUMEL elements. What
+# checkpointing adds per operator grows with the tensors: 5 us at 64 elements, 60-90 at 2**17.
+_CHAIN_LENGTHS, _CHAIN_RUNS, _CHAIN_NUMEL = (1, 8), 15, 2**17
+
+_OPS = ("placeholder", "get_attr")
+# (forward, backward, cheap forward seconds, operators) per layer and batch; checkpoint costs
+_cache = DiskCache("timing", lambda v: _entry(*v))
+
+
+def _entry(*values: float) -> tuple[float, ...]:
+    """A cache entry as read back: four figures of a layer, or three of checkpointing."""
+    if len(values) not in (3, 4):
+        raise ValueError(f"a timing entry has 3 or 4 figures, not {len(values)}")
+    return tuple(float(v) for v in values)
+
+
+def enabled() -> bool:
+    """Whether time calibration runs (``MEMFIT_TIMING`` is not off)."""
+    return os.environ.get(TIMING_ENV, "on").strip().lower() not in ("off", "0", "no", "false")
+
+
+def calibrate_times(
+    graph: MemGraph, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], config: StepConfig, *, leaf_modules: LeafSpec = ()
+) -> None:
+    """Fill the times of every compute node of ``graph`` (``fwd_seconds``, ``bwd_seconds``,
+    ``cheap_seconds``, ``operators``) and its ``checkpoint_cost``; a node that cannot be timed
+    alone keeps None and gets ``time_error`` (see :func:`unmeasured`). Does nothing when
+    :func:`enabled` is false. The global RNG and the model are left untouched. The arguments are
+    :func:`memfit.cost.workspace.calibrate`'s.
+    """
+    if not enabled():
+        return
+
+    def measure(info: NodeInfo, spec: LayerSpec, noise: Noise) -> tuple[float, ...]:
+        return _times_for(spec, info, graph.batch_size, config, graph.device, noise)
+
+    for c in calibrate_layers(graph, model, inputs, _cache, measure, leaf_modules=leaf_modules):
+        if c.spec is None:
+            c.info.time_error = "its arguments are not plain tensors"
+        elif c.error is not None:
+            c.info.time_error = c.error
+            log.warning("time of %s not calibrated, priced by FLOPs: %s", c.info.name, c.error)
+        else:
+            fwd, bwd, cheap, ops = c.result
+            c.info.fwd_seconds, c.info.bwd_seconds, c.info.cheap_seconds, c.info.operators = fwd, bwd, cheap, round(ops)
+    with _cache.session():
+        graph.checkpoint_cost = _checkpoint_cost(_typical_numel(graph))
+    for info in graph.nodes:
+        if info.op not in _OPS and info.fwd_seconds is None and info.time_error is None:
+            info.time_error = "it returns no tensor"
+
+
+def unmeasured(graph: MemGraph) -> dict[str, str]:
+    """Compute nodes whose time was not measured: name -> why (they are priced by the FLOP proxy)."""
+    return {i.name: i.time_error or "not calibrated" for i in graph.nodes if i.op not in _OPS and i.fwd_seconds is None}
+
+
+class NodeTimes(NamedTuple):
+    """Per node, in seconds: forward, backward, and the part of the forward a selective segment
+    recomputes; and the operators of its forward."""
+
+    forward: np.ndarray
+    backward: np.ndarray
+    cheap: np.ndarray
+    operators: np.ndarray
+
+
+def node_times(infos: list[NodeInfo]) -> NodeTimes | None:
+    """The times of each node; None when none was measured.
+
+    An unmeasured node is priced by the FLOP proxy (``fwd_flops + BYTE_WEIGHT * out_bytes``) at
+    the machine's rate, seconds per proxy unit fitted to the measured nodes (a ratio of sums, so
+    the nodes that take the time set it); its backward at twice that, the usual ratio; its cheap
+    part is all of it unless it counts FLOPs; it runs one operator.
+    """
+    fwd = [i.fwd_seconds for i in infos]
+    measured = [k for k, s in enumerate(fwd) if s is not None]
+    if not measured:
+        return None
+    proxy = np.array([i.fwd_flops + BYTE_WEIGHT * i.out_bytes for i in infos], dtype=np.float64)
+    rate = sum(fwd[k] for k in measured) / max(1.0, float(proxy[measured].sum()))
+    f = np.array([s if s is not None else rate * p for s, p in zip(fwd, proxy)])
+    b = np.array([i.bwd_seconds if i.bwd_seconds is not None else 2 * s for i, s in zip(infos, f)])
+    cheap = np.array(
+        [i.cheap_seconds if i.cheap_seconds is not None else (0.0 if i.fwd_flops else s) for i, s in zip(infos, f)]
+    )
+    ops = np.array([i.operators if i.fwd_seconds is not None else 1 for i in infos], dtype=np.float64)
+    return NodeTimes(f, b, cheap, ops)
+
+
+def _clock(device: str = "cpu") -> Callable[[], float]:
+    """CPU time of this thread when torch computes on it alone (robust to other processes' load),
+    else wall time; on an accelerator, wall time once its queued kernels have finished."""
+    if device != "cpu":
+        module = getattr(torch, device)
+
+        def synchronized() -> float:
+            module.synchronize()
+            return time.perf_counter()
+
+        return synchronized
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
+def _times_for(
+    spec: LayerSpec, info: NodeInfo, batch: int, config: StepConfig, device: str, noise: Noise
+) -> tuple[float, ...]:
+    if not spec.scaled or info.fwd_flops <= MAX_LAYER_FLOPS:
+        return _measured(spec, batch, config, device, noise)
+    # The largest batch under the limit, at most half the step's so that the two runs cost less
+    # than one at the step's batch, and half of it; 1 is avoided where possible (some kernels have
+    # a special single-sample path).
+    hi = min(batch // 2, max(2, int(batch * MAX_LAYER_FLOPS / info.fwd_flops)))
+    if hi < 2:
+        return _measured(spec, batch, config, device, noise)
+    lo = max(1, hi // 2)
+    at_lo = _measured(spec, lo, config, device, noise)
+    at_hi = _measured(spec, hi, config, device, noise)
+    return (*(extrapolate(batch, lo, hi, a, b) for a, b in zip(at_lo[:3], at_hi[:3])), at_hi[3])
+
+
+def _measured(spec: LayerSpec, batch: int, config: StepConfig, device: str, noise: Noise) -> tuple[float, ...]:
+    return _cache.layer(spec, batch, config, device, lambda: _run_layer(spec, batch, config, device, noise))
+
+
+def _run_layer(spec: LayerSpec, batch: int, config: StepConfig, device: str, noise: Noise) -> tuple[float, ...]:
+    """(forward, backward, cheap forward seconds, operators) of one layer at one batch size;
+    raises what the layer raises."""
+    run = LayerRun(spec, batch, config, device, noise)
+    clock = _clock(device)
+    # warm-up: lazy initialisation and oneDNN primitives (made per shape) are not the step's time
+    start = clock()
+    out = run.call(run.arguments())
+    grads = run.gradients(out)
+    backward(out, grads)
+    warm = clock() - start
+    del out
+    run.clear_grads()
+    repeats = min(MAX_REPEATS, max(MIN_REPEATS, round(TARGET_SECONDS / max(warm, 1e-9))))
+    fwd, bwd = [], []
+    for k in range(repeats):
+        values = run.arguments()
+        start = clock()
+        out = run.call(values)
+        fwd.append(clock() - start)
+        # the backward is only the step's denominator: a third as many samples
+        if 3 * k < repeats:
+            start = clock()
+            backward(out, grads)
+            bwd.append(clock() - start)
+            run.clear_grads()
+        del out
+    values = run.arguments()
+    with _OperatorClock(clock) as ops:
+        out = run.call(values)
+    del out
+    forward = statistics.median(fwd)
+    return forward, statistics.median(bwd), forward * ops.cheap / max(ops.total, 1e-12), float(ops.count)
+
+
+class _OperatorClock(TorchDispatchMode):
+    """Counts the operators a forward dispatches and times them, apart those the FLOP counter
+    counts (what a selective segment keeps)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__()
+        self.clock = clock
+        self.count, self.total, self.cheap = 0, 0.0, 0.0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        start = self.clock()
+        out = func(*args, **(kwargs or {}))
+        took = self.clock() - start
+        self.count += 1
+        self.total += took
+        if func._overloadpacket not in flop_registry:
+            self.cheap += took
+        return out
+
+
+def _typical_numel(graph: MemGraph) -> int:
+    """The median element count of the compute nodes' outputs, as a power of two in [64, _CHAIN_NUMEL]."""
+    sizes = sorted(math.prod(i.output_shapes[0]) for i in graph.nodes if i.op not in _OPS and i.output_shapes)
+    median = sizes[len(sizes) // 2] if sizes else 64
+    return 2 ** round(math.log2(min(max(median, 64), _CHAIN_NUMEL)))
+
+
+def _checkpoint_cost(numel: int) -> CheckpointCost:
+    """What checkpointing adds beyond recomputation on this machine for tensors of ``numel``
+    elements, measured once and cached."""
+    key = repr(("checkpoint", numel))
+    if key not in _cache:
+        _cache[key] = _checkpoint_overheads(numel)
+    return CheckpointCost(*_cache[key])
+
+
+def _checkpoint_overheads(numel: int) -> tuple[float, float, float]:
+    """(per segment, per operator, more per operator when selective): chains of operators at two
+    lengths, plain and checkpointed each way; what checkpointing adds beyond one more forward,
+    fitted as a line in the number of operators."""
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    clock = _clock()
+
+    def body(t: torch.Tensor, n: int) -> torch.Tensor:
+        for _ in range(n):
+            t = torch.relu(t * 1.5)  # two operators
+        return t
+
+    def recompute_all(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    # the fastest run: differences of medians taken on a loaded machine were noise, and the
+    # result is cached for good
+    def fastest(run: Callable[[], Any], with_backward: bool = True) -> float:
+        samples = []
+        for _ in range(_CHAIN_RUNS):
+            start = clock()
+            out = run()
+            if with_backward:
+                out.sum().backward()
+            samples.append(clock() - start)
+        return min(samples)
+
+    contexts = functools.partial(create_selective_checkpoint_contexts, recompute_all)
+    added: dict[str, list[float]] = {"checkpoint": [], "selective": []}
+    for n in _CHAIN_LENGTHS:
+        base = fastest(functools.partial(body, x, n))
+        again = fastest(functools.partial(body, x, n), with_backward=False)
+        plain = fastest(functools.partial(checkpoint, body, x, n, use_reentrant=False))
+        selective = fastest(functools.partial(checkpoint, body, x, n, use_reentrant=False, context_fn=contexts))
+        added["checkpoint"].append(plain - base - again)
+        added["selective"].append(selective - base - again)
+    ops = [2 * n for n in _CHAIN_LENGTHS]
+    slope = {k: (v[1] - v[0]) / (ops[1] - ops[0]) for k, v in added.items()}
+    per_op = max(0.0, slope["checkpoint"])
+    segment = max(0.0, added["checkpoint"][0] - per_op * ops[0])
+    return segment, per_op, max(0.0, slope["selective"] - per_op)

@@ -1,0 +1,226 @@
+"""The time cost model: what calibration records and caches, how the chain prices plans from it,
+and the FLOP fallback. Only what is deterministic is held exactly; the one comparison of measured
+times is between operations thousands of times apart."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
+
+import memfit
+from memfit.capture.dryrun import capture
+from memfit.capture.graph import CheckpointCost, MemGraph
+from memfit.capture.trainstep import StepConfig
+from memfit.cost import timing
+from memfit.cost.layers import CACHE_ENV, DiskCache
+from memfit.planner import Chain, Plan, selective
+from memfit.planner.chain import BYTE_WEIGHT
+
+from .factories import Fragile
+
+_COMPUTE = ("placeholder", "get_attr")
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty cache directory and no entries in memory, as in a new process; timing on."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(timing.TIMING_ENV, "on")
+    monkeypatch.setattr(timing, "_cache", DiskCache("timing", timing._cache.decode))
+    return tmp_path
+
+
+def _timed(model: nn.Module, *inputs: torch.Tensor, **kwargs) -> MemGraph:
+    graph = capture(model, inputs if len(inputs) > 1 else inputs[0], StepConfig(), **kwargs)
+    timing.calibrate_times(graph, model, inputs, StepConfig(), **kwargs)
+    return graph
+
+
+def _ns(seconds: float) -> int:
+    return int(np.round(seconds * 1e9))
+
+
+def test_cache_round_trip(small_cnn, fresh_cache, monkeypatch):
+    x = torch.randn(4, 3, 16, 16)
+    graph = _timed(small_cnn, x)
+    times = [(i.fwd_seconds, i.bwd_seconds, i.cheap_seconds, i.operators) for i in graph.nodes]
+    (path,) = fresh_cache.glob("timing-*.json")
+    assert json.loads(path.read_text())
+
+    def no_runs(*args, **kwargs):
+        raise AssertionError("a cached layer was measured again")
+
+    timing._cache.clear()
+    monkeypatch.setattr(timing, "_run_layer", no_runs)
+    monkeypatch.setattr(timing, "_checkpoint_overheads", no_runs)
+    again = _timed(small_cnn, x)
+    assert [(i.fwd_seconds, i.bwd_seconds, i.cheap_seconds, i.operators) for i in again.nodes] == times
+    assert again.checkpoint_cost == graph.checkpoint_cost
+
+
+def test_unreadable_cache_is_remeasured(small_cnn, fresh_cache):
+    x = torch.randn(4, 3, 16, 16)
+    _timed(small_cnn, x)
+    (path,) = fresh_cache.glob("timing-*.json")
+    path.write_text('{"k": [1, 2]}')  # an entry of the wrong arity: the file is not trusted
+    timing._cache.clear()
+    graph = _timed(small_cnn, x)
+    assert not timing.unmeasured(graph) or all("no tensor" in why for why in timing.unmeasured(graph).values())
+    assert "k" not in json.loads(path.read_text())
+
+
+def test_every_compute_node_is_timed_or_reported(fresh_cache):
+    torch.manual_seed(0)
+    model = memfit.models.create("gpt", n_layer=1, n_embd=32, n_head=2, vocab_size=64, block_size=16)
+    graph = _timed(model, torch.randint(0, 64, (2, 16)))
+    missing = timing.unmeasured(graph)
+    assert missing, "the position arange takes a size, not a tensor: it cannot be run alone"
+    for info in graph.nodes:
+        if info.op in _COMPUTE:
+            continue
+        if info.name in missing:
+            assert info.fwd_seconds is None and info.time_error == missing[info.name]
+        else:
+            assert info.fwd_seconds is not None and info.fwd_seconds >= 0
+            assert info.bwd_seconds is not None and 0 <= info.cheap_seconds <= info.fwd_seconds + 1e-12
+            assert info.operators >= 0
+    assert graph.checkpoint_cost is not None
+
+
+def test_failed_layer_is_reported_and_priced_by_flops(fresh_cache, monkeypatch):
+    model, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), Fragile()), torch.randn(4, 8)
+    graph = capture(model, x, StepConfig(), leaf_modules=[Fragile])
+    monkeypatch.setattr(Fragile, "broken", True)
+    timing.calibrate_times(graph, model, (x,), StepConfig(), leaf_modules=[Fragile])
+    (name,) = [i.name for i in graph.nodes if i.module_type == "Fragile"]
+    assert timing.unmeasured(graph) == {name: "RuntimeError: needs the rest of the model"}
+    assert graph.info(name).fwd_seconds is None
+
+
+def test_unmeasured_nodes_are_priced_by_the_fitted_rate(small_cnn, fresh_cache):
+    graph = _timed(small_cnn, torch.randn(4, 3, 16, 16))
+    infos = [i for i in graph.nodes if i.op not in _COMPUTE]
+    conv = next(i for i in infos if i.module_type == "Conv2d")
+    measured = [i for i in infos if i is not conv and i.fwd_seconds is not None]
+    conv.fwd_seconds = conv.bwd_seconds = conv.cheap_seconds = None
+    times = timing.node_times(infos)
+    proxy = lambda i: i.fwd_flops + BYTE_WEIGHT * i.out_bytes
+    rate = sum(i.fwd_seconds for i in measured) / sum(proxy(i) for i in measured)
+    k = infos.index(conv)
+    assert times.forward[k] == pytest.approx(rate * proxy(conv), rel=1e-12)
+    assert times.backward[k] == pytest.approx(2 * rate * proxy(conv), rel=1e-12)
+    assert times.cheap[k] == 0.0, "a FLOP-counted node's output is kept by a selective segment"
+    assert times.operators[k] == 1
+
+
+def test_without_timing_the_chain_prices_flops(small_cnn, fresh_cache, monkeypatch):
+    monkeypatch.setenv(timing.TIMING_ENV, "off")
+    graph = _timed(small_cnn, torch.randn(4, 3, 16, 16))
+    assert all(i.fwd_seconds is None for i in graph.nodes) and graph.checkpoint_cost is None
+    chain = Chain(graph)
+    assert not chain.timed and chain.step_seconds == 0.0
+    spans = [(0, chain.m, "recompute")]
+    infos = [graph.info(n) for n in chain.names]
+    assert chain.cost(spans) == sum(i.fwd_flops + BYTE_WEIGHT * i.out_bytes for i in infos)
+    plan = Plan(segments=chain.to_segments(spans), strategy="test")
+    assert plan.extra_seconds == 0.0 and plan.extra_time_percent is None
+    assert "Extra time" not in str(plan)
+
+
+def _resnet_graph() -> MemGraph:
+    torch.manual_seed(0)
+    model = memfit.models.create("resnet18", stem="cifar", num_classes=10)
+    return _timed(model, torch.randn(4, 3, 16, 16))
+
+
+@pytest.mark.parametrize("extra", [CheckpointCost(0.0, 0.0, 0.0), CheckpointCost(1e-4, 2e-6, 3e-5)])
+def test_plan_cost_is_the_sum_of_its_recomputed_nodes(fresh_cache, extra):
+    graph = _resnet_graph()
+    graph.checkpoint_cost = extra
+    chain = Chain(graph)
+    times = timing.node_times([graph.info(n) for n in chain.names])
+    assert chain.timed and chain.step_seconds == pytest.approx(float(times.forward.sum() + times.backward.sum()))
+    unplanned = chain.peak([(i, i + 1, "plain") for i in range(chain.m)])
+    low = chain.peak(selective.lowest_peak(chain))
+    expensive = {n for n in chain.names if graph.info(n).fwd_flops > 0}
+    for fraction in (0.2, 0.6):
+        spans = selective.cheapest(chain, int(low + fraction * (unplanned - low)))
+        assert {kind for _, _, kind in spans} - {"plain"}, "the budget needs recomputation"
+        expected = 0
+        for a, b, kind in spans:
+            if kind == "plain":
+                continue
+            per_op = extra.per_operator + (extra.selective_per_operator if kind == "selective" else 0.0)
+            segment = _ns(extra.segment)
+            for name in chain.recomputed_nodes(a, b):
+                info = graph.info(name)
+                kept = kind == "selective" and name in expensive
+                segment += _ns((info.cheap_seconds if kept else info.fwd_seconds) + per_op * info.operators)
+            expected += 2 * segment if kind == "nested" else segment  # nested: recomputed twice
+        assert chain.cost(spans) == expected
+        plan = Plan(segments=chain.to_segments(spans), strategy="dp", step_seconds=chain.step_seconds)
+        assert plan.extra_seconds == pytest.approx(expected / 1e9, rel=1e-9)
+        if plan.checkpointed:
+            assert f"Extra time (predicted): {1e3 * plan.extra_seconds:.1f} ms" in str(plan)
+
+
+class _Ops(TorchDispatchMode):
+    """The compute operators that run while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in ("addmm", "relu", "mm"):
+            self.ops.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def test_recomputation_stops_where_torch_stops(fresh_cache):
+    # torch's non-reentrant checkpoint stops once the last saved tensor is packed again: the last
+    # Linear packs its input before its matmul, so its matmul is never rerun
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    x = torch.randn(4, 8)
+    graph = _timed(model, x)
+    chain = Chain(graph)
+    assert chain.recomputed_nodes(0, chain.m) == ["_0", "_1"]
+    y = checkpoint(model, x.requires_grad_(), use_reentrant=False)
+    with _Ops() as seen:
+        y.sum().backward()
+    recomputed = [op for op in seen.ops if op in ("addmm", "relu")][:2]
+    assert recomputed == ["addmm", "relu"] and seen.ops.count("addmm") == 1
+
+
+class _MatmulAndRelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(512, 512))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (x @ self.weight).sum() + torch.relu(y).sum()
+
+
+def test_a_matmul_costs_more_than_a_small_relu(fresh_cache):
+    graph = _timed(_MatmulAndRelu(), torch.randn(512, 512), torch.randn(4, 4))
+    matmul = next(i for i in graph.nodes if "matmul" in i.target)
+    relu = next(i for i in graph.nodes if "relu" in i.target)
+    assert matmul.fwd_seconds > relu.fwd_seconds
+    assert matmul.cheap_seconds < matmul.fwd_seconds / 2, "the matmul itself is kept by a selective segment"
+
+
+def test_calibration_leaves_rng_and_model_alone(small_cnn, fresh_cache):
+    x = torch.randn(4, 3, 16, 16)
+    graph = capture(small_cnn, x, StepConfig())
+    state = {k: v.clone() for k, v in small_cnn.state_dict().items()}
+    rng = torch.get_rng_state()
+    timing.calibrate_times(graph, small_cnn, (x,), StepConfig())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(state[k], v) for k, v in small_cnn.state_dict().items())
