@@ -198,6 +198,8 @@ def tradeoff(
                 budget_mb=budget / MiB,
                 peak_mb=found.peak_bytes / MiB,
                 extra_flops_percent=found.plan.extra_flops_percent,
+                extra_seconds=found.plan.extra_seconds if found.plan.step_seconds > 0 else None,
+                extra_time_percent=found.plan.extra_time_percent,
                 strategy=found.plan.strategy,
                 checkpointed=len(found.plan.checkpointed),
             )

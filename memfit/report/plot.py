@@ -64,13 +64,16 @@ def plot_plan(plan: Plan, path: str | Path) -> Path:
 
 
 def plot_tradeoff(curve: Tradeoff, path: str | Path) -> Path:
-    """Draw predicted extra FLOPs against the budget (and the verified peak of each plan); save to ``path``."""
+    """Draw predicted extra time (extra FLOPs when time is not modelled) against the budget; save to ``path``."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     budgets = [p.budget_mb for p in curve.points]
-    ax.plot(budgets, [p.extra_flops_percent for p in curve.points], "o-", label="extra FLOPs (predicted)")
+    timed = all(p.extra_time_percent is not None for p in curve.points)
+    ys = [(p.extra_time_percent if timed else p.extra_flops_percent) for p in curve.points]
+    what = "time" if timed else "FLOPs"
+    ax.plot(budgets, ys, "o-", label=f"extra {what} (predicted)")
     ax.set_xlabel("budget (MiB)")
-    ax.set_ylabel("recomputation, % of a step's FLOPs (predicted)")
+    ax.set_ylabel(f"recomputation, % of a step's {what} (predicted)")
     ax.axvline(curve.unplanned_mb, color="0.5", linestyle=":", linewidth=1, label="unplanned peak (predicted)")
     ax.set_title(f"memfit tradeoff: {curve.model}, feasible minimum {curve.minimum_mb:.1f} MiB (predicted)")
     ax.legend(loc="upper right")

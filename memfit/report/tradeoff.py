@@ -15,6 +15,9 @@ class TradeoffPoint:
         budget_mb: The budget (MiB).
         peak_mb: The plan's verified peak (MiB, predicted by the dry run).
         extra_flops_percent: Recomputation as a percentage of the unplanned step's FLOPs.
+        extra_seconds: Predicted time recomputation adds to a step on this machine (None when
+            the time cost model is off: ``MEMFIT_TIMING=off``).
+        extra_time_percent: The same as a percentage of the unplanned step's predicted time.
         strategy: The planner whose plan it is (``"none"``: nothing is recomputed).
         checkpointed: How many segments run under checkpoint.
     """
@@ -22,6 +25,8 @@ class TradeoffPoint:
     budget_mb: float
     peak_mb: float
     extra_flops_percent: float
+    extra_seconds: float | None
+    extra_time_percent: float | None
     strategy: str
     checkpointed: int
 
@@ -36,9 +41,17 @@ class Tradeoff:
     points: list[TradeoffPoint]
 
     def __str__(self) -> str:
-        headers = ("Budget MiB", "Peak MiB (pred)", "Extra FLOPs % (pred)", "Strategy", "Checkpointed")
+        headers = ("Budget MiB", "Peak MiB (pred)", "Extra time ms (pred)", "% of step", "Extra FLOPs %", "Strategy", "Checkpointed")
         rows = [
-            (f"{p.budget_mb:.2f}", f"{p.peak_mb:.2f}", f"{p.extra_flops_percent:.1f}", p.strategy, str(p.checkpointed))
+            (
+                f"{p.budget_mb:.2f}",
+                f"{p.peak_mb:.2f}",
+                "--" if p.extra_seconds is None else f"{1e3 * p.extra_seconds:.1f}",
+                "--" if p.extra_time_percent is None else f"{p.extra_time_percent:.1f}",
+                f"{p.extra_flops_percent:.1f}",
+                p.strategy,
+                str(p.checkpointed),
+            )
             for p in self.points
         ]
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
