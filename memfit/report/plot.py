@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import MemfitInputError
+from ..paths import writable_file
 from ..planner.plan import Plan
 from ..units import mib
 from .tradeoff import Tradeoff
@@ -26,8 +27,8 @@ def _pyplot():  # type: ignore[no-untyped-def]
 
 
 def _save(fig, path: str | Path) -> Path:  # type: ignore[no-untyped-def]
+    out = writable_file(path, "path")
     fig.tight_layout()
-    out = Path(path)
     fig.savefig(out, dpi=120)
     fig.clf()
     return out
