@@ -21,8 +21,8 @@ from .compressors.accounting import storage_table
 from .cost.parallel import KINDS, Parallel
 from .errors import MemfitError, MemfitInputError
 from .fit import optimize, tradeoff
+from .io.container import check_folder
 from .io.serialize import save
-from .paths import writable_file
 from .planner import STRATEGIES
 from .report.plot import plot_plan, plot_tradeoff
 
@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a file the result goes to is checked before the minutes of work that make the result
         for option, path in (("--plot", getattr(args, "plot", None)), ("--save", getattr(args, "save", None))):
             if path is not None:
-                writable_file(path, option)
+                check_folder(path, option)
         model = models.load(args.model, stem=args.stem, num_classes=args.num_classes)
         if args.command == "compress":
             _compress(model, args)

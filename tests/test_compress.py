@@ -142,7 +142,7 @@ def test_the_storage_table_counts_every_field(x: torch.Tensor) -> None:
 
 
 def test_bad_method_and_config_are_refused(small_cnn: nn.Module) -> None:
-    with pytest.raises(memfit.MemfitInputError, match="method='zip' is not a compression method"):
+    with pytest.raises(ValueError, match="unknown compression method"):
         memfit.compress(small_cnn, "zip")
     with pytest.raises(memfit.MemfitInputError, match="config for 'ternary'"):
         memfit.compress(small_cnn, "ternary", memfit.compressors.CompressConfig())

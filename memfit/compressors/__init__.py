@@ -42,7 +42,5 @@ def list_methods() -> list[str]:
 def get_method(name: str) -> Method:
     """A fresh instance of the method registered under ``name``."""
     if not isinstance(name, str) or name not in _METHODS:
-        raise MemfitInputError(
-            f"method={name!r} is not a compression method; choose one of {list_methods()} (or pass a Method)"
-        )
+        raise MemfitInputError(f"unknown compression method {name!r}: method= takes one of {list_methods()} (or a Method)")
     return _METHODS[name]()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import MemfitInputError
-from ..paths import writable_file
+from ..io.container import check_folder
 from ..planner.plan import Plan
 from ..units import mib
 from .tradeoff import Tradeoff
@@ -27,8 +27,9 @@ def _pyplot():  # type: ignore[no-untyped-def]
 
 
 def _save(fig, path: str | Path) -> Path:  # type: ignore[no-untyped-def]
-    out = writable_file(path, "path")
+    check_folder(str(path), "plot path")
     fig.tight_layout()
+    out = Path(path)
     fig.savefig(out, dpi=120)
     fig.clf()
     return out
