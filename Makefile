@@ -7,7 +7,7 @@ MODEL ?= resnet18
 ARGS ?= --stem cifar --batch 64 --input 3x32x32 --optimizer adam --measure
 BIN := $(VENV)/bin
 
-.PHONY: setup report test test-zoo test-models clean
+.PHONY: setup report test test-zoo test-models fuzz clean
 
 # The `models` extra (torchvision, timm, transformers for tests/test_foreign_models.py) is pinned to
 # releases that accept torch 2.13.0; TORCH_SPEC goes into the same resolve, so that pip fails rather
@@ -34,6 +34,13 @@ test-zoo: setup
 # The foreign-model conformance matrix (torchvision, timm, transformers; CI runs a subset): ~8 min.
 test-models: setup
 	MEMFIT_MODELS=all $(BIN)/python -m pytest -q -n 2 --durations=15 tests/test_foreign_models.py
+
+# Property-based tests over N random networks and budgets (tests/test_fuzz.py; CI runs 5 of each,
+# fixed). SEED=<int> draws another sequence than the fixed one. About 6 s a network on one core.
+N ?= 2000
+SEED ?=
+fuzz: setup
+	MEMFIT_FUZZ_N=$(N) MEMFIT_FUZZ_SEED=$(SEED) $(BIN)/python -m pytest -q -n 2 -p no:logging --durations=5 tests/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

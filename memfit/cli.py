@@ -7,7 +7,8 @@ import argparse
 import logging
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
+from typing import NoReturn
 
 import torch
 
@@ -20,11 +21,44 @@ from .compressors.accounting import storage_table
 from .cost.parallel import KINDS, Parallel
 from .errors import MemfitError, MemfitInputError
 from .fit import optimize, tradeoff
+from .io.container import check_folder
 from .io.serialize import save
 from .planner import STRATEGIES
 from .report.plot import plot_plan, plot_tradeoff
 
 __all__ = ["main", "example_input"]
+
+
+def _dims(shape: str) -> list[int]:
+    """``--input`` as positive sizes; the one place that says what it looks like."""
+    try:
+        dims = [int(d) for d in shape.lower().split("x")]
+    except ValueError:
+        dims = []
+    if not dims or min(dims) < 1:
+        raise MemfitInputError(
+            f"--input {shape!r}: give the per-sample shape as positive sizes joined by x, like 3x32x32 "
+            "(channels x height x width) or 128 (a sequence length)"
+        )
+    return dims
+
+
+def _check_dims(model: torch.nn.Module, dims: list[int], shape: str) -> None:
+    """The per-sample shape the model's first layer takes, where that layer says it."""
+    first = next((m for m in model.modules() if any(True for _ in m.parameters(recurse=False))), None)
+    if isinstance(first, torch.nn.Embedding) and len(dims) != 1:
+        raise MemfitInputError(
+            f"--input {shape}: {type(model).__name__} starts with an embedding and takes token ids; give the "
+            "sequence length alone, like --input 128"
+        )
+    convs = {torch.nn.Conv1d: "CxL", torch.nn.Conv2d: "CxHxW", torch.nn.Conv3d: "CxDxHxW"}
+    form = next((f for kind, f in convs.items() if type(first) is kind), None)
+    if form is not None and (len(dims) != form.count("x") + 1 or dims[0] != first.in_channels):
+        example = "x".join([str(first.in_channels)] + ["32"] * form.count("x"))
+        raise MemfitInputError(
+            f"--input {shape}: {type(model).__name__} starts with {type(first).__name__}({first.in_channels}, ...) "
+            f"and takes {form} with C={first.in_channels} per sample, like --input {example}"
+        )
 
 
 def example_input(model: torch.nn.Module, batch: int, shape: str | None) -> torch.Tensor:
@@ -45,27 +79,43 @@ def example_input(model: torch.nn.Module, batch: int, shape: str | None) -> torc
             cifar = first_conv is not None and first_conv.kernel_size == (3, 3)
             dims = [3, 32, 32] if cifar else [3, 224, 224]
     else:
-        try:
-            dims = [int(d) for d in shape.lower().split("x")]
-        except ValueError:
-            raise MemfitError(f"--input must look like 3x32x32 or 128, not {shape!r}") from None
+        dims = _dims(shape)
+        _check_dims(model, dims, shape)
     if embedding is not None:
         return torch.randint(0, embedding.num_embeddings, (batch, *dims))
     return torch.randn(batch, *dims)
 
 
+def _positive(text: str) -> int:
+    """A count option (``--batch``, ``--num-classes``, ``--world-size``): a whole number from 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like memfit's own (argparse prints the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _step_arguments(p: argparse.ArgumentParser) -> None:
     """What every command that runs a training step needs: the model, its batch, the step."""
     p.add_argument("model", help="zoo name (see `memfit models`) or package.module:factory")
-    p.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
+    p.add_argument("--batch", type=_positive, default=8, help="batch size (default 8)")
     p.add_argument("--input", help="per-sample input shape, e.g. 3x32x32, or sequence length for GPT")
     p.add_argument("--optimizer", default="sgd", choices=sorted(OPTIMIZERS) + ["none"])
     p.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast precision")
     p.add_argument("--stem", choices=["imagenet", "cifar"], help="zoo models: input stem")
-    p.add_argument("--num-classes", type=int, help="zoo models: classifier outputs")
+    p.add_argument("--num-classes", type=_positive, help="zoo models: classifier outputs")
     p.add_argument("--measure", action="store_true", help="also run one real step and measure it")
     p.add_argument("--parallel", choices=list(KINDS), help="figures per data-parallel process (DDP or FSDP)")
-    p.add_argument("--world-size", type=int, default=1, help="data-parallel processes (FSDP shards over them)")
+    p.add_argument("--world-size", type=_positive, default=1, help="data-parallel processes (FSDP shards over them)")
     p.add_argument("--fsdp-unit", action="append", metavar="MODULE",
                    help="FSDP: a module sharded as one unit (repeat it); default: the model's children")
 
@@ -85,7 +135,7 @@ def _parallel(args: argparse.Namespace) -> Parallel | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memfit", description="Make PyTorch training fit a memory budget.")
+    p = _Parser(prog="memfit", description="Make PyTorch training fit a memory budget.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("report", help="predicted (and optionally measured) memory of one training step")
     _step_arguments(r)
@@ -113,7 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="zoo name (see `memfit models`) or package.module:factory")
     c.add_argument("--method", required=True, choices=list_methods())
     c.add_argument("--stem", choices=["imagenet", "cifar"], help="zoo models: input stem")
-    c.add_argument("--num-classes", type=int, help="zoo models: classifier outputs")
+    c.add_argument("--num-classes", type=_positive, help="zoo models: classifier outputs")
     c.add_argument("--input", help="per-sample input shape for the operation counts, e.g. 3x32x32")
     c.add_argument("--save", metavar="FILE", help="write the packed model (memfit.save)")
     sub.add_parser("models", help="list the zoo")
@@ -149,8 +199,9 @@ def _plan(model: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace, opt
 
 
 def _compress(model: torch.nn.Module, args: argparse.Namespace) -> None:
+    x = example_input(model, 1, args.input)
     small = compress(model, args.method)
-    print(storage_table(small, example_input(model, 1, args.input)))
+    print(storage_table(small, x))
     if args.save:
         size = save(small, args.save)
         print(f"Saved to {args.save}: {size / 1024:.1f} KiB (measured file size)")
@@ -164,6 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(models.list_models()))
         return 0
     try:
+        # a file the result goes to is checked before the minutes of work that make the result
+        for option, path in (("--plot", getattr(args, "plot", None)), ("--save", getattr(args, "save", None))):
+            if path is not None:
+                check_folder(path, option)
         model = models.load(args.model, stem=args.stem, num_classes=args.num_classes)
         if args.command == "compress":
             _compress(model, args)
@@ -188,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             err = 100 * (report.peak_bytes / measured.peak_bytes - 1)
             print(f"Predicted peak vs measured: {err:+.2f}%")
     except MemfitError as e:
-        print(f"memfit: error: {e}", file=sys.stderr)
+        print(f"memfit: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, for scripts and logs
         return 2
     return 0
 

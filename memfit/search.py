@@ -34,7 +34,7 @@ from .report.build import report_from_graph, with_storage
 from .report.memory import Comparison, MemoryReport, mib
 from .rewrite.checkpoint import PlannedModule, rewrite
 
-__all__ = ["BISECT_STEPS", "MARGIN", "VERIFY_ROUNDS", "PlanSearch", "Verified"]
+__all__ = ["BISECT_STEPS", "MARGIN", "MARGIN_BYTES", "VERIFY_ROUNDS", "PlanSearch", "Verified"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ BISECT_STEPS = 6
 # A verified prediction must stay this fraction below the budget: the cost model's residual error
 # against the allocator. The largest excess the zoo matrix measured was 0.01% (VGG-16, dp).
 MARGIN = 0.001
+# ... and at least these bytes: what is allocated below the dispatcher, where no dry run sees it
+# (Adam's CPU step wraps Python scalars as tensors: 20 B at its peak), for steps under 64 KB.
+MARGIN_BYTES = 64
 
 
 @dataclass(frozen=True)
@@ -98,13 +101,13 @@ class PlanSearch:
     # -- budgets --------------------------------------------------------------------------------
     @staticmethod
     def room(budget_bytes: int) -> int:
-        """What a verified prediction may reach under a budget: ``MARGIN`` below it."""
-        return budget_bytes - math.ceil(budget_bytes * MARGIN)
+        """What a verified prediction may reach under a budget: ``MARGIN`` (``MARGIN_BYTES`` at least) below it."""
+        return budget_bytes - max(math.ceil(budget_bytes * MARGIN), MARGIN_BYTES)
 
     @classmethod
     def budget_for(cls, peak_bytes: int) -> int:
         """The least budget whose room holds a verified peak (the inverse of :meth:`room`)."""
-        budget = math.ceil(peak_bytes / (1 - MARGIN))
+        budget = max(math.ceil(peak_bytes / (1 - MARGIN)), peak_bytes + MARGIN_BYTES)
         while cls.room(budget - 1) >= peak_bytes:  # the room rises by 0 or 1 a byte: a step or two
             budget -= 1
         while cls.room(budget) < peak_bytes:

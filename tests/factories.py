@@ -25,3 +25,8 @@ class Fragile(nn.Module):
         if type(self).broken:
             raise RuntimeError("needs the rest of the model")
         return self.linear(x)
+
+
+def not_a_model() -> object:
+    """A factory that builds something else: the command line must refuse what it returns."""
+    return [nn.Linear(64, 10)]

@@ -52,7 +52,7 @@ def test_report_and_plan_per_data_parallel_process(capsys: pytest.CaptureFixture
         (["report", "resnet18", "--parallel", "ddp", "--fsdp-unit", "layer1"], "leave them out for DDP"),
         (["report", "resnet1"], "unknown model"),
         (["report", "no.such.module:f"], "cannot load 'no.such.module:f'"),
-        (["report", "tests.factories:tiny_mlp", "--input", "axb"], "--input must look like"),
+        (["report", "tests.factories:tiny_mlp", "--input", "axb"], "--input 'axb': give the per-sample shape"),
         (["report", "tests.factories:tiny_mlp", "--input", "3x8x8"], "forward pass failed"),
     ],
 )

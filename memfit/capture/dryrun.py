@@ -124,6 +124,10 @@ def _describe_target(node: fx.Node) -> str:
     return getattr(t, "__name__", None) or str(t)
 
 
+# autograd Node.metadata key: the fx node whose forward made the autograd node
+_OWNER = "memfit_owner"
+
+
 class _Recorder(fx.Interpreter):
     """Runs the traced graph node by node and attributes every event, saved tensor and FLOP."""
 
@@ -134,7 +138,6 @@ class _Recorder(fx.Interpreter):
         self.saved: dict[str, set[int]] = {}
         self.fwd_flops: dict[str, int] = {}
         self.bwd_flops: dict[str, int] = {}
-        self._owner: dict[Any, str] = {}
         self._flops_seen = 0
         self.param_names = {id(p): n for n, p in gm.named_parameters(remove_duplicate=False)}
 
@@ -165,7 +168,7 @@ class _Recorder(fx.Interpreter):
         self._describe(n, out, events_before)
         for t in tensors_in(out):
             self._claim(t.grad_fn, n.name)
-        return out
+        return _unless_dead(n, out)
 
     def run_segment(self, gm: fx.GraphModule, args: tuple[Any, ...]) -> Any:
         """Run a nested segment node by node (see :mod:`memfit.capture.subgraph`), attributing its
@@ -173,13 +176,16 @@ class _Recorder(fx.Interpreter):
         return _SegmentRecorder(gm, self).run(*args)
 
     def _claim(self, fn: Any, owner: str) -> None:
-        """Mark the autograd nodes this fx node created, so its backward is attributed to it."""
+        """Mark the autograd nodes this fx node created, so its backward is attributed to it.
+
+        The mark is kept on the node itself: a reference from here would keep alive the graph
+        of an output nothing reads, with the tensors it saved, which the model's step frees."""
         stack = [fn]
         while stack:
             f = stack.pop()
-            if f is None or f in self._owner or type(f).__name__ == "AccumulateGrad":
+            if f is None or _OWNER in f.metadata or type(f).__name__ == "AccumulateGrad":
                 continue
-            self._owner[f] = owner
+            f.metadata[_OWNER] = owner
             f.register_prehook(lambda grads, _o=owner: self.switch(_o))
             stack.extend(nf for nf, _ in f.next_functions)
 
@@ -252,7 +258,13 @@ class _SegmentRecorder(fx.Interpreter):
         if self.parent.tracker.phase == "forward":  # a recomputation's graph is never walked back
             for t in tensors_in(out):
                 self.parent._claim(t.grad_fn, n.name)
-        return out
+        return _unless_dead(n, out)
+
+
+def _unless_dead(n: fx.Node, out: Any) -> Any:
+    """A value no node reads is freed as soon as it is made, as the code fx generates for a planned
+    module does (``x = None`` right after); fx.Interpreter would hold it through the whole step."""
+    return out if n.users or n.op in ("output", "placeholder") else None
 
 
 class _NodeFailure(Exception):
@@ -329,15 +341,19 @@ def capture(
             f"{type(model).__name__}.forward takes {len(placeholders)} tensor argument(s) "
             f"({', '.join(n.name for n in placeholders)}) but {len(fake_inputs)} example input(s) were given"
         )
-    params = unique_trainable(gm.parameters())
+    # the model's tensors, not only the graph's: a layer the forward never calls holds its weights
+    # all the same; and the model's order, which an optimizer over model.parameters() walks (one
+    # parameter's update temporaries outlive it, so the order moves the peak)
+    every_param = [*fmodel.parameters(), *gm.parameters()]
+    params = unique_trainable(iter(every_param))
     device = params[0].device.type
     tracker = _CountingTracker()
     with mode:
         optimizer = make_optimizer(config.optimizer, params)
         init_optimizer_state(optimizer, params)  # steady state: the state exists before the step
-        tracker.register(gm.parameters(), "parameter")
+        tracker.register(every_param, "parameter")
         tracker.register(init_gradients(config, params), "gradient")
-        tracker.register(gm.buffers(), "buffer")
+        tracker.register([*fmodel.buffers(), *gm.buffers()], "buffer")
         tracker.register(fake_inputs, "input")
         if optimizer is not None:
             tracker.register([t for s in optimizer.state.values() for t in tensors_in(s)], "optimizer")

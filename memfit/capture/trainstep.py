@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import DataDependentOutputException
 
 from ..errors import MemfitInputError
 
@@ -60,7 +61,26 @@ def _factory(spec: OptimizerSpec) -> OptimizerFactory | None:
 def make_optimizer(spec: OptimizerSpec, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
     """Build the optimizer a spec names: a name from ``OPTIMIZERS``, a factory, or None."""
     factory = _factory(spec)
-    return None if factory is None else factory(params)
+    if factory is None:
+        return None
+    try:
+        optimizer = factory(params)
+    except TypeError as e:
+        # the usual slip: a factory of another signature, or an optimizer instance called
+        raise MemfitInputError(
+            f"optimizer={_named(spec)} could not be called as factory(params): {e}; pass "
+            "`lambda params: torch.optim.X(params, ...)`"
+        ) from e
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise MemfitInputError(
+            f"optimizer={_named(spec)} returned {type(optimizer).__name__}, not a torch.optim.Optimizer; the factory "
+            "must build one over the parameters it is given: `lambda params: torch.optim.X(params, ...)`"
+        )
+    return optimizer
+
+
+def _named(factory: object) -> str:
+    return getattr(factory, "__qualname__", None) or repr(factory)
 
 
 def default_loss(output: object) -> torch.Tensor:
@@ -107,6 +127,11 @@ class StepConfig:
 
     def __post_init__(self) -> None:
         _factory(self.optimizer)
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise MemfitInputError(
+                f"loss_fn={self.loss_fn!r} is not callable ({type(self.loss_fn).__name__}); pass "
+                "`lambda output: ...` returning a scalar tensor, or None for cross-entropy on the last dimension"
+            )
         if not isinstance(self.accumulate, bool):
             raise MemfitInputError(f"accumulate must be True or False, not {self.accumulate!r}")
         if self.amp is not None and self.amp not in AMP_DTYPES:
@@ -125,7 +150,37 @@ class StepConfig:
 
     def loss(self, output: object) -> torch.Tensor:
         """The scalar loss of a model output."""
-        return (self.loss_fn or default_loss)(output)
+        try:
+            loss = (self.loss_fn or default_loss)(output)
+        except DataDependentOutputException:
+            # only a dry run raises it: its tensors have shapes but no values to read
+            raise MemfitInputError(
+                "loss_fn reads a value of the output (.item(), float(...), an `if` on a tensor), which memfit's "
+                "dry run does not have; return the loss as a scalar tensor computed with tensor operations"
+            ) from None
+        return _checked_loss(loss, self.loss_fn is not None)
+
+
+def _checked_loss(loss: object, custom: bool) -> torch.Tensor:
+    """``loss`` if backward can start from it; otherwise an error that says why, before torch's
+    own (``grad can be implicitly created only for scalar outputs`` names neither side)."""
+    given = "loss_fn" if custom else "the default loss (pass loss_fn=...)"
+    if not isinstance(loss, torch.Tensor):
+        raise MemfitInputError(
+            f"{given} returned {type(loss).__name__} {loss!r}, not a tensor: backward needs the scalar tensor "
+            "itself (drop .item() or float(...))"
+        )
+    if loss.dim() != 0:
+        raise MemfitInputError(
+            f"{given} returned a tensor of shape {list(loss.shape)}, not a scalar: reduce it (.mean() or .sum())"
+        )
+    if not loss.requires_grad:
+        raise MemfitInputError(
+            f"{given} returned a tensor that does not require grad: compute it from the model's output "
+            "without .detach(), torch.no_grad() or a new tensor (and check that the model has trainable "
+            "parameters the output depends on)"
+        )
+    return loss
 
 
 def unique_trainable(params: Iterator[torch.nn.Parameter]) -> list[torch.nn.Parameter]:

@@ -7,6 +7,7 @@ in :func:`storage_table` and ``memfit.save`` writes them packed.
 
 from __future__ import annotations
 
+from ..errors import MemfitInputError
 from .accounting import StorageReport, storage_table
 from .apply import compress, generators
 from .base import CompressConfig, Field, Method, WeightGenerator
@@ -40,6 +41,6 @@ def list_methods() -> list[str]:
 
 def get_method(name: str) -> Method:
     """A fresh instance of the method registered under ``name``."""
-    if name not in _METHODS:
-        raise ValueError(f"unknown compression method {name!r}; choose one of {list_methods()}")
+    if not isinstance(name, str) or name not in _METHODS:
+        raise MemfitInputError(f"unknown compression method {name!r}: method= takes one of {list_methods()} (or a Method)")
     return _METHODS[name]()

@@ -11,7 +11,8 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..capture.trace import LeafSpec, as_input_tuple, check_model, serialized, trace
+from ..capture.inputs import Inputs, as_inputs
+from ..capture.trace import LeafSpec, check_model, serialized, trace
 from ..errors import MemfitInputError
 from ..models import spec_of
 from .base import CompressConfig, Method, WeightGenerator
@@ -148,7 +149,7 @@ def compress(
     from . import get_method  # the registry imports every method module, which imports this one
 
     model = check_model(model)
-    impl = get_method(method) if isinstance(method, str) else method
+    impl = method if isinstance(method, Method) else get_method(method)
     config = impl.config_type() if config is None else config
     if not isinstance(config, impl.config_type):
         raise MemfitInputError(
@@ -160,6 +161,7 @@ def compress(
             "compress the original model instead"
         )
     leaves = list(leaf_modules)
+    expected = None if example_inputs is None else _reference_shapes(model, example_inputs)
     clone = copy.deepcopy(model)
     layers = choose_layers(clone, config, leaves)
     if not layers:
@@ -173,15 +175,29 @@ def compress(
     for name, gen in built.items():
         clone.set_submodule(name, generated_layer(clone.get_submodule(name), gen))
     gm = trace_compressed(clone, leaves)
-    if example_inputs is not None:
-        _check_outputs(model, gm, as_input_tuple(example_inputs))
+    if expected is not None:
+        got = _output_shapes(gm, as_inputs(example_inputs))
+        if got != expected:
+            raise MemfitInputError(f"the compressed model's outputs {got} differ in shape from {expected}")
     return gm
 
 
-def _check_outputs(model: nn.Module, gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
-    """Both models must produce outputs of the same shapes (eval mode, on copies: no side effects)."""
+def _output_shapes(model: nn.Module, inputs: Inputs) -> list[tuple[int, ...]]:
+    """Shapes of the outputs of one forward in eval mode, on a copy (no side effects on buffers)."""
     with torch.no_grad():
-        ref, got = copy.deepcopy(model).eval()(*inputs), copy.deepcopy(gm).eval()(*inputs)
-    shapes = lambda out: [tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else (out,))]  # noqa: E731
-    if shapes(ref) != shapes(got):
-        raise MemfitInputError(f"the compressed model's outputs {shapes(got)} differ in shape from {shapes(ref)}")
+        out = inputs.call(copy.deepcopy(model).eval())
+    return [tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else (out,))]
+
+
+def _reference_shapes(model: nn.Module, example_inputs: Any) -> list[tuple[int, ...]]:
+    """The original's output shapes; a batch it cannot run is the caller's error, said before compressing."""
+    inputs = as_inputs(example_inputs)
+    try:
+        return _output_shapes(model, inputs)
+    except Exception as e:  # noqa: BLE001  whatever torch raises, the batch does not fit the user's own model
+        shapes = [list(t.shape) for t in inputs.tensors]
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise MemfitInputError(
+            f"example_inputs of shapes {shapes} do not fit {type(model).__name__} ({type(e).__name__}: {first}); "
+            "give a batch shaped like a training batch, or leave example_inputs out"
+        ) from None

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import MemfitFileError, MemfitInputError
 
-__all__ = ["check_path", "read", "write", "write_atomically"]
+__all__ = ["check_folder", "check_path", "read", "write", "write_atomically"]
 
 _TENSOR = "data"
 _ALIGN = 8  # safetensors pads its header so that the data starts 8-byte aligned
@@ -128,11 +128,11 @@ def write(path: str, metadata: dict[str, str], data: torch.Tensor) -> int:
     return write_atomically(path, [_encode(metadata, data), data.numpy().data], "memfit.save")
 
 
-def _check_folder(path: str, caller: str) -> str:
-    """The folder ``path`` is written into, refusing a directory or a missing folder up front."""
+def check_folder(path: str, caller: str) -> str:
+    """The folder ``path`` is written into, refusing a directory or a missing folder up front (the
+    command line checks ``--plot`` and ``--save`` so, before the work whose result they hold)."""
     if os.path.isdir(path):
-        raise MemfitFileError(f"{caller}: {path} is a directory; give a file name inside it, e.g. "
-                              f"{os.path.join(path, 'model.memfit')}")
+        raise MemfitFileError(f"{caller}: {path} is a directory; give a file name inside it")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
@@ -153,7 +153,7 @@ def write_atomically(path: str, chunks: Iterable[Any], caller: str) -> int:
         MemfitFileError: ``path`` is a directory, its folder is missing, or it cannot be written;
             the message names ``path`` and ``caller``.
     """
-    folder = _check_folder(path, caller)
+    folder = check_folder(path, caller)
     base = os.path.basename(path)
     for _ in range(_TRIES):
         tmp = os.path.join(folder, f".{base}.{secrets.token_hex(4)}.tmp")

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
+import sys
+import typing
 from typing import Any, Callable, TypeVar, overload
 
 from torch import nn
@@ -130,9 +133,12 @@ def load(spec: str, **options: Any) -> nn.Module:
             (``"mypackage.nets:build_net"``).
         **options: Keyword options for the factory; those that are None are left to its defaults.
 
+    A factory is an ``nn.Module`` class or a function that builds one; anything else (``os:system``,
+    a builtin, a class of another kind, a function of the standard library) is refused uncalled.
+
     Raises:
-        MemfitInputError: If the name is unknown, the factory cannot be imported, or it refuses
-            an option.
+        MemfitInputError: If the name is unknown, the factory cannot be imported, is not a model
+            factory, refuses an option, fails, or builds something that is not an ``nn.Module``.
 
     Example:
         >>> import memfit
@@ -145,12 +151,46 @@ def load(spec: str, **options: Any) -> nn.Module:
             return create(spec, **kwargs)
         except (ValueError, TypeError) as e:
             raise MemfitInputError(f"cannot build {spec} with {kwargs}: {e}") from e
+    factory = _factory(spec)
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as e:
+        options = ", ".join(f"{k}=" for k in kwargs) or "no arguments"
+        raise MemfitInputError(f"model '{spec}' cannot be called with {options}: {e}") from None
+    try:
+        model = factory(**kwargs)
+    except Exception as e:  # the user's own code: one line, not its traceback
+        raise MemfitInputError(f"model '{spec}' failed to build: {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise MemfitInputError(f"model '{spec}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _factory(spec: str) -> Callable[..., Any]:
+    """What ``package.module:factory`` names, if it may be a model factory."""
     module_name, _, attr = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
+    except (ImportError, AttributeError, ValueError) as e:
         raise MemfitInputError(f"cannot load '{spec}': {e}; expected package.module:factory") from e
-    return factory(**kwargs)
+    refused = f"model '{spec}' names {getattr(factory, '__qualname__', type(factory).__name__)} ({type(factory).__name__})"
+    expected = "expected an nn.Module class or a function that returns one"
+    if inspect.isclass(factory):
+        if not issubclass(factory, nn.Module):
+            raise MemfitInputError(f"{refused}, a class but not a torch.nn.Module; {expected}")
+        return factory
+    # a Python function outside the standard library: its annotation, where it has one, must agree
+    if not inspect.isfunction(factory):
+        raise MemfitInputError(f"{refused}: {expected}")
+    if factory.__module__.partition(".")[0] in sys.stdlib_module_names:
+        raise MemfitInputError(f"{refused}, from the standard library, not a model factory; {expected}")
+    try:
+        returns = typing.get_type_hints(factory).get("return")
+    except Exception:  # noqa: BLE001  an annotation that does not resolve says nothing either way
+        returns = None
+    if inspect.isclass(returns) and not (issubclass(returns, nn.Module) or issubclass(nn.Module, returns)):
+        raise MemfitInputError(f"model '{spec}' returns {returns.__name__}, not a torch.nn.Module; {expected}")
+    return factory
 
 
 def spec_of(model: nn.Module) -> dict[str, Any] | None:

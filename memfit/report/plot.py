@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import MemfitInputError
+from ..io.container import check_folder
 from ..planner.plan import Plan
 from ..units import mib
 from .tradeoff import Tradeoff
@@ -26,6 +27,7 @@ def _pyplot():  # type: ignore[no-untyped-def]
 
 
 def _save(fig, path: str | Path) -> Path:  # type: ignore[no-untyped-def]
+    check_folder(str(path), "plot path")
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=120)
