@@ -43,6 +43,8 @@ VERIFY_ROUNDS = 4
 # When tightening by the excess does not converge (the chain misprices the plans near the budget),
 # targets between the least-peak plan and the budget are bisected this many times per strategy.
 BISECT_STEPS = 6
+# The floor (the least-peak plan) is lowered by searching just below it at most this many times.
+FLOOR_ROUNDS = 8
 # A verified prediction must stay this fraction below the budget: the cost model's residual error
 # against the allocator. The largest excess the zoo matrix measured was 0.01% (VGG-16, dp).
 MARGIN = 0.001
@@ -97,6 +99,7 @@ class PlanSearch:
         self.shift = self.chain.peak([(0, self.chain.m, "plain")]) - self.unplanned.peak_bytes
         self.failures: list[str] = []
         self._verified: dict[tuple, Verified | None] = {}
+        self._floors: dict[tuple, Verified] = {}
 
     # -- budgets --------------------------------------------------------------------------------
     @staticmethod
@@ -149,18 +152,33 @@ class PlanSearch:
         Raises:
             MemfitBudgetError: None fits; the message gives the feasible minimum.
         """
-        room = self.room(budget_bytes)
-        if self.unplanned.peak_bytes <= room:
-            plain = self.verify([(0, self.chain.m, "plain")], "none")
-            if plain is not None:
-                return plain
-        found = self._best_first(names, room, deadline) or self._between(names, room)
+        found = self._fitting(budget_bytes, names, deadline)
         if found is not None:
             return found
-        least = self.least(names, budget_bytes)
-        if least.peak_bytes <= room:
-            return least
-        raise self._infeasible(budget_bytes, names, least)
+        floor = self.floor(names, budget_bytes)
+        if floor.peak_bytes <= self.room(budget_bytes):
+            return floor
+        raise self._infeasible(budget_bytes, floor)
+
+    def floor(self, names: Sequence[str], budget_bytes: int | None = None) -> Verified:
+        """The plan of least verified peak the search reaches: the least of the strategies'
+        least-peak plans (or the unplanned step), lowered while a budget just below its peak still
+        finds a plan. Searching is deterministic, so the least budget :meth:`cheapest` accepts
+        is exactly ``budget_for(floor.peak_bytes)``: :func:`memfit.minimum` and the error agree.
+        ``budget_bytes``: the budget asked for, for the error when no plan can run."""
+        key = tuple(names)
+        if key not in self._floors:
+            best = self.least(names, budget_bytes)
+            plain = self.verify([(0, self.chain.m, "plain")], "none")
+            if plain is not None and plain.peak_bytes < best.peak_bytes:
+                best = plain
+            for _ in range(FLOOR_ROUNDS):
+                lower = self._fitting(self.budget_for(best.peak_bytes) - 1, names)
+                if lower is None:
+                    break
+                best = lower
+            self._floors[key] = best
+        return self._floors[key]
 
     def least(self, names: Sequence[str], budget_bytes: int | None = None) -> Verified:
         """The verified plan of least peak among the strategies' least-peak plans (``budget_bytes``:
@@ -176,12 +194,8 @@ class PlanSearch:
         return min(results, key=lambda r: (r.peak_bytes, r.cost))
 
     def minimum_bytes(self, names: Sequence[str]) -> int:
-        """The feasible minimum: the least budget under which :meth:`cheapest` finds a plan.
-
-        Recomputation can raise a peak it cannot lower (weights' gradients at the end of
-        backward): then the least is the model as it is.
-        """
-        return self.budget_for(min(self.least(names).peak_bytes, self.unplanned.peak_bytes))
+        """The feasible minimum: the least budget under which :meth:`cheapest` finds a plan."""
+        return self.budget_for(self.floor(names).peak_bytes)
 
     def finish(self, result: Verified, budget_bytes: int) -> PlannedModule:
         """The planned module with its plan's figures and the before/after report filled in."""
@@ -201,6 +215,19 @@ class PlanSearch:
         return planned
 
     # -- search ---------------------------------------------------------------------------------
+    def _fitting(self, budget_bytes: int, names: Sequence[str], deadline: float = math.inf) -> Verified | None:
+        """The cheapest plan the search verifies under ``budget_bytes``, without lowering the floor."""
+        room = self.room(budget_bytes)
+        if self.unplanned.peak_bytes <= room:
+            plain = self.verify([(0, self.chain.m, "plain")], "none")
+            if plain is not None:
+                return plain
+        found = self._best_first(names, room, deadline) or self._between(names, room)
+        if found is not None:
+            return found
+        least = self.least(names, budget_bytes)
+        return least if least.peak_bytes <= room else None
+
     def _best_first(self, names: Sequence[str], room: int, deadline: float) -> Verified | None:
         """Best-first search over strategies and tightenings, in order of predicted cost.
 
@@ -263,10 +290,11 @@ class PlanSearch:
                     high = target
         return best
 
-    def _infeasible(self, budget_bytes: int, names: Sequence[str], least: Verified) -> MemfitBudgetError:
+    def _infeasible(self, budget_bytes: int, floor: Verified) -> MemfitBudgetError:
         """The error for a budget below the feasible minimum, with what is held whatever is recomputed."""
         b = self.before
-        peak, how = min((least.peak_bytes, f"with strategy {least.plan.strategy}"), (self.unplanned.peak_bytes, "unplanned"))
+        peak = floor.peak_bytes
+        how = "unplanned" if floor.plan.strategy == "none" else f"with strategy {floor.plan.strategy}"
         minimum = self.budget_for(peak)
         floor = b.parameters_bytes + b.buffers_bytes + b.inputs_bytes + b.gradients_bytes + b.optimizer_bytes
         return MemfitBudgetError(
