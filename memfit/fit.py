@@ -20,6 +20,7 @@ from .budget import Budget
 from .capture.inputs import as_inputs
 from .capture.trace import check_model, serialized
 from .capture.trainstep import OptimizerSpec, StepConfig
+from .compressors import list_methods
 from .compressors.apply import META_KEY
 from .cost.parallel import Parallel
 from .errors import MemfitBudgetError, MemfitInputError
@@ -106,6 +107,9 @@ def optimize(
     model = check_model(model)
     names = _strategy_names(strategy)
     spec = Budget.parse(budget_mb)
+    if compress not in (None, "auto") and (not isinstance(compress, str) or compress not in list_methods()):
+        # before planning: a misspelt method would otherwise surface only once recomputation fails
+        raise MemfitInputError(f"compress={compress!r}: use None, 'auto' or one of {list_methods()}")
 
     def plan_for(net: torch.nn.Module, budget: Budget) -> PlannedModule:
         search = _search_for(net, example_inputs, optimizer, amp, loss_fn, leaf_modules, parallel, accumulate)

@@ -155,3 +155,9 @@ def test_a_packed_file_that_cannot_be_written_fails_before_compressing(
     monkeypatch.setattr("memfit.cli.compress", lambda *a, **k: pytest.fail("compressed before checking --save"))
     err = _cli_error(["compress", MLP, "--method", "ternary", "--save", str(tmp_path / "no" / "m.memfit")], capsys)
     assert "--save" in err and "does not exist" in err
+
+
+def test_an_unknown_compression_method_is_refused_before_planning() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(memfit.MemfitInputError, match=r"compress='foo'"):
+        memfit.optimize(model, 1e-3, torch.randn(2, 4), compress="foo")
