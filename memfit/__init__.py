@@ -12,6 +12,7 @@ from . import compressors, models
 from .api import estimate, measure
 from .budget import Budget
 from .compressors import compress
+from .cost.measurement import measure_wrapped
 from .cost.parallel import Parallel
 from .errors import MemfitBudgetError, MemfitError, MemfitInputError, MemfitTraceError
 from .fit import optimize
@@ -21,20 +22,21 @@ from .rewrite import distributed
 
 __all__ = [
     "Budget",
-    "compress",
-    "compressors",
-    "distributed",
-    "load",
-    "save",
-    "estimate",
-    "measure",
-    "optimize",
     "MemfitBudgetError",
-    "MemoryReport",
-    "Parallel",
     "MemfitError",
     "MemfitInputError",
     "MemfitTraceError",
+    "MemoryReport",
+    "Parallel",
+    "compress",
+    "compressors",
+    "distributed",
+    "estimate",
+    "load",
+    "measure",
+    "measure_wrapped",
     "models",
+    "optimize",
+    "save",
 ]
 __version__ = "0.1.0"
