@@ -7,7 +7,7 @@ MODEL ?= resnet18
 ARGS ?= --stem cifar --batch 64 --input 3x32x32 --optimizer adam --measure
 BIN := $(VENV)/bin
 
-.PHONY: setup report test test-zoo test-models clean
+.PHONY: setup report test test-zoo test-models bench-policies clean
 
 # The `models` extra (torchvision, timm, transformers for tests/test_foreign_models.py) is pinned to
 # releases that accept torch 2.13.0; TORCH_SPEC goes into the same resolve, so that pip fails rather
@@ -34,6 +34,10 @@ test-zoo: setup
 # The foreign-model conformance matrix (torchvision, timm, transformers; CI runs a subset): ~8 min.
 test-models: setup
 	MEMFIT_MODELS=all $(BIN)/python -m pytest -q -n 2 --durations=15 tests/test_foreign_models.py
+
+# memfit against hand-written torch.utils.checkpoint policies at equal budgets (docs/benchmarks.md).
+bench-policies: setup
+	$(BIN)/python benchmarks/policies.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
