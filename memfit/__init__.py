@@ -12,31 +12,45 @@ from . import compressors, models
 from .api import estimate, measure
 from .budget import Budget
 from .compressors import compress
-from .cost.measurement import measure_wrapped
 from .cost.parallel import Parallel
-from .errors import MemfitBudgetError, MemfitError, MemfitInputError, MemfitTraceError
-from .fit import optimize
+from .errors import MemfitBudgetError, MemfitError, MemfitFileError, MemfitInputError, MemfitTraceError
+from .fit import minimum, optimize, tradeoff
+from .io import checkpoint, datasets
 from .io.serialize import load, save
+from .planner import list_strategies
 from .report.memory import MemoryReport
+from .report.plot import plot_plan, plot_tradeoff
+from .report.tradeoff import Tradeoff, TradeoffPoint
+from .rewrite.checkpoint import PlannedModule
 from .rewrite import distributed
 
 __all__ = [
     "Budget",
-    "MemfitBudgetError",
-    "MemfitError",
-    "MemfitInputError",
-    "MemfitTraceError",
-    "MemoryReport",
-    "Parallel",
+    "checkpoint",
     "compress",
     "compressors",
+    "datasets",
     "distributed",
-    "estimate",
     "load",
-    "measure",
-    "measure_wrapped",
-    "models",
-    "optimize",
     "save",
+    "estimate",
+    "measure",
+    "optimize",
+    "minimum",
+    "tradeoff",
+    "Tradeoff",
+    "TradeoffPoint",
+    "PlannedModule",
+    "list_strategies",
+    "plot_plan",
+    "plot_tradeoff",
+    "MemfitBudgetError",
+    "MemoryReport",
+    "Parallel",
+    "MemfitError",
+    "MemfitFileError",
+    "MemfitInputError",
+    "MemfitTraceError",
+    "models",
 ]
 __version__ = "0.1.0"

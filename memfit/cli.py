@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 import time
@@ -20,32 +19,12 @@ from .compressors import compress, list_methods
 from .compressors.accounting import storage_table
 from .cost.parallel import KINDS, Parallel
 from .errors import MemfitError, MemfitInputError
-from .fit import optimize
+from .fit import optimize, tradeoff
 from .io.serialize import save
 from .planner import STRATEGIES
-from .report.plot import plot_plan
+from .report.plot import plot_plan, plot_tradeoff
 
-__all__ = ["main", "load_model", "example_input"]
-
-
-def load_model(spec: str, *, stem: str | None = None, num_classes: int | None = None) -> torch.nn.Module:
-    """A zoo name (``resnet18``) or ``package.module:factory`` to a model."""
-    kwargs: dict[str, object] = {}
-    if stem is not None:
-        kwargs["stem"] = stem
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise MemfitError(f"cannot load '{spec}': {e}; expected package.module:factory") from e
-        return factory(**kwargs)
-    try:
-        return models.create(spec, **kwargs)
-    except (ValueError, TypeError) as e:
-        raise MemfitError(str(e)) from e
+__all__ = ["main", "example_input"]
 
 
 def example_input(model: torch.nn.Module, batch: int, shape: str | None) -> torch.Tensor:
@@ -114,12 +93,17 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--summary", action="store_true", help="totals only, no per-layer table")
     pl = sub.add_parser("plan", help="plan recomputation so that a training step fits a budget")
     _step_arguments(pl)
-    pl.add_argument(
-        "--budget-mb", type=_budget, required=True, metavar="MIB|SIZE|PCT%",
+    what = pl.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--budget-mb", type=_budget, metavar="MIB|SIZE|PCT%",
         help="peak budget of the step: MiB (300), a size (1.5GiB) or a percentage of the unplanned peak (85%%)",
     )
+    what.add_argument(
+        "--curve", type=int, nargs="?", const=8, metavar="POINTS",
+        help="no plan: the tradeoff from the feasible minimum to the unplanned peak at POINTS budgets (default 8)",
+    )
     pl.add_argument("--strategy", default="auto", choices=["auto", *sorted(STRATEGIES)])
-    pl.add_argument("--plot", metavar="PNG", help="save a plot of memory over the step, before and after")
+    pl.add_argument("--plot", metavar="PNG", help="save a plot of memory over the step before and after (or of the curve)")
     pl.add_argument(
         "--compress",
         choices=["auto", *list_methods()],
@@ -144,6 +128,13 @@ def _budget(text: str) -> Budget:
 
 
 def _plan(model: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace, optimizer: str | None) -> None:
+    if args.curve is not None:
+        curve = tradeoff(model, x, points=args.curve, optimizer=optimizer, amp=args.amp, strategy=args.strategy,
+                         parallel=_parallel(args))
+        print(curve)
+        if args.plot:
+            print(f"Plot written to {plot_tradeoff(curve, args.plot)}")
+        return
     planned = optimize(
         model, args.budget_mb, x, optimizer=optimizer, amp=args.amp, strategy=args.strategy, compress=args.compress,
         parallel=_parallel(args),
@@ -173,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(models.list_models()))
         return 0
     try:
-        model = load_model(args.model, stem=args.stem, num_classes=args.num_classes)
+        model = models.load(args.model, stem=args.stem, num_classes=args.num_classes)
         if args.command == "compress":
             _compress(model, args)
             return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["MemfitError", "MemfitTraceError", "MemfitInputError", "MemfitBudgetError"]
+__all__ = ["MemfitError", "MemfitTraceError", "MemfitInputError", "MemfitFileError", "MemfitBudgetError"]
 
 
 class MemfitError(Exception):
@@ -15,6 +15,10 @@ class MemfitTraceError(MemfitError):
 
 class MemfitInputError(MemfitError, ValueError):
     """The model, the example inputs or an option is not usable as given."""
+
+
+class MemfitFileError(MemfitInputError):
+    """A file memfit reads is not what it should be: truncated, corrupted or of another kind."""
 
 
 class MemfitBudgetError(MemfitError):

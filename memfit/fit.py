@@ -1,57 +1,42 @@
-"""memfit.optimize: plan what to recompute, rewrite the model, and prove the budget holds.
+"""memfit.optimize, minimum and tradeoff: the cheapest verified plan for a budget, the least
+budget any plan fits, and the curve between them.
 
-Every plan is verified before it is returned: the rewritten module's whole training step is dry-run
-under FakeTensorMode with the storage tracker (nothing allocated) and the kernel workspaces of its
-nodes are added. A plan whose verified peak exceeds the budget is tightened and planned again.
+Every plan is verified before it is returned (:mod:`memfit.search`): the rewritten module's whole
+training step is dry-run under FakeTensorMode with the storage tracker (nothing allocated) and the
+kernel workspaces of its nodes are added. A plan whose verified peak exceeds the budget is
+tightened and planned again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import heapq
-import itertools
-import logging
-import math
 import time
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-import torch.fx as fx
 
 from .budget import Budget
-from .capture.dryrun import capture
-from .capture.graph import MemGraph
-from .capture.inputs import Inputs, as_inputs
-from .capture.trace import check_model, graph_of, serialized
+from .capture.inputs import as_inputs
+from .capture.trace import check_model, serialized
 from .capture.trainstep import OptimizerSpec, StepConfig
 from .compressors.apply import META_KEY
-from .cost import simulate, workspace
 from .cost.parallel import Parallel
-from .cost.timeline import Timeline
 from .errors import MemfitBudgetError, MemfitInputError
 from .io.serialize import architecture_of
-from .planner import STRATEGIES, Chain, Plan, Spans
-from .report.build import report_from_graph, with_storage
-from .report.memory import Comparison, MiB, mib
-from .rewrite.checkpoint import rewrite
+from .planner import STRATEGIES
+from .report.memory import MiB
+from .report.tradeoff import Tradeoff, TradeoffPoint
+from .rewrite.checkpoint import PlannedModule
+from .search import MARGIN, PlanSearch
 
-__all__ = ["optimize", "AUTO_ORDER", "VERIFY_ROUNDS", "MARGIN"]
-
-log = logging.getLogger(__name__)
-
-# A plan enacted and dry-run: the module, its Plan, its captured graph and simulated timeline.
-Verified = tuple[fx.GraphModule, Plan, MemGraph, Timeline]
+__all__ = ["optimize", "minimum", "tradeoff", "AUTO_ORDER", "MARGIN"]
 
 # auto tries these in turn, best first, and keeps the cheapest verified plan within its time.
 AUTO_ORDER = ("selective", "dp", "chen")
-# Plan -> dry run -> tighten by the excess: rounds before giving up on a strategy.
-VERIFY_ROUNDS = 4
-# When tightening by the excess does not converge (the chain misprices the plans near the budget),
-# targets between the least-peak plan and the budget are bisected this many times per strategy.
-BISECT_STEPS = 6
-# A verified prediction must stay this fraction below the budget: the cost model's residual error
-# against the allocator. The largest excess the zoo matrix measured was 0.01% (VGG-16, dp).
-MARGIN = 0.001
+# Budgets of a tradeoff curve, from the feasible minimum to the unplanned peak.
+CURVE_POINTS = 8
+
+LeafSpec = Iterable[type[torch.nn.Module] | str]
 
 
 @serialized
@@ -64,12 +49,12 @@ def optimize(
     amp: str | None = None,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     strategy: str = "auto",
-    leaf_modules: Iterable[type[torch.nn.Module] | str] = (),
+    leaf_modules: LeafSpec = (),
     time_limit_s: float = 60.0,
     compress: str | None = None,
     parallel: Parallel | None = None,
     accumulate: bool = False,
-) -> fx.GraphModule:
+) -> PlannedModule:
     """A module that trains like ``model`` and whose training step peaks at most ``budget_mb``.
 
     Args:
@@ -100,11 +85,12 @@ def optimize(
             for every micro-batch, whose gradients of the earlier ones exist through its forward.
 
     Returns:
-        An ``fx.GraphModule`` with ``.plan`` (print it for the table) and ``.report``
-        (predicted memory before and after).
+        A :class:`~memfit.rewrite.checkpoint.PlannedModule` (an ``fx.GraphModule``) with ``.plan``
+        (print it for the table) and ``.report`` (predicted memory before and after).
 
     Raises:
-        MemfitBudgetError: No plan fits; the message gives the feasible minimum.
+        MemfitBudgetError: No plan fits; the message gives the feasible minimum
+            (:func:`minimum` gives it without asking for a plan).
 
     Example:
         >>> import torch, memfit
@@ -116,84 +102,126 @@ def optimize(
         True
     """
     started = time.perf_counter()
-    config = StepConfig(optimizer=optimizer, amp=amp, loss_fn=loss_fn, accumulate=accumulate)
-    names = _strategy_names(strategy)
     model = check_model(model)
-    budget = Budget.parse(budget_mb)
-    inputs = as_inputs(example_inputs)
-    leaves = list(leaf_modules)
-    plan_for = lambda net, b: _fit(net, b, inputs, config, names, leaves, started + time_limit_s, parallel)  # noqa: E731
+    names = _strategy_names(strategy)
+    spec = Budget.parse(budget_mb)
+
+    def plan_for(net: torch.nn.Module, budget: Budget) -> PlannedModule:
+        search = _search_for(net, example_inputs, optimizer, amp, loss_fn, leaf_modules, parallel, accumulate)
+        budget_bytes = budget.resolve(search.unplanned.peak_bytes)
+        return search.finish(search.cheapest(budget_bytes, names, started + time_limit_s), budget_bytes)
+
     try:
-        planned = plan_for(model, budget)
+        planned = plan_for(model, spec)
     except MemfitBudgetError as err:
         if compress is None:
             raise
-        planned = _compressed_fit(model, err, compress, config, leaves, plan_for)
+        config = StepConfig(optimizer=optimizer, amp=amp, loss_fn=loss_fn, accumulate=accumulate)
+        planned = _compressed_fit(model, err, compress, config, list(leaf_modules), plan_for)
     planned.meta[META_KEY] = {"architecture": architecture_of(model)}
     planned.plan.planning_seconds = time.perf_counter() - started
     return planned
 
 
-def _fit(
+@serialized
+def minimum(
     model: torch.nn.Module,
-    budget_spec: Budget,
-    inputs: Inputs,
-    config: StepConfig,
-    names: Sequence[str],
-    leaves: list,
-    deadline: float,
+    example_inputs: Any,
+    *,
+    optimizer: OptimizerSpec = "sgd",
+    amp: str | None = None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    strategy: str = "auto",
+    leaf_modules: LeafSpec = (),
+    parallel: Parallel | None = None,
+    accumulate: bool = False,
+) -> float:
+    """The feasible minimum: the least budget (MiB, predicted) for which :func:`optimize` (same
+    arguments) returns a plan, recomputation only.
+
+    It is the least verified peak of the strategies' least-peak plans (or the unplanned peak,
+    when recomputation cannot lower it) plus ``MARGIN``; what no plan can lower (parameters,
+    gradients, optimizer state, the batch) is in it.
+
+    Example:
+        >>> import torch, memfit
+        >>> net = memfit.models.create("resnet18", stem="cifar", num_classes=10)
+        >>> x = torch.randn(8, 3, 32, 32)
+        >>> least = memfit.minimum(net, x)
+        >>> memfit.optimize(net, least, x).plan.peak_after_bytes <= least * 2**20
+        True
+    """
+    names = _strategy_names(strategy)
+    search = _search_for(model, example_inputs, optimizer, amp, loss_fn, leaf_modules, parallel, accumulate)
+    return search.minimum_bytes(names) / MiB
+
+
+@serialized
+def tradeoff(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    *,
+    points: int = CURVE_POINTS,
+    optimizer: OptimizerSpec = "sgd",
+    amp: str | None = None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    strategy: str = "auto",
+    leaf_modules: LeafSpec = (),
+    parallel: Parallel | None = None,
+    accumulate: bool = False,
+) -> Tradeoff:
+    """Memory against recomputation over the feasible range: how a user picks a budget.
+
+    ``points`` budgets evenly spaced from :func:`minimum` to the unplanned step's peak, each with
+    the plan :func:`optimize` returns for it (same arguments): its verified peak, its predicted
+    extra work and its strategy, all predicted. One capture serves every point.
+
+    Example:
+        >>> import torch, memfit
+        >>> net = memfit.models.create("resnet18", stem="cifar", num_classes=10)
+        >>> curve = memfit.tradeoff(net, torch.randn(8, 3, 32, 32), points=3)
+        >>> [round(p.extra_flops_percent) for p in curve.points][-1]
+        0
+    """
+    if isinstance(points, bool) or not isinstance(points, int) or points < 2:
+        raise MemfitInputError(f"points={points!r}: a tradeoff curve needs an integer of at least 2 budgets")
+    names = _strategy_names(strategy)
+    search = _search_for(model, example_inputs, optimizer, amp, loss_fn, leaf_modules, parallel, accumulate)
+    low, high = search.minimum_bytes(names), max(search.minimum_bytes(names), search.budget_for(search.unplanned.peak_bytes))
+    curve = []
+    for k in range(points):
+        budget = low + (high - low) * k // (points - 1)
+        found = search.cheapest(budget, names)
+        curve.append(
+            TradeoffPoint(
+                budget_mb=budget / MiB,
+                peak_mb=found.peak_bytes / MiB,
+                extra_flops_percent=found.plan.extra_flops_percent,
+                strategy=found.plan.strategy,
+                checkpointed=len(found.plan.checkpointed),
+            )
+        )
+    return Tradeoff(
+        model=type(check_model(model)).__name__,
+        minimum_mb=low / MiB,
+        unplanned_mb=search.unplanned.peak_bytes / MiB,
+        points=curve,
+    )
+
+
+def _search_for(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    optimizer: OptimizerSpec,
+    amp: str | None,
+    loss_fn: Callable[[Any], torch.Tensor] | None,
+    leaf_modules: LeafSpec,
     parallel: Parallel | None,
-) -> fx.GraphModule:
-    """Plan, enact and verify for one model (see :func:`optimize`)."""
-    gm = graph_of(model, leaves, inputs)  # one trace serves capture, calibration and the rewrite
-    graph = capture(model, inputs, config, leaf_modules=leaves, gm=gm)
-    workspace.calibrate(graph, gm, inputs.tensors, config, leaf_modules=leaves)
-    chain = Chain(graph)
-    before = report_from_graph(graph, type(model).__name__, parallel=parallel)
-    budget = budget_spec.resolve(before.peak_bytes)
-    room = budget - math.ceil(budget * MARGIN)  # what a verified prediction may reach
-    # The chain prices plans as one process alone; data parallelism moves every plan's peak by
-    # about what it moves the unplanned one's, and verification corrects the rest.
-    shift = simulate.simulate(graph).peak_bytes - before.peak_bytes if parallel else 0
-
-    failures: list[str] = []
-
-    def verify(spans: Spans, name: str) -> Verified | None:
-        """The plan enacted and dry-run; None when that raised: a torch feature the plan leans on
-        may refuse the model where another plan or strategy does not. It is then discarded like
-        a plan that does not fit."""
-        plan = Plan(segments=chain.to_segments(spans), strategy=name, budget_bytes=budget)
-        try:
-            planned = rewrite(model, gm, plan)
-            vgraph = capture(planned, inputs, config)
-        except Exception as e:  # noqa: BLE001  whatever torch raises, the plan is only discarded
-            failures.append(f"a {name} plan failed its dry run ({type(e).__name__}: {e})")
-            log.warning("memfit: %s", failures[-1])
-            return None
-        _carry_workspace(graph, vgraph)
-        return planned, plan, vgraph, simulate.simulate(vgraph, inner=graph, parallel=parallel)
-
-    result = verify([(0, chain.m, "plain")], "none") if before.peak_bytes <= room else None
-    if result is None:
-        result = _search(chain, names, room, shift, verify, deadline)
-    if result is None:
-        result = _between(chain, names, room, shift, verify)
-    if result is None:
-        result = _at_minimum(chain, names, budget, room, verify, before, failures)
-    planned, plan, vgraph, timeline = result
-    after = report_from_graph(vgraph, type(model).__name__, timeline, inner=graph, parallel=parallel)
-    plan.peak_before_bytes = before.peak_bytes
-    plan.peak_after_bytes = timeline.peak_bytes
-    plan.activations_before_bytes = _held_into_backward(graph)
-    plan.activations_after_bytes = _held_into_backward(vgraph)
-    plan.forward_flops = chain.forward_flops
-    plan.levels_before = [(phase, level) for phase, _, level in simulate.simulate(graph, parallel=parallel).levels]
-    plan.levels_after = [(phase, level) for phase, _, level in timeline.levels]
-    if parallel is not None:
-        plan.notes.append(f"Memory figures: {parallel.describe()}.")
-    planned.plan = plan
-    planned.report = Comparison(before=with_storage(before, model), after=with_storage(after, model))
-    return planned
+    accumulate: bool,
+) -> PlanSearch:
+    """The checked arguments, captured once."""
+    config = StepConfig(optimizer=optimizer, amp=amp, loss_fn=loss_fn, accumulate=accumulate)
+    return PlanSearch(check_model(model), as_inputs(example_inputs), config, list(leaf_modules), parallel)
 
 
 # Optimizer state per parameter byte, for the saving a compressed layer is expected to bring.
@@ -206,8 +234,8 @@ def _compressed_fit(
     method: str,
     config: StepConfig,
     leaves: list,
-    plan_for: Callable[[torch.nn.Module, Budget], fx.GraphModule],
-) -> fx.GraphModule:
+    plan_for: Callable[[torch.nn.Module, Budget], PlannedModule],
+) -> PlannedModule:
     """Compress the largest layers, as few as the budget needs, then plan the compressed model.
 
     Each compressed layer is expected to free its weight, its gradient and its optimizer state
@@ -262,133 +290,3 @@ def _strategy_names(strategy: str) -> Sequence[str]:
     if strategy not in STRATEGIES:
         raise MemfitInputError(f"unknown strategy {strategy!r}; use 'auto' or one of {sorted(STRATEGIES)}")
     return (strategy,)
-
-
-def _search(
-    chain: Chain,
-    names: Sequence[str],
-    budget: int,
-    shift: int,
-    verify: Callable[[Spans, str], Verified | None],
-    deadline: float,
-) -> Verified | None:
-    """The cheapest plan that verifies, by best-first search over strategies and tightenings.
-
-    Plans are verified in order of predicted cost; one whose dry run exceeds the budget is planned
-    again for a target lowered by the excess (at most ``VERIFY_ROUNDS`` times per strategy).
-    ``names`` run from the richest strategy down (selective's choices include dp's, dp is optimal
-    where chen is greedy), so a strategy's plan costs at least its predecessor's and is made only
-    when that bound is reached: usually one plan and one dry run. Past ``deadline`` no further
-    strategy is started. ``shift`` is added to the budget for the chain's own (one-process) prices.
-    """
-    # (cost or its lower bound, strategy index, round, tie-break, target, spans or None: not planned)
-    heap: list[tuple[int, int, int, int, int, Spans | None]] = []
-    pushes = itertools.count()
-
-    def push(bound: int, i: int, rnd: int, target: int, spans: Spans | None) -> None:
-        heapq.heappush(heap, (bound, i, rnd, next(pushes), target, spans))
-
-    push(0, 0, 0, budget + shift, None)
-    excesses: dict[tuple, int] = {}
-    while heap:
-        bound, i, rnd, _, target, spans = heapq.heappop(heap)
-        if spans is None:
-            spans = STRATEGIES[names[i]].cheapest(chain, target)
-            if spans is not None:
-                bound = chain.cost(spans)
-                push(bound, i, rnd, target, spans)
-            if rnd == 0 and i + 1 < len(names) and time.perf_counter() < deadline:
-                push(bound, i + 1, 0, budget + shift, None)
-            continue
-        key = tuple(spans)
-        if key not in excesses:
-            result = verify(spans, names[i])
-            if result is None:  # a plan that cannot run is discarded like one that does not fit
-                continue
-            excesses[key] = result[3].peak_bytes - budget
-            if excesses[key] <= 0:
-                return result
-        if rnd + 1 < VERIFY_ROUNDS:
-            # a little more than the excess, so the next round does not graze the budget
-            push(bound, i, rnd + 1, target - excesses[key] - budget // 500, None)
-    return None
-
-
-def _between(
-    chain: Chain, names: Sequence[str], room: int, shift: int, verify: Callable[[Spans, str], Verified | None]
-) -> Verified | None:
-    """The cheapest verified plan between the least-peak one and the budget, by bisecting the
-    chain target: a higher target gives a cheaper plan with a higher verified peak. Without it a
-    budget whose own plans all verify over it fell back to the least-peak plan, so a looser
-    budget could cost more recomputation than a tighter one."""
-    best: tuple[int, Verified] | None = None
-    for name in names:
-        strategy = STRATEGIES[name]
-        low, high = chain.peak(strategy.lowest_peak(chain)), room + shift
-        for _ in range(BISECT_STEPS):
-            if high - low <= room // 1000:
-                break
-            target = (low + high) // 2
-            spans = strategy.cheapest(chain, target)
-            result = verify(spans, name) if spans is not None else None
-            if spans is not None and result is not None and result[3].peak_bytes <= room:
-                low = target
-                if best is None or chain.cost(spans) < best[0]:
-                    best = chain.cost(spans), result
-            else:
-                high = target
-    return best[1] if best is not None else None
-
-
-def _at_minimum(
-    chain: Chain, names: Sequence[str], budget: int, room: int, verify: Callable, before: Any, failures: list[str]
-) -> Any:
-    """The plan of least verified peak, if it fits after all; otherwise the error that says why."""
-    results = [r for n in names if (r := verify(STRATEGIES[n].lowest_peak(chain), n)) is not None]
-    if not results:
-        raise MemfitBudgetError(
-            f"no plan of strategies {', '.join(names)} could run for {mib(budget):.2f} MiB: {'; '.join(failures)}. "
-            "Try another strategy, or a budget above the unplanned peak, "
-            f"{mib(before.peak_bytes):.2f} MiB (predicted)",
-            minimum_mb=mib(math.ceil((before.peak_bytes + 1) / (1 - MARGIN))),
-            budget_mb=mib(budget),
-        )
-    best = min(results, key=lambda r: r[3].peak_bytes)
-    if best[3].peak_bytes <= room:
-        return best
-    # recomputation can raise a peak it cannot lower (weights' gradients at the end of backward):
-    # then the least is the model as it is
-    least, how = min((best[3].peak_bytes, f"with strategy {best[1].strategy}"), (before.peak_bytes, "unplanned"))
-    minimum = math.ceil((least + 1) / (1 - MARGIN))  # the least budget whose room holds that peak
-    floor = (
-        before.parameters_bytes + before.buffers_bytes + before.inputs_bytes + before.gradients_bytes + before.optimizer_bytes
-    )
-    raise MemfitBudgetError(
-        f"no plan fits {mib(budget):.2f} MiB: the feasible minimum is {mib(minimum):.2f} MiB (predicted: the "
-        f"least peak, {mib(least):.2f} MiB {how}, and a {100 * MARGIN:g}% margin). Parameters {mib(before.parameters_bytes):.2f} + gradients "
-        f"{mib(before.gradients_bytes):.2f} + optimizer state {mib(before.optimizer_bytes):.2f} + buffers and "
-        f"inputs {mib(before.buffers_bytes + before.inputs_bytes):.2f} = {mib(floor):.2f} MiB are held whatever is "
-        "recomputed. Raise the budget, lower the batch size, use a lighter optimizer, or shrink the weights "
-        "with compress=.",
-        minimum_mb=mib(minimum),
-        budget_mb=mib(budget),
-    )
-
-
-def _carry_workspace(graph: MemGraph, vgraph: MemGraph) -> None:
-    """Kernel workspaces of the planned graph's inline nodes, from the calibrated originals."""
-    for info in vgraph.nodes:
-        if info.name in graph.dag:
-            src = graph.info(info.name)
-            info.workspace_fwd, info.workspace_bwd = src.workspace_fwd, src.workspace_bwd
-            info.workspace_error = src.workspace_error
-
-
-def _held_into_backward(graph: MemGraph) -> int:
-    """Bytes the forward leaves alive for backward, beyond what was there before the step."""
-    level = 0
-    for e in graph.events:
-        if e.phase != "forward":
-            break
-        level += e.delta
-    return level

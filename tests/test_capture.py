@@ -13,7 +13,6 @@ import torch.nn.functional as F
 import memfit
 from memfit.capture.trace import graph_of
 
-from .test_planner import _minimum_mb
 
 FRACTIONS = (0.25, 0.5, 0.75)
 
@@ -109,7 +108,7 @@ def test_models_as_they_are_are_estimated_planned_and_train_exactly(name, factor
     measured = memfit.measure(model, x).peak_mb
     assert abs(estimated.peak_mb / measured - 1) < 0.03, (estimated.peak_mb, measured)
     assert (capture == "torch.fx") == (not any("Captured with" in n for n in estimated.notes))
-    lowest = _minimum_mb(model, x, "dp")
+    lowest = memfit.minimum(model, x, strategy="dp")
     assert lowest < estimated.peak_mb
     for fraction in FRACTIONS:
         budget = lowest + fraction * (estimated.peak_mb - lowest)

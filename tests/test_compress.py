@@ -81,7 +81,7 @@ def test_truncated_corrupted_and_mismatched_files_are_refused(tmp_path) -> None:
 
     truncated = tmp_path / "truncated.memfit"
     truncated.write_bytes(data[: len(data) - 100])
-    with pytest.raises(memfit.MemfitInputError, match="truncated or corrupted"):
+    with pytest.raises(memfit.MemfitFileError, match="is truncated: it holds"):
         memfit.load(truncated)
 
     corrupted = tmp_path / "corrupted.memfit"

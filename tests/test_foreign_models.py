@@ -26,7 +26,7 @@ from torch import nn
 import memfit
 
 from .foreign import CASES, CI_CASES, Case
-from .test_planner import _minimum_mb, assert_trains_like
+from .test_planner import assert_trains_like
 
 ESTIMATE_TOLERANCE = 0.03
 FRACTIONS = (0.25, 0.5, 0.75)
@@ -125,7 +125,7 @@ def test_plans_fit_their_budget_and_train_like_the_model(case: Case, record_prop
         assert not _changes(model, before)
         return
     unplanned = memfit.estimate(model, x, loss_fn=case.loss_fn).peak_mb
-    lowest = _minimum_mb(model, x, "auto", loss_fn=case.loss_fn)
+    lowest = memfit.minimum(model, x, strategy="auto", loss_fn=case.loss_fn)
     record_property("unplanned_mb", round(unplanned, 3))
     record_property("minimum_mb", round(lowest, 3))
     problems = []

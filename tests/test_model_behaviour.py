@@ -18,7 +18,7 @@ from memfit.capture.trace import trace
 from memfit.planner import Chain, Plan
 from memfit.rewrite.checkpoint import rewrite
 
-from .test_planner import _minimum_mb, assert_trains_like
+from .test_planner import assert_trains_like
 
 FRACTIONS = (0.25, 0.5, 0.75)
 
@@ -133,7 +133,7 @@ def _assert_same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> Non
 def test_plans_fit_and_train_exactly(name: str, strategy: str) -> None:
     model, x = _case(name)
     unplanned = memfit.estimate(model, x).peak_mb
-    lowest = _minimum_mb(model, x, strategy)
+    lowest = memfit.minimum(model, x, strategy=strategy)
     assert lowest < unplanned, f"{name}: nothing to plan at this shape"
     for fraction in FRACTIONS:
         budget = lowest + fraction * (unplanned - lowest)
@@ -164,7 +164,7 @@ def test_no_memfit_call_changes_the_users_model(name: str) -> None:
     before = _state(model)
     memfit.estimate(model, x)
     memfit.measure(model, x)
-    lowest = _minimum_mb(model, x, "dp")
+    lowest = memfit.minimum(model, x, strategy="dp")
     memfit.optimize(model, lowest * 1.01, x, strategy="dp")
     memfit.optimize(model, lowest * 1.01, x, strategy="selective")
     with contextlib.suppress(memfit.MemfitBudgetError):  # below the minimum: compression is tried
@@ -186,7 +186,7 @@ def test_a_plan_that_cannot_run_is_discarded_and_auto_moves_on(
     monkeypatch.setattr(rewrite_module, "create_selective_checkpoint_contexts", refuse)
     model, x = _case("skip-net")
     unplanned = memfit.estimate(model, x).peak_mb
-    lowest = _minimum_mb(model, x, "dp")
+    lowest = memfit.minimum(model, x, strategy="dp")
     budget = lowest + 0.5 * (unplanned - lowest)
     with caplog.at_level(logging.WARNING, logger="memfit.fit"):
         planned = memfit.optimize(model, budget, x)

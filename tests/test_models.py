@@ -357,3 +357,15 @@ def test_default_init() -> None:
     assert torch.count_nonzero(model.h[0].attn.c_attn.bias) == 0
     resnet = create("resnet18", num_classes=10)
     assert torch.all(resnet.bn1.weight == 1) and torch.all(resnet.bn1.bias == 0)
+
+
+def test_load_builds_zoo_names_and_factories_and_names_what_fails() -> None:
+    from memfit import MemfitInputError
+    from memfit.models import load
+
+    assert load("resnet18", num_classes=7, stem=None).fc.out_features == 7  # None: the factory's default
+    assert isinstance(load("torch.nn:Identity"), nn.Identity)
+    with pytest.raises(MemfitInputError, match="cannot load 'torch.nn:NoSuchNet'"):
+        load("torch.nn:NoSuchNet")
+    with pytest.raises(MemfitInputError, match="resnet18"):
+        load("resnet18", no_such_option=1)

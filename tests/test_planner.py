@@ -76,17 +76,11 @@ def _case(name: str) -> tuple[nn.Module, torch.Tensor]:
     return model, (x[:4] if x.dim() == 4 else x)
 
 
-def _minimum_mb(model: nn.Module, x: Any, strategy: str, **kwargs: Any) -> float:
-    with pytest.raises(memfit.MemfitBudgetError) as err:
-        memfit.optimize(model, 1e-6, x, strategy=strategy, **kwargs)
-    return err.value.minimum_mb
-
-
 @pytest.mark.parametrize(("name", "strategy"), CASES)
 def test_measured_peak_fits_and_training_is_unchanged(name: str, strategy: str) -> None:
     model, x = _case(name)
     unplanned = memfit.estimate(model, x).peak_mb
-    lowest = _minimum_mb(model, x, strategy)
+    lowest = memfit.minimum(model, x, strategy=strategy)
     assert lowest < unplanned or name in FIXED_PEAK, f"{name}: nothing to plan at this shape"
     for fraction in FRACTIONS:
         # a fixed-peak model's minimum (with its margin) can sit a hair above its unplanned peak
@@ -121,7 +115,7 @@ def test_parameters_are_shared_and_the_original_state_dict_loads() -> None:
     small_cnn = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
     x = torch.randn(16, 3, 32, 32)  # activations, not weights, set the peak: there is something to plan
     before = {k: v.clone() for k, v in small_cnn.state_dict().items()}
-    planned = memfit.optimize(small_cnn, _minimum_mb(small_cnn, x, "dp") * 1.001, x, strategy="dp")
+    planned = memfit.optimize(small_cnn, memfit.minimum(small_cnn, x, strategy="dp") * 1.001, x, strategy="dp")
     assert planned.plan.checkpointed
     for k, v in small_cnn.state_dict().items():
         torch.testing.assert_close(v, before[k], atol=0, rtol=0)
@@ -182,7 +176,7 @@ def test_multiple_inputs_outputs_inplace_frozen_dropout(strategy: str) -> None:
 
 def test_eval_mode_runs_the_plain_graph(small_cnn: nn.Module) -> None:
     x = torch.randn(4, 3, 16, 16)
-    planned = memfit.optimize(copy.deepcopy(small_cnn), _minimum_mb(small_cnn, x, "dp") * 1.001, x, strategy="dp")
+    planned = memfit.optimize(copy.deepcopy(small_cnn), memfit.minimum(small_cnn, x, strategy="dp") * 1.001, x, strategy="dp")
     planned.eval()
     small_cnn.eval()
     with torch.no_grad():
@@ -191,7 +185,7 @@ def test_eval_mode_runs_the_plain_graph(small_cnn: nn.Module) -> None:
 
 def test_the_plan_prints_a_table_and_says_what_is_predicted(small_cnn: nn.Module) -> None:
     x = torch.randn(4, 3, 16, 16)
-    planned = memfit.optimize(small_cnn, _minimum_mb(small_cnn, x, "chen") * 1.001, x, strategy="chen")
+    planned = memfit.optimize(small_cnn, memfit.minimum(small_cnn, x, strategy="chen") * 1.001, x, strategy="chen")
     text = str(planned.plan)
     for needle in ("Segment", "Kept MiB", "Recomputed MiB", "Recomputed FLOPs", "Peak before -> after (MiB, predicted)",
                    "Extra FLOPs (predicted)", "Planning time (s, measured)"):
@@ -217,7 +211,7 @@ def test_nested_segments_lower_the_minimum_of_a_long_chain() -> None:
     chain = Chain(capture(model, x))
     one_level = chain.peak(dp.lowest_peak(chain, ("plain", "recompute")))
     assert chain.peak(dp.lowest_peak(chain)) < 0.95 * one_level
-    budget = _minimum_mb(model, x, "dp") * 1.001
+    budget = memfit.minimum(model, x, strategy="dp") * 1.001
     reference, work = copy.deepcopy(model), copy.deepcopy(model)
     planned = memfit.optimize(work, budget, x, strategy="dp")
     nested = [s for s in planned.plan.segments if s.kind == "nested"]
@@ -247,21 +241,3 @@ def test_only_segments_that_draw_random_numbers_save_the_rng_state(small_cnn: nn
     planned = rewrite(work, trace(work), Plan(segments=segments, strategy="dp"))
     assert [m.random for m in planned.modules() if isinstance(m, Checkpointed)] == [False, True]
     assert_trains_like(work, planned, reference, x)
-
-
-def test_a_looser_budget_never_costs_more_recomputation() -> None:
-    """Where the chain misprices the plans near a budget, verification fails round after round;
-    the plan returned is then the cheapest verified one below the budget, not the least-peak one
-    (on this GPT, budgets from 70% on used to get the 15.6% least-peak plan after a 4.2% one)."""
-    torch.manual_seed(0)
-    model = memfit.models.create("gpt", n_layer=4, n_embd=128)
-    x = torch.randint(0, 8192, (8, 128))
-    unplanned = memfit.estimate(model, x, optimizer=None).peak_mb
-    lowest = _minimum_mb(model, x, "dp", optimizer=None)
-    costs = []
-    for fraction in (0.3, 0.5, 0.7, 0.85, 0.96):
-        budget = lowest + fraction * (unplanned - lowest)
-        plan = memfit.optimize(model, budget, x, optimizer=None, strategy="dp").plan
-        assert plan.peak_after_bytes <= budget * 2**20
-        costs.append(plan.extra_flops)
-    assert costs == sorted(costs, reverse=True), costs

@@ -1,14 +1,14 @@
-"""examples/train.py end to end, for a few steps: plain, planned, compressed, resumed, interrupted,
+"""examples/train.py (the package examples/trainer) end to end, for a few steps: plain, planned, compressed, resumed, interrupted,
 DDP with two gloo processes, and the data errors a user meets first.
 
-Most runs import the script and call its ``main(argv)`` in this process (no second start-up of
+Most runs import the package and call its ``main(argv)`` in this process (no second start-up of
 torch); the DDP job runs under ``torch.distributed.run`` in subprocesses. Shapes are tiny: the
 zoo ResNet-18 at width 4 on 8x8 images, or a four-layer CNN.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import signal
@@ -50,22 +50,21 @@ def tiny_net(num_classes: int = 10) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def train():
-    """examples/train.py as a module."""
-    spec = importlib.util.spec_from_file_location("memfit_example_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
-
-
+    """The package examples/train.py runs, imported as the script imports it."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        yield importlib.import_module("trainer")
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+        for name in [n for n in sys.modules if n == "trainer" or n.startswith("trainer.")]:
+            del sys.modules[name]
 
 def metrics(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
 def state(out: Path, name: str = "checkpoint.pt") -> dict:
-    return torch.load(out / name, weights_only=True)
+    return memfit.checkpoint.load(out / name)
 
 
 def assert_png(path: Path) -> None:
@@ -86,11 +85,11 @@ def assert_same_parameters(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor
 def _feasible_minimum_mb(train, argv: list[str]) -> float:
     """The least budget memfit can plan the script's model for (at tiny shapes kernel workspaces
     hold much of the peak, so a fixed fraction of it may be out of reach on some machines)."""
-    args = train._resolve_defaults(train.build_parser().parse_args(argv))
-    data = train.load_data(args)
-    model = train.create_model(args, data.num_classes)
+    args = train.arguments.resolve(train.build_parser().parse_args(argv))
+    data = train.data.load_data(args)
+    model = train.planning.create_model(args, data.num_classes)
     with pytest.raises(memfit.MemfitBudgetError) as err:
-        memfit.optimize(model, 1e-6, data.x_train[: args.batch_size], optimizer=train.optimizer_factory(args))
+        memfit.optimize(model, 1e-6, data.x_train[: args.batch_size], optimizer=train.planning.optimizer_factory(args))
     return err.value.minimum_mb
 
 
@@ -147,7 +146,7 @@ def test_ctrl_c_saves_and_resume_continues_from_the_saved_step(train, uninterrup
 
     With the script's handler (main thread) the step in progress finishes first; a
     KeyboardInterrupt during a step's forward/backward keeps the state of the step before."""
-    real = train.train_step
+    real = train.steps.train_step
     calls = {"n": 0}
     use_signal = threading.current_thread() is threading.main_thread()
 
@@ -160,13 +159,13 @@ def test_ctrl_c_saves_and_resume_continues_from_the_saved_step(train, uninterrup
             signal.raise_signal(signal.SIGINT)
         return result
 
-    monkeypatch.setattr(train, "train_step", interrupted_step)
+    monkeypatch.setattr(train.steps, "train_step", interrupted_step)
     out = tmp_path / "run"
     before = signal.getsignal(signal.SIGINT)
     assert train.main([*SYNTHETIC, "--out", str(out)]) == 130
     assert signal.getsignal(signal.SIGINT) is before  # the script's handler is gone again
     assert state(out)["progress"]["step"] == (4 if use_signal else 3)
-    monkeypatch.setattr(train, "train_step", real)
+    monkeypatch.setattr(train.steps, "train_step", real)
     capsys.readouterr()
 
     # 6 steps an epoch: --max-steps 7 stops one step into the second epoch.
@@ -242,6 +241,37 @@ def test_inconsistent_options_are_refused(train, tmp_path, capsys):
     assert "no checkpoint.pt" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train.main(["--budget-mb", "lots"])
+
+
+@pytest.mark.parametrize("case", ["out is a file", "out under a file", "init a packed file", "device tpu",
+                                  "negative batch"])
+def test_bad_options_name_the_flag_and_exit_2(train, tmp_path, capsys, case):
+    (tmp_path / "file").write_text("")
+    memfit.save(tiny_net(), tmp_path / "x.memfit")
+    flag, argv = {
+        "out is a file": ("--out", ["--out", str(tmp_path / "file")]),
+        "out under a file": ("--out", ["--out", str(tmp_path / "file" / "run")]),
+        "init a packed file": ("--init", ["--init", str(tmp_path / "x.memfit"), "--out", str(tmp_path / "o")]),
+        "device tpu": ("--device", ["--device", "tpu"]),
+        "negative batch": ("--batch-size", ["--batch-size", "-1"]),
+    }[case]
+    assert train.main([*TINY, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and flag in err and "Traceback" not in err
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_refused_by_resume_and_init(train, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main([*TINY, "--epochs", "1", "--max-steps", "1", "--out", str(out)]) == 0
+    path = out / "checkpoint.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert train.main([*TINY, "--resume", "--out", str(out)]) == 2
+    assert "--resume" in (err := capsys.readouterr().err) and "corrupted" in err
+    assert train.main([*TINY, "--init", str(path), "--out", str(tmp_path / "again")]) == 2
+    assert "--init" in (err := capsys.readouterr().err) and "corrupted" in err
 
 
 # ----------------------------------------------------------------------------------------- DDP

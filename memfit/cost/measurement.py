@@ -14,9 +14,8 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -25,7 +24,6 @@ from ..capture.graph import CATEGORIES
 from ..capture.inputs import Inputs, as_inputs
 from ..capture.tracker import StorageTracker, tensors_in
 from ..capture.trainstep import (
-    OptimizerSpec,
     StepConfig,
     init_gradients,
     init_optimizer_state,
@@ -37,7 +35,7 @@ from .timeline import replay
 
 _KINETO_LINE = re.compile(rb"ActivityProfiler\w*\.cpp:\d+\] profiler_(start|stop)")
 
-__all__ = ["StepMeasurement", "allocator_levels", "measure_step", "measure_wrapped", "measure_wrapped_step", "memory_profile"]
+__all__ = ["StepMeasurement", "measure_step", "measure_wrapped_step", "allocator_levels", "memory_profile"]
 
 
 @dataclass
@@ -258,41 +256,6 @@ def measure_wrapped_step(
             torch.distributed.barrier()
     added, _, phase_peaks = allocator_levels(prof)
     return start + added, {k: start + v for k, v in phase_peaks.items()}
-
-
-def measure_wrapped(
-    module: torch.nn.Module,
-    example_inputs: Any,
-    *,
-    optimizer: OptimizerSpec = "sgd",
-    amp: str | None = None,
-    loss_fn: Callable[[Any], torch.Tensor] | None = None,
-    warmup: int = 3,
-) -> float:
-    """The measured peak (MiB) of one training step of ``module`` itself, after ``warmup`` steps.
-
-    For what :func:`memfit.measure` cannot copy or must not step cold: a DDP- or FSDP-wrapped
-    module, or a ``torch.compile``'d one (its first steps compile). The module trains: its
-    parameters change. The peak is the allocator's (on CPU, from the profiler's memory events),
-    counted from what exists before the step: parameters, buffers, inputs, optimizer state.
-
-    Args:
-        module: The module to step.
-        example_inputs: A tensor, a tuple of tensors or a dict of keyword arguments: one batch.
-        optimizer: As in :func:`memfit.estimate`.
-        amp: As in :func:`memfit.estimate`.
-        loss_fn: As in :func:`memfit.estimate`.
-        warmup: Steps before the measured one.
-
-    Example:
-        >>> import torch, memfit
-        >>> net = torch.compile(torch.nn.Linear(8, 4))
-        >>> memfit.measure_wrapped(net, torch.randn(2, 8)) > 0  # doctest: +SKIP
-        True
-    """
-    config = StepConfig(optimizer=optimizer, amp=amp, loss_fn=loss_fn)
-    peak, _ = measure_wrapped_step(module, example_inputs, config, warmup=warmup)
-    return peak / 2**20
 
 
 def _tracked(

@@ -1,1 +1,2 @@
-"""Files: packed ``.memfit`` model files (``serialize``) and the data-set readers (``datasets``)."""
+"""Files: packed ``.memfit`` model files (``serialize``), digest-checked training checkpoints
+(``checkpoint``) and the data-set readers (``datasets``)."""

@@ -23,9 +23,11 @@ from ..errors import MemfitInputError
 __all__ = ["Split", "digits", "cifar"]
 
 _CIFAR = {
-    "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", b"labels"),
-    "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python", ["train"], "test", b"fine_labels"),
+    "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
+                b"labels", 10),
+    "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python", ["train"], "test", b"fine_labels", 100),
 }
+_PIXELS = 3 * 32 * 32
 _CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 _CIFAR_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
 
@@ -85,8 +87,30 @@ class _ArraysOnly(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing {module}.{name}: a CIFAR batch holds only arrays and lists")
 
 
+def _check_batch(batch: object, label_key: bytes, num_classes: int, source: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's images ``[N, 3072]`` (uint8) and ``N`` labels in ``[0, num_classes)``; anything else
+    is a MemfitInputError naming ``source``, since mismatched pairs would train silently on noise."""
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise MemfitInputError(f"{source} is not a CIFAR batch (a dict with b'data' and {label_key!r}, got {keys}); {where}")
+    data, labels = batch[b"data"], np.asarray(batch[label_key])
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _PIXELS:
+        got = f"{data.dtype} {list(data.shape)}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise MemfitInputError(f"{source}: its images should be uint8 [N, {_PIXELS}] (32x32 RGB), got {got}; {where}")
+    if labels.shape != (len(data),) or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
+        raise MemfitInputError(f"{source} holds {len(data)} images but {labels.size} labels of type {labels.dtype}; "
+                               f"{where}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise MemfitInputError(f"{source}: labels should lie in 0..{num_classes - 1}, found {labels.min()}.."
+                               f"{labels.max()}; {where}")
+    return data, labels
+
+
 def cifar(name: str, root: str | os.PathLike) -> Split:
     """CIFAR-10 or CIFAR-100 from the standard python archive in ``root`` (no download).
+
+    Every batch is checked: images ``[N, 3072]`` uint8, as many labels as images, each label a
+    class of the data set.
 
     Args:
         name: ``"cifar10"`` or ``"cifar100"``.
@@ -94,20 +118,24 @@ def cifar(name: str, root: str | os.PathLike) -> Split:
             extracted ``cifar-10-batches-py`` / ``cifar-100-python`` directory).
 
     Raises:
-        MemfitInputError: The archive is missing or malformed; the message says where to put it.
+        MemfitInputError: The archive is missing or malformed (a batch whose images and labels
+            differ in number, or a label out of range, included); the message names the file and
+            says where to put a good one.
     """
     if name not in _CIFAR:
         raise MemfitInputError(f"unknown dataset {name!r}; choose one of {sorted(_CIFAR)}")
-    archive, folder, train_files, test_file, label_key = _CIFAR[name]
+    archive, folder, train_files, test_file, label_key, num_classes = _CIFAR[name]
     where = (
         f"put {archive} (from https://www.cs.toronto.edu/~kriz/cifar.html, python version) or its extracted "
         f"{folder}/ directory in {os.fspath(root)}"
     )
     tar_path, dir_path = os.path.join(root, archive), os.path.join(root, folder)
 
-    def read(member: str) -> dict:
+    def read(member: str) -> tuple[np.ndarray, np.ndarray]:
+        extracted = os.path.isdir(dir_path)
+        source = os.path.join(dir_path, member) if extracted else f"{tar_path} (member {folder}/{member})"
         try:
-            if os.path.isdir(dir_path):
+            if extracted:
                 with open(os.path.join(dir_path, member), "rb") as f:
                     raw = f.read()
             else:
@@ -116,22 +144,20 @@ def cifar(name: str, root: str | os.PathLike) -> Split:
                     if handle is None:
                         raise KeyError(member)
                     raw = handle.read()
-            return _ArraysOnly(io.BytesIO(raw), encoding="bytes").load()
+            batch = _ArraysOnly(io.BytesIO(raw), encoding="bytes").load()
         except FileNotFoundError:
             raise MemfitInputError(f"no {name} data in {os.fspath(root)}: {where}") from None
         except (tarfile.TarError, KeyError, EOFError, OSError, pickle.UnpicklingError, ValueError) as e:
             raise MemfitInputError(f"malformed {name} archive in {os.fspath(root)} ({type(e).__name__}: {e}); {where}") from e
+        return _check_batch(batch, label_key, num_classes, f"malformed {name} batch {source}", where)
 
     def arrays(members: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         batches = [read(m) for m in members]
-        try:
-            data = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
-            labels = np.concatenate([np.asarray(b[label_key]) for b in batches])
-        except (KeyError, ValueError) as e:
-            raise MemfitInputError(f"malformed {name} archive in {os.fspath(root)}: {e!r}; {where}") from e
+        data = np.concatenate([images for images, _ in batches]).reshape(-1, 3, 32, 32)
+        labels = np.concatenate([labels for _, labels in batches])
         x = (torch.from_numpy(data).float() / 255.0 - _CIFAR_MEAN) / _CIFAR_STD
-        return x, torch.from_numpy(labels).long()
+        return x, torch.from_numpy(labels.astype(np.int64))
 
     x_train, y_train = arrays(train_files)
     x_test, y_test = arrays([test_file])
-    return Split(x_train, y_train, x_test, y_test, 10 if name == "cifar10" else 100)
+    return Split(x_train, y_train, x_test, y_test, num_classes)

@@ -2,11 +2,17 @@
 
 The file is a safetensors file (no pickled code can run on load) with one uint8 tensor, ``data``:
 every stored tensor's bytes, back to back, in the order of an index. The metadata holds the format
-name and version, and a zlib-compressed JSON header: the index (name, dtype, shape of each tensor),
-how to rebuild the architecture (a zoo name and options), each compressed layer's method and
-packing metadata, and the SHA-256 digest of ``data``. Compressed layers are stored as their
-generators' packed fields, so the file is the size the storage accounting gives plus a header of
-a few KiB, however many small tensors (BatchNorm statistics, scales) the model has.
+name and version, a zlib-compressed JSON header (the index: name, dtype, shape of each tensor; how
+to rebuild the architecture: a zoo name and options; each compressed layer's method and packing
+metadata) and the SHA-256 digest of the format, version, header and data together, so that no
+part of the file can change unnoticed. Compressed layers are stored as their generators' packed
+fields, so the file is the size the storage accounting gives plus a header of a few KiB, however
+many small tensors (BatchNorm statistics, scales) the model has.
+
+Reading trusts nothing before it is checked: the digest first, then every field's type, then every
+size against the data the file really holds and the architecture (built on the meta device first)
+against the file and this machine's memory, so an edited or crafted header is an error, never a
+huge allocation.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import base64
 import copy
 import hashlib
 import json
+import math
 import os
 import zlib
 from typing import Any
@@ -25,18 +32,28 @@ from torch import nn
 from ..compressors import generators, get_method
 from ..compressors.apply import META_KEY, plain_state, trace_compressed
 from ..compressors.layer import generated_layer
-from ..errors import MemfitInputError
+from ..errors import MemfitFileError, MemfitInputError
 from ..models import create, spec_of
+from . import container
+from .header import check_header, check_layers_fit
 
 __all__ = ["save", "load", "architecture_of", "FORMAT_VERSION", "META_KEY"]
 
 FORMAT = "memfit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: the digest covered the data only (still read)
 _STATE, _PACKED = "state/", "packed/"
+_KEYS = {"format", "version", "header", "sha256"}
+_MAX_HEADER_BYTES = 64 << 20  # a header is a few KiB per hundred tensors; more is a zip bomb
+_DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
 
 
-def _digest(data: torch.Tensor) -> str:
-    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
+def _digest(packed_header: str, data: torch.Tensor) -> str:
+    """SHA-256 of the format, version, header and data, each framed by its length."""
+    h = hashlib.sha256()
+    for part in (FORMAT.encode(), str(FORMAT_VERSION).encode(), packed_header.encode()):
+        h.update(len(part).to_bytes(8, "little") + part)
+    h.update(data.numpy().data)
+    return h.hexdigest()
 
 
 def _flatten(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[list[Any]]]:
@@ -49,22 +66,24 @@ def _flatten(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[list[
     return (torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)), index
 
 
-def _unflatten(data: torch.Tensor, index: list[list[Any]], path: Any) -> dict[str, torch.Tensor]:
+def _unflatten(data: torch.Tensor, index: list[list[Any]], path: str) -> dict[str, torch.Tensor]:
+    """Split ``data`` by the index, every size checked against the bytes really there first."""
     tensors, offset = {}, 0
     for name, dtype_name, shape in index:
-        dtype = getattr(torch, dtype_name, None)
-        if not isinstance(dtype, torch.dtype):
-            raise MemfitInputError(f"{path}: tensor {name} has unknown dtype {dtype_name!r}")
-        count = 1
-        for d in shape:
-            count *= d
-        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        dtype = _DTYPES.get(dtype_name)
+        if dtype is None or dtype.itemsize < 1:
+            raise MemfitFileError(f"{path}: tensor {name} has unknown dtype {dtype_name!r}; the file is corrupted")
+        nbytes = math.prod(shape) * dtype.itemsize
         if offset + nbytes > data.numel():
-            raise MemfitInputError(f"{path} is truncated: its index needs more data than the file holds")
-        tensors[name] = data[offset : offset + nbytes].clone().view(dtype).reshape(shape)
+            raise MemfitFileError(f"{path}: its index needs more data than the file holds (tensor {name} "
+                                  f"{dtype_name}{shape}); the file is corrupted")
+        try:
+            tensors[name] = data[offset : offset + nbytes].clone().view(dtype).reshape(shape)
+        except RuntimeError as e:
+            raise MemfitFileError(f"{path}: tensor {name} cannot be read as {dtype_name}{shape} ({e})") from e
         offset += nbytes
     if offset != data.numel():
-        raise MemfitInputError(f"{path}: {data.numel() - offset} bytes of data are not in its index (corrupted?)")
+        raise MemfitFileError(f"{path}: {data.numel() - offset} bytes of data are not in its index (corrupted?)")
     return tensors
 
 
@@ -80,23 +99,31 @@ def architecture_of(model: nn.Module) -> dict[str, Any] | None:
 def save(model: nn.Module, path: str | os.PathLike) -> int:
     """Write a model, its compressed layers packed, to a safetensors file.
 
+    The write is atomic (a temporary file beside ``path``, then ``os.replace``) and the file's
+    mode follows the umask, as ``open`` would give.
+
     Args:
         model: A model from :func:`memfit.compress`, :func:`memfit.optimize` or any module
             (uncompressed layers are stored at their dtype).
-        path: Where to write (``.memfit`` or ``.safetensors`` by convention).
+        path: Where to write (``.memfit`` or ``.safetensors`` by convention); its folder must exist.
 
     Returns:
         The file's size in bytes.
 
+    Raises:
+        MemfitInputError: ``model`` is not a module or ``path`` not a path.
+        MemfitFileError: ``path`` is a directory, its folder is missing, or it cannot be written.
+
     Example:
         >>> import torch, memfit, tempfile, os
-        >>> net = memfit.compress(memfit.models.create("resnet18", stem="cifar", width=8), "ternary")
+        >>> dense = memfit.models.create("resnet18", stem="cifar", num_classes=10, width=8)
         >>> path = os.path.join(tempfile.mkdtemp(), "net.memfit")
-        >>> memfit.save(net, path) < 0.2 * sum(p.numel() * 4 for p in net.parameters())
+        >>> memfit.save(memfit.compress(dense, "ternary"), path) < 0.2 * sum(p.numel() * 4 for p in dense.parameters())
         True
     """
-    from safetensors.torch import save_file
-
+    if not isinstance(model, nn.Module):
+        raise MemfitInputError(f"memfit.save: model must be an nn.Module, got {type(model).__name__} {model!r:.80}")
+    path = container.check_path(path, "memfit.save: path")
     gens = generators(model)
     tensors = {_STATE + k: v.detach().cpu().contiguous().clone() for k, v in plain_state(model).items()}
     layers: dict[str, Any] = {}
@@ -107,42 +134,52 @@ def save(model: nn.Module, path: str | os.PathLike) -> int:
         for field, t in packed.items():
             tensors[f"{_PACKED}{layer}/{field}"] = t.detach().cpu().contiguous()
     data, index = _flatten(tensors)
-    header = {
-        "architecture": architecture_of(model),
-        "layers": layers,
-        "tensors": index,
-        "sha256": _digest(data),
-    }
+    header = {"architecture": architecture_of(model), "layers": layers, "tensors": index}
     packed_header = base64.b64encode(zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)).decode()
-    metadata = {"format": FORMAT, "version": str(FORMAT_VERSION), "header": packed_header}
-    save_file({"data": data}, os.fspath(path), metadata=metadata)
-    return os.path.getsize(path)
+    metadata = {"format": FORMAT, "version": str(FORMAT_VERSION), "header": packed_header,
+                "sha256": _digest(packed_header, data)}
+    return container.write(path, metadata, data)
 
 
-def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    from safetensors import safe_open
-
+def _unpack_header(packed: str, path: str) -> Any:
+    """The JSON header, its decompressed size bounded before it is allocated."""
     try:
-        with safe_open(os.fspath(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            data = f.get_tensor("data") if "data" in f.keys() else None
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # safetensors reports a truncated or garbled file in several ways
-        raise MemfitInputError(f"{path} is not a readable memfit file (truncated or corrupted?): {e}") from e
-    if meta.get("format") != FORMAT or data is None:
-        raise MemfitInputError(f"{path} is a safetensors file but not one memfit wrote (no '{FORMAT}' format tag)")
-    if not meta.get("version", "").isdigit() or int(meta["version"]) > FORMAT_VERSION:
-        raise MemfitInputError(
-            f"{path} is format version {meta.get('version')!r}; this memfit reads up to {FORMAT_VERSION}: upgrade memfit"
-        )
-    try:
-        header = json.loads(zlib.decompress(base64.b64decode(meta["header"])))
-    except (KeyError, ValueError, zlib.error) as e:
-        raise MemfitInputError(f"{path} is corrupted: its header cannot be read ({e})") from e
-    if _digest(data) != header.get("sha256"):
-        raise MemfitInputError(f"{path} is corrupted: its data does not match the SHA-256 digest stored with it")
-    return header, _unflatten(data, header["tensors"], path)
+        inflate = zlib.decompressobj()
+        text = inflate.decompress(base64.b64decode(packed, validate=True), _MAX_HEADER_BYTES)
+        if inflate.unconsumed_tail or not inflate.eof:
+            raise ValueError(f"it does not inflate to a whole header of at most {_MAX_HEADER_BYTES >> 20} MiB")
+        return json.loads(text)
+    except (ValueError, zlib.error, RecursionError) as e:
+        raise MemfitFileError(f"{path} is corrupted: its header cannot be read ({e})") from e
+
+
+def _read(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The checked header and the tensors of a file :func:`save` wrote."""
+    meta, data = container.read(path)
+    if meta.get("format") != FORMAT:
+        raise MemfitFileError(f"{path} is a safetensors file but not one memfit wrote (no '{FORMAT}' format tag)")
+    version = meta.get("version", "")
+    if version.isdecimal() and int(version) > FORMAT_VERSION:
+        raise MemfitFileError(f"{path} is format version {version}; this memfit reads up to {FORMAT_VERSION}: "
+                              "upgrade memfit")
+    if version == str(FORMAT_VERSION):
+        if set(meta) != _KEYS or meta["sha256"] != _digest(meta["header"], data):
+            raise MemfitFileError(f"{path} is corrupted: its header and data do not match the SHA-256 digest "
+                                  "stored with them")
+        header = _unpack_header(meta["header"], path)
+    elif version == "1" and isinstance(meta.get("header"), str):
+        header = _unpack_header(meta["header"], path)
+        if not isinstance(header, dict) or header.get("sha256") != hashlib.sha256(data.numpy().data).hexdigest():
+            raise MemfitFileError(f"{path} is corrupted: its data does not match the SHA-256 digest stored with it")
+    else:
+        raise MemfitFileError(f"{path} is corrupted: its format version {version!r} and header are not what memfit "
+                              "writes")
+    check_header(header, path)
+    tensors = _unflatten(data, header["tensors"], path)
+    stray = [k for k in tensors if not k.startswith((_STATE, *(f"{_PACKED}{layer}/" for layer in header["layers"])))]
+    if stray:
+        raise MemfitFileError(f"{path} is corrupted: tensors {stray[:5]} belong to no layer of its header")
+    return header, tensors
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
@@ -159,30 +196,41 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         when it has compressed layers), in training mode.
 
     Raises:
-        MemfitInputError: A truncated, corrupted or foreign file, or one saved from another
-            architecture than ``model``.
+        MemfitInputError: ``path`` is not a path or ``model`` not a module instance.
+        MemfitFileError: The path is missing, a directory or a file of another kind; the file is
+            truncated or corrupted (a single flipped bit anywhere is caught), or it was saved
+            from another architecture than ``model``.
     """
+    path = container.check_path(path, "memfit.load: path")
+    if model is not None and not isinstance(model, nn.Module):
+        hint = (f"an instance, e.g. {model.__name__}(...)" if isinstance(model, type) else
+                "an instance of the original architecture (for zoo models, pass nothing: the file names them)")
+        raise MemfitInputError(f"memfit.load: model must be an nn.Module or None, got {type(model).__name__} "
+                               f"{model!r:.80}; pass {hint}")
     header, tensors = _read(path)
-    arch = header.get("architecture")
+    arch, layers = header["architecture"], header["layers"]
+    state = {k.removeprefix(_STATE): v for k, v in tensors.items() if k.startswith(_STATE)}
     if model is not None:
         skeleton = copy.deepcopy(model)
+        check_layers_fit(skeleton, state, layers, path, "the model given")
     elif arch:
-        skeleton = create(arch["name"], **arch["options"])
+        with torch.device("meta"):  # the header's sizes are checked on an architecture that holds no memory
+            check_layers_fit(_build(arch, path), state, layers, path, "the architecture its header names")
+        skeleton = _build(arch, path)
     else:
-        raise MemfitInputError(
+        raise MemfitFileError(
             f"{path} does not say how to build its architecture (the model was not made by "
             "memfit.models.create); pass model=<an instance of the original architecture>"
         )
-    layers: dict[str, Any] = header["layers"]
-    state = {k.removeprefix(_STATE): v for k, v in tensors.items() if k.startswith(_STATE)}
-    _load_plain(skeleton, state, layers, path)
+    skeleton.load_state_dict(state, strict=False)
     for layer, entry in layers.items():
         prefix = f"{_PACKED}{layer}/"
         packed = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-        gen = get_method(entry["method"]).generator_type.unpack(entry["meta"], packed, skeleton)
-        if tuple(gen.shape) != tuple(skeleton.get_submodule(layer).weight.shape):
-            raise MemfitInputError(f"{path}: layer {layer} was saved with weight shape {list(gen.shape)}, "
-                                   f"the model's is {list(skeleton.get_submodule(layer).weight.shape)}")
+        try:  # each method checks its own fields, each in its own way
+            gen = get_method(entry["method"]).generator_type.unpack(entry["meta"], packed, skeleton)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError) as e:
+            raise MemfitFileError(f"{path}: layer {layer} ({entry['method']}) cannot be unpacked: "
+                                  f"{type(e).__name__}: {e}; the file is corrupted") from e
         skeleton.set_submodule(layer, generated_layer(skeleton.get_submodule(layer), gen))
     if not layers:
         return skeleton.train()
@@ -192,26 +240,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     return gm.train()
 
 
-def _load_plain(skeleton: nn.Module, state: dict[str, torch.Tensor], layers: dict[str, Any], path: Any) -> None:
-    """Load the uncompressed tensors; compressed layers' weights are the only keys allowed missing."""
-    expected = skeleton.state_dict()
-    for layer in layers:
-        try:
-            mod = skeleton.get_submodule(layer)
-        except AttributeError:
-            mod = None
-        if not isinstance(mod, (nn.Conv2d, nn.Linear)):
-            raise MemfitInputError(f"{path} compresses layer {layer!r}, which the model has no Conv2d/Linear for: "
-                                   "the file belongs to another architecture")
-    allowed_missing = {f"{layer}.weight" for layer in layers}
-    missing = set(expected) - set(state) - allowed_missing
-    unexpected = set(state) - set(expected)
-    mismatched = [k for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        detail = "; ".join(
-            f"{what}: {sorted(keys)[:5]}{' ...' if len(keys) > 5 else ''}"
-            for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
-            if keys
-        )
-        raise MemfitInputError(f"{path} was saved from a different architecture than the model given ({detail})")
-    skeleton.load_state_dict(state, strict=False)
+def _build(arch: dict[str, Any], path: str) -> nn.Module:
+    try:
+        return create(arch["name"], **arch["options"])
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise MemfitFileError(f"{path}: its header's architecture ({arch['name']} with options {arch['options']}) "
+                              f"cannot be built: {e}; the file is corrupted or from another memfit") from e

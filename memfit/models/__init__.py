@@ -13,6 +13,6 @@ from __future__ import annotations
 
 from . import densenet, gpt, mobilenet, resnet, vgg  # noqa: F401  (imports register the models)
 from .densenet import DenseNet
-from .registry import create, list_models, register_model, spec_of
+from .registry import create, list_models, load, register_model, spec_of
 
-__all__ = ["DenseNet", "create", "list_models", "register_model", "spec_of"]
+__all__ = ["DenseNet", "create", "list_models", "load", "register_model", "spec_of"]

@@ -8,11 +8,14 @@ Every factory is a callable that takes keyword-only options and returns an
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Any, Callable, TypeVar, overload
 
 from torch import nn
 
-__all__ = ["register_model", "create", "list_models", "spec_of", "SPEC_ATTR"]
+from ..errors import MemfitInputError
+
+__all__ = ["register_model", "create", "load", "list_models", "spec_of", "SPEC_ATTR"]
 
 # Models built by :func:`create` carry how they were built, so a saved file can rebuild the
 # architecture from plain JSON instead of pickled code.
@@ -117,6 +120,37 @@ def create(name: str, **kwargs: Any) -> nn.Module:
     model = factory(**kwargs)
     setattr(model, SPEC_ATTR, {"name": name, "options": dict(kwargs)})
     return model
+
+
+def load(spec: str, **options: Any) -> nn.Module:
+    """Build the model a command line names: a zoo name or ``package.module:factory``.
+
+    Args:
+        spec: A registered name (``"resnet18"``) or a factory's import path
+            (``"mypackage.nets:build_net"``).
+        **options: Keyword options for the factory; those that are None are left to its defaults.
+
+    Raises:
+        MemfitInputError: If the name is unknown, the factory cannot be imported, or it refuses
+            an option.
+
+    Example:
+        >>> import memfit
+        >>> type(memfit.models.load("resnet18", num_classes=10, stem=None)).__name__
+        'ResNet'
+    """
+    kwargs = {k: v for k, v in options.items() if v is not None}
+    if ":" not in spec:
+        try:
+            return create(spec, **kwargs)
+        except (ValueError, TypeError) as e:
+            raise MemfitInputError(f"cannot build {spec} with {kwargs}: {e}") from e
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise MemfitInputError(f"cannot load '{spec}': {e}; expected package.module:factory") from e
+    return factory(**kwargs)
 
 
 def spec_of(model: nn.Module) -> dict[str, Any] | None:

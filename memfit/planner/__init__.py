@@ -14,7 +14,7 @@ from . import chen, dp, milp, selective
 from .chain import Chain
 from .plan import Plan, Segment, Spans
 
-__all__ = ["Strategy", "STRATEGIES", "Chain", "Plan", "Segment", "Spans"]
+__all__ = ["Strategy", "STRATEGIES", "Chain", "Plan", "Segment", "Spans", "list_strategies"]
 
 
 @dataclass(frozen=True)
@@ -32,3 +32,8 @@ STRATEGIES: dict[str, Strategy] = {
     "selective": Strategy("selective", selective.cheapest, selective.lowest_peak),
     "milp": Strategy("milp", lambda c, b: milp.cheapest(c, b), lambda c: milp.lowest_peak(c)),
 }
+
+
+def list_strategies() -> list[str]:
+    """Names ``memfit.optimize(strategy=...)`` takes besides ``"auto"`` (the cheapest verified plan of several)."""
+    return sorted(STRATEGIES)

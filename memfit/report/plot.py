@@ -1,4 +1,5 @@
-"""Plots: the memory of a training step over time, before and after a plan (matplotlib)."""
+"""Plots (matplotlib): the memory of a training step over time, before and after a plan, and the
+tradeoff between budget and recomputation."""
 
 from __future__ import annotations
 
@@ -7,8 +8,29 @@ from pathlib import Path
 from ..errors import MemfitInputError
 from ..planner.plan import Plan
 from ..units import mib
+from .tradeoff import Tradeoff
 
-__all__ = ["plot_plan"]
+__all__ = ["plot_plan", "plot_tradeoff"]
+
+
+def _pyplot():  # type: ignore[no-untyped-def]
+    """matplotlib's pyplot on the file-only backend, or the error that says how to install it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise MemfitInputError("plotting needs matplotlib: pip install 'memfit[plot]'") from e
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:  # type: ignore[no-untyped-def]
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=120)
+    fig.clf()
+    return out
 
 
 def plot_plan(plan: Plan, path: str | Path) -> Path:
@@ -17,13 +39,7 @@ def plot_plan(plan: Plan, path: str | Path) -> Path:
     The x axis is the step's progress (each curve's events spread over [0, 1], since recomputation
     adds events); phases are shaded. All curves are predicted by memfit's dry runs.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise MemfitInputError("plotting needs matplotlib: pip install 'memfit[plot]'") from e
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for label, levels, style in (("before (predicted)", plan.levels_before, "-"), ("after (predicted)", plan.levels_after, "-")):
         if not levels:
@@ -42,8 +58,22 @@ def plot_plan(plan: Plan, path: str | Path) -> Path:
     ax.set_ylabel("live tensor memory (MiB)")
     ax.set_title(f"memfit plan ({plan.strategy}): peak {mib(plan.peak_before_bytes):.1f} -> {mib(plan.peak_after_bytes):.1f} MiB (predicted)")
     ax.legend(loc="upper right")
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=120)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_tradeoff(curve: Tradeoff, path: str | Path) -> Path:
+    """Draw predicted extra FLOPs against the budget (and the verified peak of each plan); save to ``path``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    budgets = [p.budget_mb for p in curve.points]
+    ax.plot(budgets, [p.extra_flops_percent for p in curve.points], "o-", label="extra FLOPs (predicted)")
+    ax.set_xlabel("budget (MiB)")
+    ax.set_ylabel("recomputation, % of a step's FLOPs (predicted)")
+    ax.axvline(curve.unplanned_mb, color="0.5", linestyle=":", linewidth=1, label="unplanned peak (predicted)")
+    ax.set_title(f"memfit tradeoff: {curve.model}, feasible minimum {curve.minimum_mb:.1f} MiB (predicted)")
+    ax.legend(loc="upper right")
+    out = _save(fig, path)
     plt.close(fig)
     return out

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import operator
 import threading
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -35,6 +36,9 @@ from torch.utils.flop_counter import flop_registry
 from ..capture import subgraph
 from ..capture.attrs import lookup
 from ..planner.plan import Plan
+
+if TYPE_CHECKING:  # the report is built by memfit.search, above this package
+    from ..report.memory import Comparison
 
 __all__ = ["Checkpointed", "PlannedModule", "rewrite", "SEGMENT_PREFIX"]
 
@@ -48,11 +52,13 @@ _unsaved = threading.local()
 
 
 def _unsaved_begin() -> None:
-    _unsaved.depth = getattr(_unsaved, "depth", 0) + 1
+    if not torch.compiler.is_compiling():  # compiled, in-place writes are functionalized: nothing to guard
+        _unsaved.depth = getattr(_unsaved, "depth", 0) + 1
 
 
 def _unsaved_end() -> None:
-    _unsaved.depth -= 1
+    if not torch.compiler.is_compiling():
+        _unsaved.depth -= 1
 
 
 _MARKERS = (_unsaved_begin, _unsaved_end)
@@ -135,6 +141,15 @@ class Checkpointed(torch.nn.Module):
     def forward(self, *args: Any) -> Any:
         if not (self.training and torch.is_grad_enabled()):
             return self._run(*args)
+        if torch.compiler.is_compiling():
+            # torch.compile functionalizes the step: buffer writes are applied once and in-place
+            # writes become new tensors, so neither replay nor markers are needed; dynamo takes a
+            # context_fn only as a function or a functools.partial.
+            # a partial made here, or none: one held in an attribute or a global reaches dynamo unresolved
+            if self.selective:
+                context = functools.partial(create_selective_checkpoint_contexts, _keep_expensive)
+                return checkpoint(self._run, *args, use_reentrant=False, context_fn=context, preserve_rng_state=self.random)
+            return checkpoint(self._run, *args, use_reentrant=False, preserve_rng_state=self.random)
         with torch.no_grad():
             before = [getattr(m, a).clone() for m, a in self.written]
         if self.random:
@@ -162,7 +177,15 @@ class PlannedModule(fx.GraphModule):
 
     A plain GraphModule keeps only the attributes its own graph reads; the submodules that only
     segments read would be lost on ``copy.deepcopy`` and from the ``state_dict``.
+
+    Attributes:
+        plan: What it recomputes and the predicted figures (print it for the table).
+        report: Predicted memory of the step before and after the plan (:func:`memfit.optimize`
+            fills both; a module rewritten directly has them unset).
     """
+
+    plan: Plan
+    report: Comparison
 
     def __deepcopy__(self, memo: dict[int, Any]) -> PlannedModule:
         res = super().__deepcopy__(memo)

@@ -9,14 +9,18 @@ works for an unplanned model.
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+from typing import Any, Callable, cast
 
 import torch
 
+from ..capture.trainstep import OptimizerSpec, StepConfig
+from ..cost.measurement import measure_wrapped_step
 from ..cost.parallel import Parallel
 from ..errors import MemfitInputError
+from ..planner import Plan
 
-__all__ = ["wrap"]
+__all__ = ["wrap", "measure", "same_plan"]
 
 
 def _leaves_with_parameters(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -69,3 +73,54 @@ def wrap(module: torch.nn.Module, parallel: Parallel, **kwargs: Any) -> torch.nn
             fully_shard(leaves, **kwargs)
     fully_shard(module, **kwargs)
     return module
+
+
+def measure(
+    wrapped: torch.nn.Module,
+    example_inputs: Any,
+    *,
+    optimizer: OptimizerSpec = "sgd",
+    amp: str | None = None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    accumulate: bool = False,
+) -> tuple[int, dict[str, int]]:
+    """Measure one process's real training step of a module :func:`wrap` returned (CPU).
+
+    A wrapped module cannot be copied, so this trains ``wrapped`` itself: a few warm-up steps
+    (DDP rebuilds its buckets on the second), then the measured one. Every process of the group
+    must call it, as each step's collectives need them all. Wrap a copy to keep the model as it is.
+
+    Args:
+        wrapped: A DDP- or FSDP-wrapped module.
+        example_inputs: This process's batch, as in :func:`memfit.measure`.
+        optimizer: As in :func:`memfit.estimate`.
+        amp: As in :func:`memfit.estimate`.
+        loss_fn: As in :func:`memfit.estimate`.
+        accumulate: As in :func:`memfit.estimate`.
+
+    Returns:
+        The allocator-level peak of the step and the peak per phase, in bytes: what was alive
+        before it (this process's parameters, buffers, inputs, optimizer state and DDP's buckets)
+        plus the most the profiler saw the step add.
+    """
+    config = StepConfig(optimizer=optimizer, amp=amp, loss_fn=loss_fn, accumulate=accumulate)
+    return measure_wrapped_step(wrapped, example_inputs, config)
+
+
+def same_plan(planned: torch.nn.Module) -> bool:
+    """Whether every process of the default group holds the same plan over the same parameters.
+
+    DDP and FSDP need identical replicas, but each process plans on its own (its kernel
+    workspaces measured on its own), so plans near a budget can differ. A collective: every
+    process calls it, with the module :func:`memfit.optimize` returned.
+    """
+    import torch.distributed as dist
+
+    h = hashlib.sha256()
+    for segment in cast(Plan, planned.plan).segments:  # optimize sets .plan; nn.Module does not declare it
+        h.update(f"{segment.kind}:{','.join(segment.nodes)};".encode())
+    for name, p in planned.named_parameters():
+        h.update(f"{name}{tuple(p.shape)};".encode())
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, h.hexdigest())
+    return len(set(digests)) == 1

@@ -1,0 +1,73 @@
+"""memfit.minimum and memfit.tradeoff: the least budget, and what each budget above it costs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import memfit
+from memfit.cli import main
+
+
+@pytest.fixture(scope="module")
+def gpt() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return memfit.models.create("gpt", n_layer=4, n_embd=128), torch.randint(0, 8192, (8, 128))
+
+
+def test_the_minimum_is_the_least_budget_optimize_accepts() -> None:
+    torch.manual_seed(0)
+    model = memfit.models.create("resnet18", stem="cifar", num_classes=10, width=8)
+    x = torch.randn(4, 3, 32, 32)
+    least = memfit.minimum(model, x, strategy="dp")
+    assert least < memfit.estimate(model, x).peak_mb
+    planned = memfit.optimize(model, least, x, strategy="dp")
+    assert planned.plan.peak_after_bytes <= least * 2**20
+    with pytest.raises(memfit.MemfitBudgetError) as err:
+        memfit.optimize(model, least - 2**-20, x, strategy="dp")  # one byte less
+    assert err.value.minimum_mb == least
+
+
+def test_the_curve_never_costs_more_as_the_budget_rises(gpt: tuple[torch.nn.Module, torch.Tensor]) -> None:
+    """Where the chain misprices the plans near a budget, verification fails round after round;
+    the plan returned is then the cheapest verified one below the budget, not the least-peak one
+    (on this GPT, budgets from 70% on used to get the 15.6% least-peak plan after a 4.2% one)."""
+    model, x = gpt
+    curve = memfit.tradeoff(model, x, points=6, optimizer=None, strategy="dp")
+    assert curve.points[0].budget_mb == curve.minimum_mb == memfit.minimum(model, x, optimizer=None, strategy="dp")
+    budgets = [p.budget_mb for p in curve.points]
+    assert budgets == sorted(budgets) and budgets[-1] > curve.unplanned_mb
+    assert all(p.peak_mb <= p.budget_mb for p in curve.points)
+    costs = [p.extra_flops_percent for p in curve.points]
+    assert costs == sorted(costs, reverse=True), costs
+    assert curve.points[-1].strategy == "none" and costs[-1] == 0 < costs[0]
+    middle = curve.points[3]  # what the curve says is what optimize returns
+    plan = memfit.optimize(model, middle.budget_mb, x, optimizer=None, strategy="dp").plan
+    assert (plan.extra_flops_percent, plan.peak_after_bytes / 2**20) == (middle.extra_flops_percent, middle.peak_mb)
+
+
+def test_the_curve_prints_a_table_that_says_predicted(gpt: tuple[torch.nn.Module, torch.Tensor]) -> None:
+    model, x = gpt
+    text = str(memfit.tradeoff(model, x[:2, :32], points=2, optimizer=None))
+    lines = text.splitlines()
+    assert "feasible minimum" in lines[0] and "(predicted)" in lines[0]
+    assert lines[1].split() == ["Budget", "MiB", "Peak", "MiB", "(pred)", "Extra", "FLOPs", "%", "(pred)", "Strategy", "Checkpointed"]
+    assert len(lines) == 3 + 2
+
+
+@pytest.mark.parametrize("points", [1, 2.5, True])
+def test_a_curve_needs_two_budgets_or_more(points: object, gpt: tuple[torch.nn.Module, torch.Tensor]) -> None:
+    model, x = gpt
+    with pytest.raises(memfit.MemfitInputError, match="points="):
+        memfit.tradeoff(model, x, points=points)  # type: ignore[arg-type]
+
+
+def test_memfit_plan_curve_prints_and_plots(tmp_path, capsys) -> None:
+    png = tmp_path / "curve.png"
+    argv = ["plan", "resnet18", "--stem", "cifar", "--batch", "2", "--input", "3x32x32", "--curve", "3", "--plot", str(png)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "memfit tradeoff: ResNet" in out and png.stat().st_size > 0
+    lines = out.splitlines()
+    rows = lines[lines.index(next(line for line in lines if line.startswith("---"))) + 1 : -1]
+    assert len(rows) == 3 and lines[-1] == f"Plot written to {png}"
