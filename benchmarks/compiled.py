@@ -3,9 +3,9 @@
 For each model: torch.compile(model) (inductor) with torch._functorch.config.activation_memory_budget
 at each of --ratios (1 is compile's default: its own min-cut, no extra recomputation); then, at
 each such compiled step's measured peak as the budget, memfit.optimize's plan, eager and under
-torch.compile. Peaks are measured on the module itself after warm-up steps (memfit.measure_wrapped:
-a compiled module cannot be copied, and its first steps compile); the unplanned eager step is
-measured both ways as a check. Step time: CPU time on one intra-op thread, median over
+torch.compile. Peaks are measured on the module itself after warm-up steps (memfit.distributed.measure,
+made for wrapped modules: a compiled one cannot be copied either, and its first steps compile);
+the unplanned eager step is measured both ways as a check. Step time: CPU time on one intra-op thread, median over
 interleaved rounds of the ratio to the unplanned eager step. Every compiled variant runs in its
 own process with a time limit, so that compile caches, a crash or a hung compiler stay there.
 
@@ -25,7 +25,7 @@ import time
 
 import torch
 import torch._functorch.config as functorch_config
-from common import Table, build_case, first_line, fmt, footer, percent, section, time_ratios
+from common import MiB, Table, build_case, first_line, fmt, footer, percent, section, time_ratios
 
 import memfit
 
@@ -43,7 +43,7 @@ def worker(job: dict) -> dict:
     if job["compile"]:
         module = torch.compile(module)
     started = time.perf_counter()
-    peak = memfit.measure_wrapped(module, case.x)  # its warm-up steps compile
+    peak = memfit.distributed.measure(module, case.x)[0] / MiB  # its warm-up steps compile
     warm_s = time.perf_counter() - started
     reference = build_case(job["model"], batch, shape, **options).model
     ratios, _ = time_ratios({"eager": reference, "variant": module}, "eager", case.x, job["rounds"])
@@ -86,7 +86,7 @@ def compare(name: str, ratios: list[float], rounds: int, timeout_s: float, table
         fmt(eager),
         "+0.0",
         "--",
-        note=f"measure_wrapped: {fmt(check.get('peak'))} MiB" if "peak" in check else check["error"],
+        note=f"in place: {fmt(check.get('peak'))} MiB" if "peak" in check else check["error"],
     )
     for ratio in ratios:
         got = in_process({**job, "compile": True, "ratio": ratio}, timeout_s)

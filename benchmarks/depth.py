@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--big-models", nargs="*", default=BIG_MODELS, help=f"default {' '.join(BIG_MODELS)}")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--input", default="3x32x32")
-    p.add_argument("--strategy", default="auto", choices=["auto", "chen", "dp", "selective", "milp"])
+    p.add_argument("--strategy", default="auto", choices=["auto", *memfit.list_strategies()])
     args = p.parse_args(argv)
     bad = [d for d in args.depths if d < 10 or (d - 4) % 6]
     if bad:

@@ -22,8 +22,7 @@ from torch import nn
 
 import memfit
 
-# The strategies optimize documents; "auto" picks among them.
-STRATEGIES = ["chen", "dp", "selective", "milp"]
+STRATEGIES = memfit.list_strategies()  # "auto" picks among them
 DEFAULT_MODELS = ["resnet18", "densenet_bc_100", "mobilenet_v2", "vgg11_bn", "gpt"]
 # Small enough for a CPU: the per-sample shapes of tests/conftest.py's zoo_case.
 IMAGE_BATCH, IMAGE_INPUT, GPT_BATCH, GPT_INPUT = 8, "3x32x32", 2, "128"
