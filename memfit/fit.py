@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -29,10 +30,10 @@ from .report.tradeoff import Tradeoff, TradeoffPoint
 from .rewrite.checkpoint import PlannedModule
 from .search import MARGIN, PlanSearch
 
-__all__ = ["optimize", "minimum", "tradeoff", "AUTO_ORDER", "MARGIN"]
+__all__ = ["AUTO_ORDER", "MARGIN", "minimum", "optimize", "tradeoff"]
 
 # auto tries these in turn, best first, and keeps the cheapest verified plan within its time.
-AUTO_ORDER = ("selective", "dp", "chen")
+AUTO_ORDER = ("selective", "dp", "chen", "handwritten")
 # Budgets of a tradeoff curve, from the feasible minimum to the unplanned peak.
 CURVE_POINTS = 8
 

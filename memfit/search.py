@@ -15,8 +15,8 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -34,7 +34,7 @@ from .report.build import report_from_graph, with_storage
 from .report.memory import Comparison, MemoryReport, mib
 from .rewrite.checkpoint import PlannedModule, rewrite
 
-__all__ = ["PlanSearch", "Verified", "VERIFY_ROUNDS", "BISECT_STEPS", "MARGIN"]
+__all__ = ["BISECT_STEPS", "MARGIN", "VERIFY_ROUNDS", "PlanSearch", "Verified"]
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,12 @@ class PlanSearch:
         self.chain = Chain(self.graph)
         self.unplanned = simulate.simulate(self.graph, parallel=parallel)
         self.before: MemoryReport = report_from_graph(self.graph, type(model).__name__, self.unplanned, parallel=parallel)
-        # The chain prices plans as one process alone; data parallelism moves every plan's peak by
-        # about what it moves the unplanned one's, and verification corrects the rest.
-        self.shift = simulate.simulate(self.graph).peak_bytes - self.unplanned.peak_bytes if parallel else 0
+        # The chain prices the model's own nodes as one process alone: what runs around them (a
+        # large loss's logits and their gradient at the start of backward) and data parallelism's
+        # buckets move every plan's peak by about what they move the unplanned one's; chain targets
+        # are shifted by that, and verification corrects the rest. (A GPT with an 8192-word vocabulary
+        # was planned 11 MiB too low: its plans cost several times what the budget needed.)
+        self.shift = self.chain.peak([(0, self.chain.m, "plain")]) - self.unplanned.peak_bytes
         self.failures: list[str] = []
         self._verified: dict[tuple, Verified | None] = {}
 
@@ -192,11 +195,11 @@ class PlanSearch:
     def _best_first(self, names: Sequence[str], room: int, deadline: float) -> Verified | None:
         """Best-first search over strategies and tightenings, in order of predicted cost.
 
-        A plan whose dry run exceeds the room is planned again for a target lowered by the excess
-        (at most ``VERIFY_ROUNDS`` times per strategy). ``names`` run from the richest strategy
-        down (selective's choices include dp's, dp is optimal where chen is greedy), so a
-        strategy's plan costs at least its predecessor's and is made only when that bound is
-        reached: usually one plan and one dry run. Past ``deadline`` no further strategy starts.
+        Every strategy plans for the room first; plans are verified cheapest first, and one whose
+        dry run exceeds the room is planned again for a target lowered by the excess (at most
+        ``VERIFY_ROUNDS`` times per strategy): usually one dry run in all. No strategy's plan is
+        assumed costlier than another's (a hand-written policy can beat dp's where dp's plans
+        fail verification). Past ``deadline`` no further strategy starts.
         """
         chain = self.chain
         # (cost or its lower bound, strategy index, round, tie-break, target, spans or None: not planned)
@@ -206,15 +209,16 @@ class PlanSearch:
         def push(bound: int, i: int, rnd: int, target: int, spans: Spans | None) -> None:
             heapq.heappush(heap, (bound, i, rnd, next(pushes), target, spans))
 
-        push(0, 0, 0, room + self.shift, None)
+        for i in range(len(names)):
+            push(0, i, 0, room + self.shift, None)
         while heap:
             bound, i, rnd, _, target, spans = heapq.heappop(heap)
             if spans is None:
+                if rnd == 0 and i > 0 and time.perf_counter() > deadline:
+                    continue
                 spans = STRATEGIES[names[i]].cheapest(chain, target)
                 if spans is not None:
                     push(chain.cost(spans), i, rnd, target, spans)
-                if rnd == 0 and i + 1 < len(names) and time.perf_counter() < deadline:
-                    push(bound, i + 1, 0, room + self.shift, None)
                 continue
             result = self.verify(spans, names[i])
             if result is None:  # a plan that cannot run is discarded like one that does not fit

@@ -88,9 +88,7 @@ def _feasible_minimum_mb(train, argv: list[str]) -> float:
     args = train.arguments.resolve(train.build_parser().parse_args(argv))
     data = train.data.load_data(args)
     model = train.planning.create_model(args, data.num_classes)
-    with pytest.raises(memfit.MemfitBudgetError) as err:
-        memfit.optimize(model, 1e-6, data.x_train[: args.batch_size], optimizer=train.planning.optimizer_factory(args))
-    return err.value.minimum_mb
+    return memfit.minimum(model, data.x_train[: args.batch_size], optimizer=train.planning.optimizer_factory(args))
 
 
 # ------------------------------------------------------------------------------ single process

@@ -200,6 +200,7 @@ class _Recorder(fx.Interpreter):
         )
         params: list[torch.Tensor] = []
         info.inplace = _mutates_input(n)
+        info.module_stack = tuple((str(path), str(kind)) for path, kind in n.meta.get("nn_module_stack", {}).values())
         if n.op == "call_module":
             mod = self.module.get_submodule(str(n.target))
             info.module_path, info.module_type = str(n.target), type(mod).__name__

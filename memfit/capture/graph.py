@@ -25,6 +25,8 @@ class NodeInfo:
         target: What the node calls, as text.
         module_path: Qualified name of the called submodule, if any.
         module_type: Class name of the called submodule, if any.
+        module_stack: The user's modules whose forward the node runs in, outermost first, as
+            (qualified name, class): what hand-written policies call blocks.
         output_shapes: Shapes of the tensors the node returns.
         output_dtypes: Their dtypes, as text.
         output_strides: Their strides (channels-last and permuted layouts change what kernels
@@ -54,6 +56,7 @@ class NodeInfo:
     target: str
     module_path: str | None = None
     module_type: str | None = None
+    module_stack: tuple[tuple[str, str], ...] = ()
     output_shapes: list[tuple[int, ...]] = field(default_factory=list)
     output_dtypes: list[str] = field(default_factory=list)
     output_strides: list[tuple[int, ...]] = field(default_factory=list)

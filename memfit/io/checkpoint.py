@@ -8,17 +8,16 @@ writes beside the target and renames over it, so a crash leaves the previous che
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import MemfitFileError, MemfitInputError
+from ..errors import MemfitFileError
+from .container import write_atomically
 
 __all__ = ["MAGIC", "load", "save"]
 
@@ -39,7 +38,7 @@ def save(obj: Any, path: str | os.PathLike) -> int:
         The file's size in bytes.
 
     Raises:
-        MemfitInputError: If ``path`` cannot be written (a missing or unwritable folder, a directory).
+        MemfitFileError: If ``path`` cannot be written (a missing or unwritable folder, a directory).
 
     Example:
         >>> import torch, memfit, tempfile, os
@@ -51,20 +50,7 @@ def save(obj: Any, path: str | os.PathLike) -> int:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     body = buffer.getvalue()
-    path = Path(path)
-    # A unique name in the target's folder: os.replace is atomic only within one file system.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(MAGIC + hashlib.sha256(body).digest() + body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):  # nothing to remove when the folder itself is the problem
-            tmp.unlink()
-        raise MemfitInputError(f"cannot write the checkpoint {path}: {e.strerror or e}") from e
-    return len(MAGIC) + _DIGEST_BYTES + len(body)
+    return write_atomically(os.fspath(path), (MAGIC, hashlib.sha256(body).digest(), body), "memfit.checkpoint.save")
 
 
 def load(path: str | os.PathLike, *, map_location: Any = None, plain: bool = False) -> Any:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from . import chen, dp, milp, selective
+from . import chen, dp, handwritten, milp, selective
 from .chain import Chain
 from .plan import Plan, Segment, Spans
 
@@ -31,6 +31,7 @@ STRATEGIES: dict[str, Strategy] = {
     "dp": Strategy("dp", lambda c, b: dp.cheapest(c, b), lambda c: dp.lowest_peak(c)),
     "selective": Strategy("selective", selective.cheapest, selective.lowest_peak),
     "milp": Strategy("milp", lambda c, b: milp.cheapest(c, b), lambda c: milp.lowest_peak(c)),
+    "handwritten": Strategy("handwritten", handwritten.cheapest, handwritten.lowest_peak),
 }
 
 

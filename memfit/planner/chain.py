@@ -26,6 +26,7 @@ import numpy as np
 
 from ..capture.graph import MemGraph, NodeInfo
 from ..cost.timeline import replay
+from .blocks import find_blocks
 from .plan import Segment, SegmentKind
 
 __all__ = ["Chain", "SegmentCost", "SegmentTable", "BYTE_WEIGHT", "MAX_CANDIDATES"]
@@ -106,7 +107,9 @@ class Chain:
         for sid, p in prod.items():
             cut[p + 1 : lastuse[sid] + 1] += graph.nbytes(sid)
         self.cut = cut
-        self.cands = self._candidates(cut, act, self._forbidden(infos, prod), max_candidates)
+        self.blocks = find_blocks(infos, act)
+        forced = {p for kind in self.blocks for block in kind for p in block}  # hand-written policies plannable
+        self.cands = self._candidates(cut, act, self._forbidden(infos, prod), max_candidates, forced)
         self._crossing_tables(prod, lastuse)
         self._tables: dict[tuple[SegmentKind, bool], SegmentTable] = {}
 
@@ -171,9 +174,10 @@ class Chain:
                 bad[min(starts) + 1 : i + 1] = True
         return bad
 
-    def _candidates(self, cut: np.ndarray, act: np.ndarray, bad: np.ndarray, limit: int) -> list[int]:
+    def _candidates(self, cut: np.ndarray, act: np.ndarray, bad: np.ndarray, limit: int, forced: set[int]) -> list[int]:
         """Boundary positions: local minima of the crossing bytes, thinned evenly by activation
-        memory when there are too many, topped up with the smallest other cuts when too few."""
+        memory when there are too many, topped up with the smallest other cuts when too few; and
+        ``forced`` ones (the blocks' boundaries) wherever they do not split an in-place write."""
         n = len(self.names)
         inner = [i for i in range(1, n) if not bad[i]]
         minima = [i for i in inner if cut[i] <= cut[i - 1] and cut[i] <= cut[i + 1]]
@@ -187,6 +191,7 @@ class Chain:
             chosen = list(minima)
             rest = sorted((i for i in inner if i not in set(minima)), key=lambda i: (cut[i], i))
             chosen = sorted(chosen + rest[: room - len(chosen)])
+        chosen = sorted(set(chosen) | {p for p in forced if 0 < p < n and not bad[p]})
         return [0, *chosen, n]
 
     def _crossing_tables(self, prod: dict[int, int], lastuse: dict[int, int]) -> None:

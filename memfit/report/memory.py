@@ -7,7 +7,7 @@ from typing import Literal
 
 from ..units import MiB, mib
 
-__all__ = ["MemoryReport", "LayerRow", "Comparison", "MiB", "mib"]
+__all__ = ["Comparison", "LayerRow", "MemoryReport", "MiB", "mib"]
 
 
 @dataclass(frozen=True)

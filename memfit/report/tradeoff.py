@@ -42,11 +42,13 @@ class Tradeoff:
             for p in self.points
         ]
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-        line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))  # noqa: E731
+        line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))
         return "\n".join(
             [
-                f"memfit tradeoff: {self.model}, feasible minimum {self.minimum_mb:.2f} MiB, unplanned peak "
-                f"{self.unplanned_mb:.2f} MiB (predicted)",
+                (
+                    f"memfit tradeoff: {self.model}, feasible minimum {self.minimum_mb:.2f} MiB, unplanned peak "
+                    f"{self.unplanned_mb:.2f} MiB (predicted)"
+                ),
                 line(headers),
                 "-" * (sum(widths) + 2 * (len(widths) - 1)),
                 *(line(r) for r in rows),

@@ -26,10 +26,11 @@ import copy
 import functools
 import operator
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from torch.utils.flop_counter import flop_registry
 
@@ -40,7 +41,7 @@ from ..planner.plan import Plan
 if TYPE_CHECKING:  # the report is built by memfit.search, above this package
     from ..report.memory import Comparison
 
-__all__ = ["Checkpointed", "PlannedModule", "rewrite", "SEGMENT_PREFIX"]
+__all__ = ["SEGMENT_PREFIX", "Checkpointed", "PlannedModule", "rewrite"]
 
 SEGMENT_PREFIX = "memfit_segment_"
 
