@@ -177,7 +177,7 @@ def summary(rows: list[tuple]) -> None:
             ("model", "", 14),
             ("level", "given", 7),
             ("budget", "MiB", 9),
-            ("memfit", "", 11),
+            ("memfit", "", 13),
             ("peak MiB", "meas", 10),
             ("+FLOPs %", "pred", 10),
             ("time %", "meas", 8),
