@@ -7,7 +7,7 @@ MODEL ?= resnet18
 ARGS ?= --stem cifar --batch 64 --input 3x32x32 --optimizer adam --measure
 BIN := $(VENV)/bin
 
-.PHONY: setup report test test-zoo test-models fuzz clean
+.PHONY: setup report test test-zoo test-models fuzz bench-policies clean
 
 # The `models` extra (torchvision, timm, transformers for tests/test_foreign_models.py) is pinned to
 # releases that accept torch 2.13.0; TORCH_SPEC goes into the same resolve, so that pip fails rather
@@ -41,6 +41,10 @@ N ?= 2000
 SEED ?=
 fuzz: setup
 	MEMFIT_FUZZ_N=$(N) MEMFIT_FUZZ_SEED=$(SEED) $(BIN)/python -m pytest -q -n 2 -p no:logging --durations=5 tests/test_fuzz.py
+
+# memfit against hand-written torch.utils.checkpoint policies at equal budgets (docs/benchmarks.md).
+bench-policies: setup
+	$(BIN)/python benchmarks/policies.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -13,9 +13,9 @@ import argparse
 import time
 
 import torch
+from common import images
 
 import memfit
-from memfit.cli import example_input
 
 DEFAULT_MODELS = ["resnet18", "resnet50", "densenet121", "mobilenet_v2", "vgg16_bn", "gpt"]
 
@@ -38,7 +38,8 @@ def main() -> None:
         torch.manual_seed(0)
         model = memfit.models.create(name)
         is_lm = any(isinstance(m, torch.nn.Embedding) for m in model.modules())
-        x = example_input(model, args.batch, args.input or ("256" if is_lm else "3x64x64"))
+        shape = args.input or ("256" if is_lm else "3x64x64")
+        x = torch.randint(0, model.config.vocab_size, (args.batch, int(shape))) if is_lm else images(args.batch, shape)
         for optimizer in args.optimizers:
             for prec in args.amp:
                 amp = None if prec == "fp32" else prec

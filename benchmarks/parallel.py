@@ -1,7 +1,7 @@
 """Data-parallel memory: memfit's per-process prediction against a real DDP / FSDP job (CPU, gloo).
 
 Run under torchrun; every process plans the same model for a budget between the feasible
-minimum and the unplanned peak (per process), wraps it with ``memfit.rewrite.distributed.wrap`` and
+minimum and the unplanned peak (per process), wraps it with ``memfit.distributed.wrap`` and
 measures one steady-state step with the profiler's memory events. Rank 0 prints the table (the
 measured column is the largest over the processes) and, with ``--json``, writes the rows.
 
@@ -23,8 +23,6 @@ import torch
 import torch.distributed as dist
 
 import memfit
-from memfit.capture.trainstep import StepConfig
-from memfit.cost.measurement import measure_wrapped_step
 
 MiB = 2**20
 
@@ -43,14 +41,6 @@ def _parallels(args: argparse.Namespace, world: int) -> list[memfit.Parallel]:
     return [memfit.Parallel("ddp", world), memfit.Parallel("fsdp", world), memfit.Parallel("fsdp", world, units=blocks)]
 
 
-def _minimum_mb(x: torch.Tensor, parallel: memfit.Parallel, args: argparse.Namespace) -> float:
-    try:
-        memfit.optimize(_model(args), 1e-6, x, optimizer=args.optimizer, parallel=parallel, strategy=args.strategy)
-    except memfit.MemfitBudgetError as err:
-        return err.minimum_mb
-    raise AssertionError("a budget of 1e-6 MiB cannot fit")
-
-
 def run(args: argparse.Namespace) -> list[dict]:
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(rank)
@@ -58,7 +48,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for parallel in _parallels(args, world):
         unplanned = memfit.estimate(_model(args), x, optimizer=args.optimizer, parallel=parallel).peak_mb
-        lowest = _minimum_mb(x, parallel, args)
+        lowest = memfit.minimum(_model(args), x, optimizer=args.optimizer, parallel=parallel, strategy=args.strategy)
         for fraction in [None, *args.fractions]:
             if fraction is None:
                 module, budget = torch.fx.symbolic_trace(_model(args)), None
@@ -68,8 +58,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 module = memfit.optimize(_model(args), budget, x, optimizer=args.optimizer, parallel=parallel,
                                          strategy=args.strategy)
                 predicted = module.plan.peak_after_bytes / MiB
-            wrapped = memfit.rewrite.distributed.wrap(module, parallel)
-            peak, phases = measure_wrapped_step(wrapped, (x,), StepConfig(optimizer=args.optimizer))
+            wrapped = memfit.distributed.wrap(module, parallel)
+            peak, phases = memfit.distributed.measure(wrapped, x, optimizer=args.optimizer)
             measured = [0.0] * world
             dist.all_gather_object(measured, peak / MiB)
             forward = [0.0] * world

@@ -1,0 +1,177 @@
+"""What every benchmark part shares: cases, the training step, interleaved timing, tables.
+
+Only memfit's public API is used here and in the parts, as a user would use it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import memfit
+
+MiB = 2**20
+# A zoo CNN gets a CIFAR stem so that 32x32 inputs keep activations, not weights, dominant.
+CIFAR_STEM = ("resnet", "vgg", "mobilenet")
+
+
+@dataclass
+class Case:
+    """A model and the batch it trains on."""
+
+    name: str
+    model: nn.Module
+    x: torch.Tensor
+
+    @property
+    def shape(self) -> str:
+        """The batch's shape as ``8x3x32x32``."""
+        return "x".join(str(d) for d in self.x.shape)
+
+
+def build_case(name: str, batch: int, shape: str, **options: object) -> Case:
+    """A zoo model with 10 classes (a CIFAR stem for CNNs) and a seeded batch of ``shape`` per sample.
+
+    ``shape`` is ``CxHxW`` for images and the sequence length for a GPT; ``options`` go to
+    ``memfit.models.create`` and override the defaults above.
+    """
+    torch.manual_seed(0)
+    is_lm = name.startswith("gpt")
+    defaults: dict[str, object] = {} if is_lm else {"num_classes": 10}
+    if name.startswith(CIFAR_STEM):
+        defaults["stem"] = "cifar"
+    model = memfit.models.create(name, **{**defaults, **options})
+    if is_lm:
+        return Case(name, model, torch.randint(0, model.config.vocab_size, (batch, int(shape))))
+    return Case(name, model, images(batch, shape))
+
+
+def images(batch: int, shape: str) -> torch.Tensor:
+    """A seeded batch of images, ``shape`` per sample as ``CxHxW``."""
+    torch.manual_seed(0)
+    return torch.randn(batch, *(int(d) for d in shape.split("x")))
+
+
+def loss_of(output: torch.Tensor) -> torch.Tensor:
+    """memfit's default loss: cross-entropy against class 0, so that timed and planned steps agree."""
+    logits = output.reshape(-1, output.shape[-1])
+    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long))
+
+
+class Stepper:
+    """One training step of a module as memfit plans it: forward, loss, backward, SGD, grads freed."""
+
+    def __init__(self, module: nn.Module, x: torch.Tensor) -> None:
+        """Put ``module`` in train mode with an SGD optimizer over its parameters."""
+        self.module, self.x = module.train(), x
+        self.optimizer = torch.optim.SGD(module.parameters(), lr=1e-4)
+
+    def __call__(self) -> torch.Tensor:
+        """Run one step; the loss."""
+        loss = loss_of(self.module(self.x))
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def time_ratios(
+    modules: dict[str, nn.Module], reference: str, x: torch.Tensor, rounds: int
+) -> tuple[dict[str, float], float]:
+    """Per module: the median over rounds of its step's CPU time over the reference's in that round.
+
+    Every round steps every module once, starting one further along the list each round, so all
+    see the same load from the rest of the machine and none always runs first after another's
+    frees; a median of per-round ratios cancels slow spells that hit a whole round. Each module is
+    stepped once before timing (first-call allocations, oneDNN caches, compilation).
+
+    Returns:
+        The ratios (the reference's is 1) and the reference's median step in ms.
+    """
+    names = list(modules)
+    steppers = {n: Stepper(modules[n], x) for n in names}
+    took: dict[str, list[float]] = {n: [] for n in names}
+    threads = torch.get_num_threads()
+    # One intra-op thread: CPU time then counts the work of a step, not how the scheduler shared
+    # the cores with the neighbours' processes.
+    torch.set_num_threads(1)
+    try:
+        for step in steppers.values():
+            step()
+        for r in range(max(1, rounds)):
+            for n in names[r % len(names) :] + names[: r % len(names)]:
+                t0 = time.process_time()
+                steppers[n]()
+                took[n].append(time.process_time() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    ratios = {n: statistics.median(a / b for a, b in zip(took[n], took[reference])) for n in names}
+    return ratios, 1000 * statistics.median(took[reference])
+
+
+def levels_between(low: float, high: float, levels: Sequence[float]) -> list[float]:
+    """Budgets at fractions ``levels`` of the way from ``low`` to ``high``."""
+    return [low + level * (high - low) for level in levels]
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    text = str(exc).strip().splitlines()
+    line = f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    """A figure with fixed decimals, ``--`` where there is none."""
+    return "--" if value is None else f"{value:.{digits}f}"
+
+
+def percent(ratio: float | None) -> str:
+    """A time ratio as the overhead in percent, ``+12.3``."""
+    return "--" if ratio is None else f"{100 * (ratio - 1):+.1f}"
+
+
+def section(title: str) -> None:
+    """A section heading."""
+    print(f"\n== {title} ==\n", flush=True)
+
+
+class Table:
+    """Fixed-width rows printed as they are computed (a long run shows progress)."""
+
+    def __init__(self, columns: list[tuple[str, str, int]], left: int = 1) -> None:
+        """Print the header: column names, then what each column holds (pred, meas, given).
+
+        Args:
+            columns: (name, kind, width) per column.
+            left: How many leading columns are names (left-aligned); the rest are figures.
+        """
+        self.widths = [w for _, _, w in columns]
+        self.left = left
+        names = self._fmt([c[0] for c in columns])
+        print(names)
+        print(self._fmt([c[1] for c in columns]))
+        print("-" * len(names), flush=True)
+
+    def _fmt(self, cells: list[str]) -> str:
+        return "".join(
+            (f"{c:<{w}}" if i < self.left else f"{c:>{w}}") for i, (c, w) in enumerate(zip(cells, self.widths))
+        ).rstrip()
+
+    def row(self, *cells: object, note: str = "") -> None:
+        """Print one row; a note (an n/a reason) follows the cells it replaces."""
+        text = self._fmt([str(c) for c in cells])
+        print(f"{text}  {note}" if note else text, flush=True)
+
+
+def footer(started: float) -> None:
+    """What the labels mean, and the run's wall time."""
+    print("\npred = predicted by memfit (nothing allocated); meas = measured on real tensors (allocator peak from")
+    print("the profiler's memory events; step times in CPU time on one intra-op thread).")
+    print(f"Total {time.perf_counter() - started:.0f} s (meas, wall).", flush=True)
