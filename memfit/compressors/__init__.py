@@ -11,6 +11,7 @@ from .accounting import StorageReport, storage_table
 from .apply import compress, generators
 from .base import CompressConfig, Field, Method, WeightGenerator
 from .generated import GeneratedConfig, GeneratedMethod
+from .recipe import Recipe
 from .shared import SharedConfig, SharedMethod
 from .ternary import TernaryConfig, TernaryMethod
 
@@ -18,6 +19,7 @@ __all__ = [
     "compress",
     "generators",
     "GeneratedConfig",
+    "Recipe",
     "SharedConfig",
     "TernaryConfig",
     "get_method",
