@@ -150,6 +150,7 @@ class Recipe:
         """The whole recipe: Adam at ``lr``, cosine-annealed per step to 0 over ``epochs`` epochs of
         shuffled batches (seeded by ``seed``), :meth:`loss`, :meth:`start_epoch`, and
         :meth:`recalibrate_bn` at the end. Trains ``model`` in place and returns it, in eval mode.
+        ``inputs`` and ``labels`` are the whole training set, on the model's device.
         """
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
