@@ -2,7 +2,9 @@
 
 ``memfit.compress(model, "ternary" | "generated" | "shared", config)`` returns a copy of the model
 whose chosen conv/linear weights come from :class:`WeightGenerator` modules; their exact storage is
-in :func:`storage_table` and ``memfit.save`` writes them packed.
+in :func:`storage_table` and ``memfit.save`` writes them packed. :class:`Recipe` fine-tunes the
+result the way the methods' papers do (distillation, orthonormality, EC2T's freeze phase,
+BatchNorm recalibration).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from .accounting import StorageReport, storage_table
 from .apply import compress, generators
 from .base import CompressConfig, Field, Method, WeightGenerator
 from .generated import GeneratedConfig, GeneratedMethod
+from .recipe import Recipe
 from .shared import SharedConfig, SharedMethod
 from .ternary import TernaryConfig, TernaryMethod
 
@@ -19,6 +22,7 @@ __all__ = [
     "compress",
     "generators",
     "GeneratedConfig",
+    "Recipe",
     "SharedConfig",
     "TernaryConfig",
     "get_method",

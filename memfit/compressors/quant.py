@@ -40,8 +40,15 @@ def dequantize(levels: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Te
     return levels * (scale / max_level(bits))
 
 
-def latent_for_levels(levels: torch.Tensor, bits: int) -> torch.Tensor:
+def latent_for_levels(levels: torch.Tensor, bits: int, span: float = 0.5) -> torch.Tensor:
     """A latent tensor whose :func:`tanh_levels` are exactly ``levels`` (for loading a saved code
     back into a trainable generator). The largest level must be ``±L``, as it always is after
-    normalisation; staying in tanh's near-linear range keeps rounding errors far below 0.5."""
-    return torch.atanh(levels.to(torch.float32) / max_level(bits) * 0.5)
+    normalisation; staying in tanh's near-linear range keeps rounding errors far below 0.5.
+
+    ``span`` (in ``(0, 1)``) is ``tanh`` of the largest latent. :func:`tanh_levels` does not see it
+    (it normalises by the largest magnitude), but Adam, whose steps are about ``lr`` in latent units
+    whatever the gradient, crosses a level in about ``span / (L * lr)`` steps: the span sets how
+    fast codes can change."""
+    if not 0 < span < 1:
+        raise ValueError(f"span must be in (0, 1), got {span!r}")
+    return torch.atanh(levels.to(torch.float32) / max_level(bits) * span)

@@ -3,22 +3,10 @@
 Every compressed layer keeps full-precision latent weights and two trained positive scales
 ``w_p`` and ``w_n``; its weight is ternary, each entry one of ``{-w_n, 0, +w_p}``.
 
-* ``rule="ec2t"`` (Marban et al., arXiv 2004.01077) assigns each latent ``w`` the code ``c``
-  minimising ``(w - c)**2 + lambda * I_c``, with ``I_c = -log2`` of the code's frequency in the
-  layer. Distances are measured on latents and centroids divided by the layer's largest
-  ``|latent|`` (the paper's per-layer normalisation; the layer keeps its own magnitude), and
-  ``lambda`` is ``strength * numel / numel of the largest compressed layer``, so big layers pay
-  more for information and become very sparse.
-* ``rule="ttq"`` (Zhu et al., arXiv 1612.01064): codes are ``+`` above
-  ``ttq_threshold * max|latent|``, ``-`` below its negative, ``0`` in between.
-
-The frequencies come from the assignment itself, found in-graph at every forward: the zero band
-minimising distortion plus ``lambda`` times the partition's total information (the
-entropy-constrained objective; see ``_ec2t_codes``), whose frequencies then give each weight's
-``I_c``. The paper carries the previous training step's frequencies instead; doing it in-graph
-keeps ``forward`` free of side effects, so the weight depends only on the parameters (the same in
-eval, under FakeTensorMode, when the planner recomputes it, after loading) and never on how many
-forwards ran before.
+The codes come from :mod:`~memfit.compressors.ternary_assign`: ``rule="ec2t"`` (entropy-constrained,
+with ``lambda = strength * numel / numel of the largest compressed layer``, so big layers pay more
+for information and become very sparse) or ``rule="ttq"`` (a threshold at ``ttq_threshold *
+max|latent|``).
 
 Gradients (as in TTQ): straight-through to the latents; ``dL/dw_p`` is the sum of ``dL/dW`` over
 the ``+`` codes and ``dL/dw_n`` minus the sum over the ``-`` codes. Latents and scales are
@@ -32,9 +20,7 @@ on only the scales (and the rest of the network) train. ``forward`` selects with
 that flag, so a traced graph follows it (and still computes the live assignment, unused, at
 every forward); :func:`unfreeze_assignment_` returns to phase 1.
 
-Storage: the codes in the smallest of three exactly counted formats (``dense`` 2-bit codes;
-``bitmask``: one bit per weight plus a sign bit per nonzero; ``csr``: per nonzero a column index and
-a sign bit, plus one end pointer per row of the weight viewed as ``[shape[0], -1]``), and the two
+Storage: the codes in the smallest of :mod:`~memfit.compressors.ternary_storage`'s formats and the two
 scales as float32. Latents are training state and are not stored: a loaded generator starts in
 phase 2 with the stored codes, so its weight is exactly the saved one, and its latents are
 ``code * scale``. Unfreezing it re-derives the assignment from those latents: TTQ gives the codes
@@ -53,7 +39,8 @@ import torch
 from torch import nn
 
 from .base import CompressConfig, Field, Method, WeightGenerator
-from .bits import index_bits, pack_bits, unpack_bits
+from .ternary_assign import RULES, ec2t_codes, ttq_codes, unit_for
+from .ternary_storage import FORMATS, code_formats, decode, encode, smallest_format
 
 __all__ = [
     "RULES",
@@ -67,16 +54,6 @@ __all__ = [
     "ternary_generators",
     "ternary_sparsity",
 ]
-
-RULES = ("ec2t", "ttq")
-# Ties between formats go to the earlier, simpler one.
-FORMATS = ("dense", "bitmask", "csr")
-
-# Keeps the normalisation finite for an all-zero latent tensor.
-_TINY = 2.0**-100
-# Steps of EC2T's search for the zero band's edges, over [0, max|latent|].
-_GRID = 128
-
 
 @dataclass(frozen=True)
 class TernaryConfig(CompressConfig):
@@ -109,166 +86,6 @@ class TernaryConfig(CompressConfig):
             raise ValueError(f"ttq_threshold must be a number in [0, 1), got {self.ttq_threshold!r}")
         if not 0 <= self.ttq_threshold < 1:
             raise ValueError(f"ttq_threshold must be a number in [0, 1), got {self.ttq_threshold!r}")
-
-
-def _rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
-    rows = shape[0] if shape else 1
-    return rows, math.prod(shape) // max(rows, 1)
-
-
-def code_formats(codes: torch.Tensor) -> dict[str, list[Field]]:
-    """The exact fields of each storage format for a tensor of ternary codes (scales excluded).
-
-    Args:
-        codes: Integer codes in ``{-1, 0, 1}``, shaped like the weight.
-
-    Returns:
-        ``{format name: fields}`` for every name in :data:`FORMATS`.
-    """
-    n = codes.numel()
-    nnz = int(torch.count_nonzero(codes))
-    rows, cols = _rows_cols(tuple(codes.shape))
-    return {
-        "dense": [Field("codes", n, 2)],
-        "bitmask": [Field("mask", n, 1), Field("signs", nnz, 1)],
-        "csr": [
-            Field("cols", nnz, index_bits(cols)),
-            Field("signs", nnz, 1),
-            Field("row_ends", rows, index_bits(nnz + 1)),
-        ],
-    }
-
-
-def _smallest_format(codes: torch.Tensor) -> tuple[str, list[Field]]:
-    formats = code_formats(codes)
-    name = min(FORMATS, key=lambda f: (sum(x.total_bits for x in formats[f]), FORMATS.index(f)))
-    return name, formats[name]
-
-
-def _encode(codes: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
-    codes = codes.detach().to(torch.int64).cpu()
-    if fmt == "dense":
-        # -1 -> 2 so the 2-bit code is unsigned.
-        return {"codes": pack_bits(torch.remainder(codes, 3), 2)}
-    nonzero = codes != 0
-    signs = pack_bits((codes[nonzero] < 0).to(torch.int64), 1)
-    if fmt == "bitmask":
-        return {"mask": pack_bits(nonzero.to(torch.int64), 1), "signs": signs}
-    rows, cols = _rows_cols(tuple(codes.shape))
-    nz2d = nonzero.reshape(rows, cols)
-    nnz = int(nz2d.sum())
-    col_index = nz2d.nonzero()[:, 1]
-    row_ends = nz2d.sum(dim=1).cumsum(0)
-    return {
-        "cols": pack_bits(col_index, index_bits(cols)),
-        "signs": signs,
-        "row_ends": pack_bits(row_ends, index_bits(nnz + 1)),
-    }
-
-
-def _decode(fmt: str, shape: tuple[int, ...], nnz: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    n = math.prod(shape)
-    if fmt == "dense":
-        raw = unpack_bits(tensors["codes"], 2, n)
-        if bool((raw == 3).any()):
-            raise ValueError("dense ternary codes hold the invalid 2-bit value 3")
-        if int(torch.count_nonzero(raw)) != nnz:
-            raise ValueError(f"dense codes hold {int(torch.count_nonzero(raw))} nonzeros, meta says nnz={nnz}")
-        return torch.where(raw == 2, -1, raw).to(torch.int8).reshape(shape)
-    negative = unpack_bits(tensors["signs"], 1, nnz)
-    values = 1 - 2 * negative
-    if fmt == "bitmask":
-        mask = unpack_bits(tensors["mask"], 1, n).bool()
-        if int(mask.sum()) != nnz:
-            raise ValueError(f"bitmask holds {int(mask.sum())} nonzeros, meta says nnz={nnz}")
-        codes = torch.zeros(n, dtype=torch.int64)
-        codes[mask] = values
-        return codes.to(torch.int8).reshape(shape)
-    rows, cols = _rows_cols(shape)
-    col_index = unpack_bits(tensors["cols"], index_bits(cols), nnz)
-    row_ends = unpack_bits(tensors["row_ends"], index_bits(nnz + 1), rows)
-    counts = torch.diff(row_ends, prepend=torch.zeros(1, dtype=torch.int64))
-    if bool((counts < 0).any()) or (rows and int(row_ends[-1]) != nnz) or bool((col_index >= cols).any()):
-        raise ValueError(f"corrupt csr ternary codes for shape {list(shape)} with nnz={nnz}")
-    row_index = torch.repeat_interleave(torch.arange(rows), counts)
-    codes = torch.zeros(rows, cols, dtype=torch.int64)
-    codes[row_index, col_index] = values
-    return codes.to(torch.int8).reshape(shape)
-
-
-def _unit_for(magnitude: torch.Tensor) -> torch.Tensor:
-    """The power of two at (or, by log2 rounding, just around) ``magnitude``. Multiplying by a
-    power of two is exact, so the weight ``unit * w_p`` and the float32 scale a file stores are
-    the same number, whichever power of two a loaded generator picks."""
-    return torch.exp2(torch.ceil(torch.log2(magnitude.detach().float().clamp_min(_TINY))))
-
-
-def _information_bits(counts: torch.Tensor, n: int) -> torch.Tensor:
-    """``n * H``: total bits of ``counts`` (last dim: the three codes) under their own frequencies."""
-    counts = counts.to(torch.float32)
-    return n * math.log2(max(n, 1)) - torch.special.xlogy(counts, counts).sum(-1) / math.log(2)
-
-
-def _ec2t_codes(
-    x: torch.Tensor, w_p: torch.Tensor, w_n: torch.Tensor, lam: float, shape: tuple[int, ...]
-) -> torch.Tensor:
-    """EC2T's assignment of latents ``x`` (shaped ``shape``) to ``{-w_n, 0, +w_p}``, int8 codes.
-
-    Each weight takes the code minimising ``(x - c)**2 + lam * I_c`` (all over ``max|x|``), with
-    ``I_c`` from the frequencies of the entropy-constrained partition found in the same call: the
-    zero band whose two edges minimise distortion plus ``lam`` times the partition's total bits,
-    searched on a grid of ``_GRID`` steps over ``[0, max|x|]``.
-
-    Two choices make sparsity grow with ``lam`` rather than jump. A candidate band's distortion
-    takes each side at its own mean, as the trained scales move towards it: scored with the
-    current scales a wider band only costs, and the optimum jumps from the nearest-centroid band
-    straight to all zeros. And the searched band is never narrower than the nearest-centroid band:
-    where zero starts as a rare code (uniformly spread weights), the binary ``{-w_n, +w_p}`` code,
-    one bit a weight, would otherwise win at moderate ``lam``, and the penalty would remove every
-    zero. (Iterating the per-weight rule from the nearest-centroid assignment, the paper's dynamics
-    without training in between, goes binary as soon as zero is the rarest code, as it is in a
-    Gaussian layer.)
-    """
-    n = math.prod(shape)
-    norm = x.abs().amax().clamp_min(_TINY)
-    v = (x / norm).reshape(-1)
-    p = w_p / norm
-    q = w_n / norm
-    # Integer histograms of |v| on each side are exact and order-independent, so the search (and
-    # the weight) is deterministic even where float scatter-adds are not; bin centres stand in for
-    # the values inside a bin.
-    negative = (v < 0).to(torch.int64)
-    bins = torch.floor(v.abs() * _GRID).clamp(max=_GRID).to(torch.int64)
-    hist = negative.new_zeros(2 * (_GRID + 2)).scatter_add(0, bins + negative * (_GRID + 2), torch.ones_like(bins))
-    hist = hist.reshape(2, _GRID + 2)
-    # Edge k gives a side's code to its weights in bins >= k; k = _GRID + 1 gives it to none.
-    edges = v.new_ones(_GRID + 2).cumsum(0) - 1
-    centres = (edges + 0.5).clamp(max=_GRID) / _GRID
-    at_least = hist.flip(-1).cumsum(-1).flip(-1)
-    sum_at_least = (hist * centres).flip(-1).cumsum(-1).flip(-1)
-    # Distortion saved by giving a side's weights beyond an edge their mean instead of zero.
-    gains = sum_at_least.square() / at_least.clamp_min(1)
-    gain_pos = gains[0].reshape(1, -1)
-    gain_neg = gains[1].reshape(-1, 1)
-    n_pos = at_least[0].reshape(1, -1).expand(_GRID + 2, -1)
-    n_neg = at_least[1].reshape(-1, 1).expand(-1, _GRID + 2)
-    counts = torch.stack((n - n_pos - n_neg, n_pos, n_neg), dim=-1)
-    cost = lam * _information_bits(counts, n) - gain_pos - gain_neg
-    wide_pos = (edges >= torch.floor(p * _GRID / 2)).reshape(1, -1)
-    wide_neg = (edges >= torch.floor(q * _GRID / 2)).reshape(-1, 1)
-    wide_enough = wide_pos & wide_neg
-    cost = torch.where(wide_enough, cost, torch.inf)
-    # index_select rather than indexing with a tensor scalar, which would need .item() on fake tensors.
-    best = counts.reshape(-1, 3).index_select(0, cost.reshape(-1).argmin().reshape(1)).reshape(3)
-    info = -torch.log2(best.clamp_min(1).to(torch.float32) / n)
-    cost_zero = v * v + lam * info[0]
-    cost_pos = (v - p) ** 2 + lam * info[1]
-    cost_neg = (v + q) ** 2 + lam * info[2]
-    # Ties go to zero, then to +; elementwise comparisons are much faster than an argmin over a
-    # stacked dimension on CPU.
-    pos = (cost_pos < cost_zero) & (cost_pos <= cost_neg)
-    neg = (cost_neg < cost_zero) & (cost_neg < cost_pos)
-    return (pos.to(torch.int8) - neg.to(torch.int8)).reshape(shape)
 
 
 class TernaryGenerator(WeightGenerator):
@@ -343,7 +160,7 @@ class TernaryGenerator(WeightGenerator):
         """
         gen = cls(tuple(weight.shape), device=weight.device, **options)
         w = weight.detach().float()
-        unit = _unit_for(w.abs().amax())
+        unit = unit_for(w.abs().amax())
         gen.unit.copy_(unit)
         gen.latent.data = w / unit
         # Masked sums rather than boolean indexing keep shapes static (the build may run on fake
@@ -358,9 +175,8 @@ class TernaryGenerator(WeightGenerator):
         """The codes the rule gives the current latents and scales (int8, no gradient)."""
         x = self.latent.detach()
         if self.rule == "ttq":
-            delta = self.ttq_threshold * x.abs().amax()
-            return (x > delta).to(torch.int8) - (x < -delta).to(torch.int8)
-        return _ec2t_codes(x, self.w_p.detach(), self.w_n.detach(), self.lam, self.shape)
+            return ttq_codes(x, self.ttq_threshold)
+        return ec2t_codes(x, self.w_p.detach(), self.w_n.detach(), self.lam, self.shape)
 
     def forward(self) -> torch.Tensor:
         """The ternary weight; gradients reach the latents (straight through, phase 1 only) and
@@ -392,17 +208,17 @@ class TernaryGenerator(WeightGenerator):
     @property
     def storage_format(self) -> str:
         """The format :meth:`pack` uses for the current codes: the smallest of :data:`FORMATS`."""
-        return _smallest_format(self.codes())[0]
+        return smallest_format(self.codes())[0]
 
     def storage(self) -> list[Field]:
         """The fields of the smallest format for the current codes, plus two float32 scales."""
-        return _smallest_format(self.codes())[1] + [Field("scales", 2, 32)]
+        return smallest_format(self.codes())[1] + [Field("scales", 2, 32)]
 
     def pack(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """The current codes in the smallest format and the scales as float32 ``[w_p, w_n]``
         (absolute, ``unit`` applied)."""
         codes = self.codes()
-        fmt, _ = _smallest_format(codes)
+        fmt, _ = smallest_format(codes)
         meta = {
             "format": fmt,
             "shape": list(self.shape),
@@ -411,7 +227,7 @@ class TernaryGenerator(WeightGenerator):
             "lam": self.lam,
             "ttq_threshold": self.ttq_threshold,
         }
-        tensors = _encode(codes, fmt)
+        tensors = encode(codes, fmt)
         tensors["scales"] = torch.stack(self.scales()).to(torch.float32).cpu()
         return meta, tensors
 
@@ -432,10 +248,10 @@ class TernaryGenerator(WeightGenerator):
         scales = tensors["scales"]
         if scales.shape != (2,) or scales.dtype != torch.float32:
             raise ValueError(f"ternary scales must be 2 float32 values, got {scales.dtype} {list(scales.shape)}")
-        codes = _decode(fmt, shape, int(meta["nnz"]), tensors)
+        codes = decode(fmt, shape, int(meta["nnz"]), tensors)
         gen = cls(shape, rule=meta["rule"], lam=float(meta["lam"]), ttq_threshold=float(meta["ttq_threshold"]))
         with torch.no_grad():
-            gen.unit.copy_(_unit_for(scales.abs().amax()))
+            gen.unit.copy_(unit_for(scales.abs().amax()))
             gen.w_p.copy_(scales[0] / gen.unit)
             gen.w_n.copy_(scales[1] / gen.unit)
             gen.latent.copy_(torch.where(codes == 1, gen.w_p, torch.where(codes == -1, -gen.w_n, 0.0)))
