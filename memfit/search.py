@@ -222,20 +222,28 @@ class PlanSearch:
             plain = self.verify([(0, self.chain.m, "plain")], "none")
             if plain is not None:
                 return plain
-        found = self._best_first(names, room, deadline) or self._between(names, room)
+        found, gave_up = self._best_first(names, room, deadline)
+        if found is None or gave_up:
+            # where the chain misprices the plans near the budget: bisect what was not tried, so
+            # that a looser budget never gets a costlier plan than a tighter one did
+            between = self._between([n for n in names if found is None or n in gave_up], room)
+            if between is not None and (found is None or between.cost < found.cost):
+                found = between
         if found is not None:
             return found
         least = self.least(names, budget_bytes)
         return least if least.peak_bytes <= room else None
 
-    def _best_first(self, names: Sequence[str], room: int, deadline: float) -> Verified | None:
+    def _best_first(self, names: Sequence[str], room: int, deadline: float) -> tuple[Verified | None, set[str]]:
         """Best-first search over strategies and tightenings, in order of predicted cost.
 
         Every strategy plans for the room first; plans are verified cheapest first, and one whose
         dry run exceeds the room is planned again for a target lowered by the excess (at most
         ``VERIFY_ROUNDS`` times per strategy): usually one dry run in all. No strategy's plan is
         assumed costlier than another's (a hand-written policy can beat dp's where dp's plans
-        fail verification). Past ``deadline`` no further strategy starts.
+        fail verification). Past ``deadline`` no further strategy starts. Also returns the
+        strategies that gave up on the way: their plans between the failed ones and the budget
+        were never tried, and may be cheaper than the one found.
         """
         chain = self.chain
         # (cost or its lower bound, strategy index, round, tie-break, target, spans or None: not planned)
@@ -247,6 +255,7 @@ class PlanSearch:
 
         for i in range(len(names)):
             push(0, i, 0, room + self.shift, None)
+        gave_up: set[str] = set()
         while heap:
             bound, i, rnd, _, target, spans = heapq.heappop(heap)
             if spans is None:
@@ -255,17 +264,21 @@ class PlanSearch:
                 spans = STRATEGIES[names[i]].cheapest(chain, target)
                 if spans is not None:
                     push(chain.cost(spans), i, rnd, target, spans)
+                elif rnd > 0:
+                    gave_up.add(names[i])
                 continue
             result = self.verify(spans, names[i])
             if result is None:  # a plan that cannot run is discarded like one that does not fit
                 continue
             excess = result.peak_bytes - room
             if excess <= 0:
-                return result
+                return result, gave_up
             if rnd + 1 < VERIFY_ROUNDS:
                 # a little more than the excess, so the next round does not graze the budget
                 push(bound, i, rnd + 1, target - excess - room // 500, None)
-        return None
+            else:
+                gave_up.add(names[i])
+        return None, gave_up
 
     def _between(self, names: Sequence[str], room: int) -> Verified | None:
         """The cheapest verified plan between the least-peak one and the budget, by bisecting the
