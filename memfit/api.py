@@ -13,6 +13,7 @@ from .capture.trainstep import OptimizerSpec, StepConfig
 from .cost import workspace
 from .cost.measurement import measure_step
 from .cost.parallel import Parallel
+from .errors import MemfitInputError
 from .report.build import report_from_graph, with_storage
 from .report.memory import MemoryReport
 
@@ -114,6 +115,12 @@ def measure(
     config = _config(optimizer, amp, loss_fn, accumulate)
     model = check_model(model)
     inputs = as_inputs(example_inputs)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers(), *inputs.tensors)):
+        raise MemfitInputError(
+            "model or example_inputs are on the meta device, where nothing is allocated, so there is no memory "
+            "to measure; use memfit.estimate for a prediction, or materialise the model first "
+            "(model.to_empty(device='cpu') and real inputs)"
+        )
     m = measure_step(model, inputs, config)
     breakdown = dict(m.at_tensor_peak)
     report = MemoryReport(

@@ -161,3 +161,14 @@ def test_an_unknown_compression_method_is_refused_before_planning() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(memfit.MemfitInputError, match=r"compress='foo'"):
         memfit.optimize(model, 1e-3, torch.randn(2, 4), compress="foo")
+
+
+def test_a_meta_model_is_estimated_with_unmeasured_workspaces_and_refused_by_measure() -> None:
+    """Nothing runs on the meta device: the estimate says its workspaces are unmeasured (they
+    were silently 0), and measure refuses (it reported a peak below parameters and gradients)."""
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).to("meta")
+    x = torch.randn(8, 64, device="meta")
+    report = memfit.estimate(net, x)
+    assert any("meta device" in note for note in report.notes)
+    with pytest.raises(memfit.MemfitInputError, match="meta device"):
+        memfit.measure(net, x)

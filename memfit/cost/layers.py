@@ -177,6 +177,9 @@ def calibrate_layers(
             if spec is None:
                 yield Calibrated(info, None)
                 continue
+            if graph.device == "meta":  # nothing runs there: what the real device would take is unknown
+                yield Calibrated(info, spec, error="the model is on the meta device, where no kernel runs")
+                continue
             try:
                 yield Calibrated(info, spec, measure(info, spec, noise))
             except Exception as e:  # noqa: BLE001  one layer's failure must not stop the others
