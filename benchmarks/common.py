@@ -17,6 +17,8 @@ from torch import nn
 import memfit
 
 MiB = 2**20
+# Where memfit caches its calibrated workspaces and times (default ~/.cache/memfit).
+CACHE_ENV = "MEMFIT_CACHE_DIR"
 # A zoo CNN gets a CIFAR stem so that 32x32 inputs keep activations, not weights, dominant.
 CIFAR_STEM = ("resnet", "vgg", "mobilenet")
 
@@ -120,6 +122,31 @@ def levels_between(low: float, high: float, levels: Sequence[float]) -> list[flo
     return [low + level * (high - low) for level in levels]
 
 
+def plans_between(
+    case: Case, strategy: str, high: float, levels: Sequence[float], **options: object
+) -> tuple[float, list[tuple[float | None, float | None, nn.Module | str]]]:
+    """A strategy's feasible minimum and its plans at ``levels`` of the way from it to ``high``.
+
+    ``options`` go to ``memfit.minimum`` and ``memfit.optimize``. A plan that fails is its reason
+    (``"n/a: ..."``); without a minimum there is one such row, with no level or budget.
+
+    Returns:
+        The minimum in MiB (NaN without one) and (level, budget MiB, planned module or reason) rows.
+    """
+    try:
+        lowest = memfit.minimum(case.model, case.x, strategy=strategy, **options)
+    except memfit.MemfitError as e:
+        return float("nan"), [(None, None, f"n/a: {first_line(e)}")]
+    rows: list[tuple[float | None, float | None, nn.Module | str]] = []
+    for level, budget in zip(levels, levels_between(lowest, high, levels)):
+        try:
+            planned: nn.Module | str = memfit.optimize(case.model, budget, case.x, strategy=strategy, **options)
+        except memfit.MemfitError as e:
+            planned = f"n/a: {first_line(e)}"
+        rows.append((level, budget, planned))
+    return lowest, rows
+
+
 def first_line(exc: BaseException) -> str:
     """An exception as one short line: its type and the first line of its message."""
     text = str(exc).strip().splitlines()
@@ -130,6 +157,11 @@ def first_line(exc: BaseException) -> str:
 def fmt(value: float | None, digits: int = 2) -> str:
     """A figure with fixed decimals, ``--`` where there is none."""
     return "--" if value is None else f"{value:.{digits}f}"
+
+
+def level_cell(level: float | None) -> str:
+    """A budget level as ``25%``, ``--`` where there is none."""
+    return "--" if level is None else f"{level:.0%}"
 
 
 def percent(ratio: float | None) -> str:

@@ -33,14 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import memfit
-from memfit.compressors import CompressConfig, GeneratedConfig, Recipe, SharedConfig, TernaryConfig, storage_table
-from memfit.io.datasets import Split, cifar, digits
 
-VARIANTS: dict[str, tuple[str, CompressConfig]] = {
-    "ternary": ("ternary", TernaryConfig()),
-    "ternary-ttq": ("ternary", TernaryConfig(rule="ttq")),
-    "generated": ("generated", GeneratedConfig()),
-    "shared": ("shared", SharedConfig()),
+VARIANTS: dict[str, tuple[str, memfit.compressors.CompressConfig]] = {
+    "ternary": ("ternary", memfit.compressors.TernaryConfig()),
+    "ternary-ttq": ("ternary", memfit.compressors.TernaryConfig(rule="ttq")),
+    "generated": ("generated", memfit.compressors.GeneratedConfig()),
+    "shared": ("shared", memfit.compressors.SharedConfig()),
 }
 LOOPS = ("recipe", "plain")
 # The issue's bar: every method's worst seed within this many points of the reference's mean.
@@ -57,14 +55,14 @@ class Storage:
     train_params_mb: float
 
 
-def evaluate(model: nn.Module, data: Split) -> float:
+def evaluate(model: nn.Module, data: memfit.datasets.Split) -> float:
     model.eval()
     with torch.no_grad():
         pred = torch.cat([model(x).argmax(-1) for x in data.x_test.split(256)])
     return 100.0 * (pred == data.y_test).float().mean().item()
 
 
-def plain_train(model: nn.Module, data: Split, epochs: int, *, seed: int, lr: float = 1e-3, batch: int = 64) -> None:
+def plain_train(model: nn.Module, data: memfit.datasets.Split, epochs: int, *, seed: int, lr: float = 1e-3, batch: int = 64) -> None:
     """The loop a user writes: Adam, cross-entropy, cosine annealing per step, shuffled batches."""
     order = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -80,7 +78,7 @@ def plain_train(model: nn.Module, data: Split, epochs: int, *, seed: int, lr: fl
 
 
 def storage(model: nn.Module, batch: torch.Tensor) -> Storage:
-    table = storage_table(model)
+    table = memfit.compressors.storage_table(model)
     with tempfile.TemporaryDirectory() as tmp:
         file_bytes = memfit.save(model, os.path.join(tmp, "model.memfit"))
     predicted = memfit.estimate(model, batch, optimizer="adam")
@@ -88,7 +86,7 @@ def storage(model: nn.Module, batch: torch.Tensor) -> Storage:
                    predicted.peak_mb, predicted.parameters_mb)
 
 
-def run_seed(args: argparse.Namespace, data: Split, seed: int, accuracy: dict[str, list[float]],
+def run_seed(args: argparse.Namespace, data: memfit.datasets.Split, seed: int, accuracy: dict[str, list[float]],
              stored: dict[str, Storage]) -> None:
     """One seed: dense training, the reference, and every method under both loops; accuracies are
     appended to ``accuracy`` under ``"reference"`` and ``"method/loop"``."""
@@ -105,7 +103,7 @@ def run_seed(args: argparse.Namespace, data: Split, seed: int, accuracy: dict[st
             torch.manual_seed(seed)
             model = memfit.compress(base, method, config, example_inputs=batch)
             if loop == "recipe":
-                Recipe(teacher=base).finetune(model, data.x_train, data.y_train, args.finetune, seed=seed + 1)
+                memfit.compressors.Recipe(teacher=base).finetune(model, data.x_train, data.y_train, args.finetune, seed=seed + 1)
             else:
                 plain_train(model, data, args.finetune, seed=seed + 1)
             accuracy.setdefault(f"{name}/{loop}", []).append(evaluate(model, data))
@@ -139,8 +137,8 @@ def accuracy_table(accuracy: dict[str, list[float]], methods: list[str]) -> list
 
 
 def storage_lines(stored: dict[str, Storage], torch_save_bytes: int) -> list[str]:
-    lines = ["| method | weights x (comp) | layers x (comp) | file KiB (meas) | torch.save KiB (meas) | "
-             "zeros (comp) | train peak MiB (pred) | params MiB (pred) |",
+    lines = [("| method | weights x (comp) | layers x (comp) | file KiB (meas) | torch.save KiB (meas) | "
+              "zeros (comp) | train peak MiB (pred) | params MiB (pred) |"),
              "|---|---|---|---|---|---|---|---|"]
     for name, s in stored.items():
         lines.append(f"| {name} | {s.weight_ratio:.1f}x | {s.covered_ratio:.1f}x | {s.file_bytes / 1024:.1f} | "
@@ -162,7 +160,7 @@ def main() -> None:
     p.add_argument("--cifar10", metavar="DIR", help="use CIFAR-10 from DIR/cifar-10-python.tar.gz instead of digits")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    data = cifar("cifar10", args.cifar10) if args.cifar10 else digits(args.size)
+    data = memfit.datasets.cifar("cifar10", args.cifar10) if args.cifar10 else memfit.datasets.digits(args.size)
     dataset = "CIFAR-10" if args.cifar10 else f"digits {args.size}x{args.size}"
     print(f"resnet18 (cifar stem, width {args.width}) on {dataset}, seeds 0-{args.seeds - 1}: {args.epochs} epochs "
           f"dense, then {args.finetune} epochs compressed (reference: {args.finetune} more dense); Adam 1e-3, "

@@ -17,7 +17,7 @@ import argparse
 import time
 
 import torch
-from common import Case, MiB, Table, build_case, first_line, fmt, footer, levels_between, section, time_ratios
+from common import Case, MiB, Table, build_case, fmt, footer, level_cell, plans_between, section, time_ratios
 from torch import nn
 
 import memfit
@@ -41,19 +41,10 @@ def strategies_table(case: Case, strategies: list[str], levels: list[float], rou
     pred = memfit.estimate(case.model, case.x).peak_mb
     meas = memfit.measure(case.model, case.x).peak_mb
     print(f"{case.name} (batch {case.shape}): unplanned peak {pred:.2f} MiB (pred), {meas:.2f} MiB (meas)")
-    rows: list[tuple[str, float, float, float, nn.Module | str]] = []
+    rows: list[tuple[str, float, float | None, float | None, nn.Module | str]] = []
     for strategy in strategies:
-        try:
-            minimum = memfit.minimum(case.model, case.x, strategy=strategy)
-        except memfit.MemfitError as e:
-            rows.append((strategy, float("nan"), 0.0, 0.0, f"n/a: {first_line(e)}"))
-            continue
-        for level, budget in zip(levels, levels_between(minimum, pred, levels)):
-            try:
-                planned: nn.Module | str = memfit.optimize(case.model, budget, case.x, strategy=strategy)
-            except memfit.MemfitError as e:
-                planned = f"n/a: {first_line(e)}"
-            rows.append((strategy, minimum, level, budget, planned))
+        minimum, plans = plans_between(case, strategy, pred, levels)
+        rows += [(strategy, minimum, *plan) for plan in plans]
     timed = {str(i): r[4] for i, r in enumerate(rows) if not isinstance(r[4], str)}
     ratios, ms = time_ratios({"unplanned": case.model, **timed}, "unplanned", case.x, rounds)
     table = Table(
@@ -72,7 +63,7 @@ def strategies_table(case: Case, strategies: list[str], levels: list[float], rou
     )
     for i, (strategy, minimum, level, budget, planned) in enumerate(rows):
         if isinstance(planned, str):
-            table.row(strategy, fmt(minimum), f"{level:.0%}", fmt(budget), note=planned)
+            table.row(strategy, fmt(minimum), level_cell(level), fmt(budget), note=planned)
             continue
         plan = planned.plan
         peak = memfit.measure(planned, case.x).peak_mb
@@ -80,7 +71,7 @@ def strategies_table(case: Case, strategies: list[str], levels: list[float], rou
         table.row(
             strategy,
             fmt(minimum),
-            f"{level:.0%}",
+            level_cell(level),
             fmt(budget),
             fmt(plan.peak_after_bytes / MiB),
             fmt(peak),

@@ -20,12 +20,11 @@ import tempfile
 import time
 
 _started = time.perf_counter()  # before torch: import time is reported apart from planning time
-from common import MiB, Table, build_case, fmt, footer, section
+from common import CACHE_ENV, MiB, Table, build_case, fmt, footer, section
 
 import memfit
 
 IMPORT_SECONDS = time.perf_counter() - _started
-CACHE_ENV = "MEMFIT_CACHE_DIR"
 STRATEGIES = ["dp", "selective", "chen", "auto"]
 BUDGET = 0.4  # of the unplanned predicted peak
 # On a shared two-core machine one run's time says more about the neighbours than about memfit.

@@ -1,157 +1,170 @@
-"""Time cost model benchmark: predicted against measured extra step time of recomputation plans.
+"""Time cost model: predicted against measured extra step time of memfit's plans.
 
-For memfit's ``resnet18`` (CIFAR stem, batch 32) and ``gpt`` (4 layers, width 128, batch 8x128),
-the step is captured and calibrated (workspaces, then times: :mod:`memfit.cost.timing`), and for
-each strategy and budget the chain's cheapest plan, priced by the time model, is enacted. Each plan
-row gives its predicted extra time (the recomputed nodes' calibrated forward times) and its
-measured one: CPU time of the training step (forward, loss, backward, SGD) on one intra-op thread,
-the median over interleaved pairs of unplanned and planned steps of their difference, and the
-ratio of the two. Budgets sit at the given fractions of the way from the chain's least peak to the
-unplanned peak (predicted). Calibration time is reported with an empty cache (cold).
+For memfit's ``resnet18`` (CIFAR stem, batch 32) and ``gpt`` (4 layers, n_embd 128, batch 8x128),
+memfit.optimize plans for every strategy (and auto) at budgets --levels of the way from that
+strategy's feasible minimum (memfit.minimum) to the unplanned predicted peak (memfit.estimate).
+Each row gives the plan's predicted peak and its predicted extra step time (``plan.extra_seconds``:
+the calibrated times of what it recomputes; % of ``plan.step_seconds``, the unplanned forward and
+backward), and the extra time measured: CPU time of the training step (forward, loss, backward,
+SGD) on one intra-op thread, median over interleaved rounds of the planned step over the unplanned
+one (benchmarks/common.py's time_ratios), and predicted over measured. Planning runs on one
+intra-op thread too, so the time model is calibrated as the steps are measured. Each distinct plan
+is timed once; a row whose plan another row has already made says which.
 
-    .venv/bin/python benchmarks/timing.py                       # both models, about ten minutes
-    .venv/bin/python benchmarks/timing.py --models gpt --repeats 5
+    .venv/bin/python benchmarks/timing.py --quick             # smaller shapes, 2 budgets, 3 rounds
+    .venv/bin/python benchmarks/timing.py                     # both models, 3 budgets, 7 rounds
+    .venv/bin/python benchmarks/timing.py --models gpt --levels 50 --rounds 9 --cold
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
-import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+from common import (
+    CACHE_ENV,
+    Case,
+    MiB,
+    Table,
+    build_case,
+    fmt,
+    footer,
+    level_cell,
+    percent,
+    plans_between,
+    section,
+    time_ratios,
+)
 from torch import nn
 
 import memfit
-from memfit.capture.dryrun import capture
-from memfit.capture.inputs import as_inputs
-from memfit.capture.trace import graph_of
-from memfit.capture.trainstep import StepConfig, make_optimizer, run_step, unique_trainable
-from memfit.cost import timing, workspace
-from memfit.planner import STRATEGIES, Chain, Plan
-from memfit.report.memory import mib
-from memfit.rewrite.checkpoint import rewrite
 
-STRATEGY_NAMES = ("chen", "dp", "selective")
+STRATEGIES = ["chen", "dp", "selective", "handwritten", "auto"]
+# name -> (batch, per-sample shape, options of memfit.models.create), full and --quick.
+MODELS = {"resnet18": (32, "3x32x32", {}), "gpt": (8, "128", {"n_layer": 4, "n_embd": 128})}
+QUICK = {"resnet18": (8, "3x32x32", {"width": 32}), "gpt": (4, "64", {"n_layer": 2, "n_embd": 64})}
+LEVELS, QUICK_LEVELS = [25, 50, 75], [30, 70]
+ROUNDS, QUICK_ROUNDS = 7, 3
 
 
-def case(name: str) -> tuple[nn.Module, torch.Tensor]:
-    """The model and a seeded batch."""
-    torch.manual_seed(0)
-    if name == "gpt":
-        model = memfit.models.create("gpt", n_layer=4, n_embd=128)
-        return model, torch.randint(0, model.wte.num_embeddings, (8, 128))
-    return memfit.models.create(name, stem="cifar", num_classes=10), torch.randn(32, 3, 32, 32)
+@dataclass
+class Row:
+    """One strategy at one budget: the plan, or why there is none, and the row whose plan it is."""
+
+    strategy: str
+    level: float | None
+    budget: float | None
+    planned: nn.Module | str
+    same_as: int | None = None
 
 
-def stepper(module: nn.Module, x: torch.Tensor) -> Callable[[], float]:
-    """One SGD training step of ``module``; returns its CPU time on this thread."""
-    config = StepConfig()
-    optimizer = make_optimizer("sgd", unique_trainable(module.parameters()))
-    module.train()
-
-    def step() -> float:
-        start = time.thread_time()
-        run_step(lambda: module(x), config, x.device.type, optimizer, lambda phase, node: None)
-        optimizer.zero_grad(set_to_none=True)
-        return time.thread_time() - start
-
-    return step
+def plan_key(segments: tuple) -> tuple:
+    """What makes two plans the same plan: their segments' nodes and treatments (not their timed
+    figures, which a recalibration may move)."""
+    return tuple((s.nodes, s.kind, plan_key(s.inner)) for s in segments)
 
 
-def measured_extra(reference: nn.Module, planned: nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, float, float]:
-    """Median over interleaved pairs (order alternating) of planned minus unplanned step CPU time,
-    the unplanned step's median, and the difference of the two modules' fastest steps, in seconds
-    (the least disturbed by other processes)."""
-    steps = (stepper(reference, x), stepper(planned, x))
-    for step in steps:
-        step()  # warm-up: first-call allocations and oneDNN primitives
-    diffs, base, planned_s = [], [], []
-    for i in range(repeats):
-        took = [0.0, 0.0]
-        for k in (0, 1) if i % 2 == 0 else (1, 0):
-            took[k] = steps[k]()
-        diffs.append(took[1] - took[0])
-        base.append(took[0])
-        planned_s.append(took[1])
-    return statistics.median(diffs), statistics.median(base), min(planned_s) - min(base)
+def plans(case: Case, strategies: list[str], levels: list[float]) -> tuple[float, list[Row]]:
+    """The unplanned predicted peak, and every strategy's plan at every level."""
+    unplanned = memfit.estimate(case.model, case.x, optimizer=None).peak_mb
+    rows: list[Row] = []
+    seen: dict[tuple, int] = {}
+    for strategy in strategies:
+        for level, budget, planned in plans_between(case, strategy, unplanned, levels, optimizer=None)[1]:
+            if isinstance(planned, str):
+                rows.append(Row(strategy, level, budget, planned))
+                continue
+            key = plan_key(tuple(planned.plan.segments))
+            rows.append(Row(strategy, level, budget, planned, seen.get(key)))
+            seen.setdefault(key, len(rows) - 1)
+    return unplanned, rows
 
 
-def calibrated(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, Chain, float, float]:
-    """The traced module, the timed chain, and the wall and CPU seconds time calibration took."""
-    inputs = as_inputs(x)
-    gm = graph_of(model, [], inputs)
-    config = StepConfig()
-    graph = capture(model, inputs, config, gm=gm)
-    workspace.calibrate(graph, gm, inputs.tensors, config)
-    wall, cpu = time.perf_counter(), time.process_time()
-    timing.calibrate_times(graph, gm, inputs.tensors, config)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    missing = timing.unmeasured(graph)
-    print(f"  calibration (cold): {wall:.2f} s wall, {cpu:.2f} s CPU; unmeasured nodes: {len(missing)} {sorted(missing)}")
-    return gm, Chain(graph), wall, cpu
-
-
-def run_model(name: str, fractions: list[float], repeats: int) -> None:
-    """Print the plans' table for one model."""
-    model, x = case(name)
-    print(f"\n{name}, batch {'x'.join(map(str, x.shape))}")
-    gm, chain, _, _ = calibrated(model, x)
-    unplanned = chain.peak([(i, i + 1, "plain") for i in range(chain.m)])
-    cost = chain.graph.checkpoint_cost
-    print(f"  predicted step (forward + backward): {1e3 * chain.step_seconds:.0f} ms; checkpointing adds {1e6 * cost.segment:.0f} us a segment, "
-          f"{1e6 * cost.per_operator:.1f} us an operator, {1e6 * cost.selective_per_operator:.1f} more if selective")
-    header = (
-        f"  {'strategy':<10} {'budget':>6} {'peak MiB':>8} {'FLOPs %':>7} {'pred ms':>8} {'meas ms':>8} {'pred %':>7} "
-        f"{'meas %':>7} {'pred/meas':>9} {'min ms':>7}"
+def model_table(case: Case, strategies: list[str], levels: list[float], rounds: int) -> None:
+    """Plan, time every distinct plan against the unplanned step and print the table for one case."""
+    unplanned, rows = plans(case, strategies, levels)
+    timed = {str(i): r.planned for i, r in enumerate(rows) if not isinstance(r.planned, str) and r.same_as is None}
+    ratios, ms = time_ratios({"unplanned": case.model, **timed}, "unplanned", case.x, rounds)
+    step_s = next((r.planned.plan.step_seconds for r in rows if not isinstance(r.planned, str)), 0.0)
+    print(
+        f"{case.name} (batch {case.shape}): unplanned peak {unplanned:.2f} MiB (pred); unplanned step "
+        f"{1e3 * step_s:.0f} ms forward and backward (pred), {ms:.0f} ms with loss and SGD (meas, median); "
+        f"{len(timed)} distinct plans timed\n"
     )
-    print(header)
-    print("  " + "-" * (len(header) - 2))
-    seen: dict[tuple, str] = {}
-    for s in STRATEGY_NAMES:
-        strategy = STRATEGIES[s]
-        low = chain.peak(strategy.lowest_peak(chain))
-        for f in fractions:
-            spans = strategy.cheapest(chain, int(low + f * (unplanned - low)))
-            if spans is None:
-                print(f"  {s:<10} {f:>6.0%} no plan")
-                continue
-            row = f"  {s:<10} {f:>6.0%}"
-            if tuple(spans) in seen:
-                print(f"{row} the plan of {seen[tuple(spans)]}")
-                continue
-            seen[tuple(spans)] = row.strip()
-            plan = Plan(segments=chain.to_segments(spans), strategy=s, forward_flops=chain.forward_flops)
-            plan.step_seconds = chain.step_seconds
-            planned = rewrite(model, gm, plan)
-            extra, base, least = measured_extra(copy.deepcopy(model), copy.deepcopy(planned), x, repeats)
-            ratio = plan.extra_seconds / extra if extra > 0 else float("nan")
-            print(
-                f"{row} {mib(chain.peak(spans)):>8.2f} {plan.extra_flops_percent:>7.1f} "
-                f"{1e3 * plan.extra_seconds:>8.1f} {1e3 * extra:>8.1f} {plan.extra_time_percent:>7.1f} "
-                f"{100 * extra / base:>7.1f} {ratio:>9.2f} {1e3 * least:>7.1f}"
-            )
+    table = Table(
+        [
+            ("strategy", "", 18),
+            ("level", "given", 7),
+            ("budget", "MiB", 9),
+            ("peak MiB", "pred", 10),
+            ("extra ms", "pred", 10),
+            ("extra %", "pred", 9),
+            ("extra ms", "meas", 10),
+            ("extra %", "meas", 9),
+            ("pred/meas", "", 10),
+        ]
+    )
+    for i, row in enumerate(rows):
+        if isinstance(row.planned, str):
+            table.row(row.strategy, level_cell(row.level), fmt(row.budget), note=row.planned)
+            continue
+        plan = row.planned.plan
+        name = row.strategy if row.strategy != "auto" else f"auto ({plan.strategy})"
+        timed_at = i if row.same_as is None else row.same_as
+        ratio = ratios[str(timed_at)]
+        measured = (ratio - 1) * ms / 1e3
+        first = rows[timed_at]
+        note = "" if first is row else f"timed above: the plan of {first.strategy} at {level_cell(first.level)}"
+        table.row(
+            name,
+            level_cell(row.level),
+            fmt(row.budget),
+            fmt(plan.peak_after_bytes / MiB),
+            fmt(1e3 * plan.extra_seconds, 1),
+            fmt(plan.extra_time_percent, 1),
+            fmt(1e3 * measured, 1),
+            percent(ratio),
+            fmt(plan.extra_seconds / measured) if measured > 0 else "--",
+            note=note,
+        )
+    print()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and print a table per model."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["resnet18", "gpt"], choices=["resnet18", "gpt"])
-    p.add_argument("--fractions", nargs="+", type=float, default=[0.3, 0.7], help="budgets between least and unplanned peak")
-    p.add_argument("--repeats", type=int, default=7, help="interleaved step pairs per plan")
-    args = p.parse_args()
-    torch.set_num_threads(1)
-    os.environ[workspace.CACHE_ENV] = tempfile.mkdtemp(prefix="memfit-timing-")  # cold calibration
-    load = os.getloadavg()[0]
-    print(f"memfit {memfit.__version__}, torch {torch.__version__}, 1 thread, {os.cpu_count()} CPUs, load {load:.2f}")
-    print("pred: the time model (calibrated forward times of the recomputed nodes); meas: CPU time of the SGD step,")
-    print(f"median over {args.repeats} interleaved pairs of planned minus unplanned; % of the unplanned step;")
-    print("min: the planned module's fastest step minus the unplanned one's")
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="default: both")
+    p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=STRATEGIES, help="default: all")
+    p.add_argument("--levels", nargs="+", type=float, default=None, help="budget levels in %% (default 25 50 75)")
+    p.add_argument(
+        "--rounds", "--repeats", type=int, default=None, help=f"interleaved timing rounds (default {ROUNDS})"
+    )
+    p.add_argument("--quick", action="store_true", help="smaller shapes, levels 30 70, 3 rounds")
+    p.add_argument("--cold", action="store_true", help=f"calibrate in an empty cache (${CACHE_ENV}), not the user's")
+    args = p.parse_args(argv)
+    shapes = QUICK if args.quick else MODELS
+    levels = [v / 100 for v in (args.levels or (QUICK_LEVELS if args.quick else LEVELS))]
+    rounds = args.rounds or (QUICK_ROUNDS if args.quick else ROUNDS)
+    if args.cold:
+        os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="memfit-timing-")
+    torch.set_num_threads(1)  # the time model calibrates on the thread count it will be compared at
+    started = time.perf_counter()
+    print(
+        f"memfit {memfit.__version__}, torch {torch.__version__}, 1 intra-op thread, {os.cpu_count()} CPUs, "
+        f"load {os.getloadavg()[0]:.2f}, step: SGD, fp32"
+    )
+    section("Extra step time of recomputation: the time model against the step")
+    print("level: where the budget lies from the strategy's feasible minimum (0%) to the unplanned predicted peak")
+    print("(100%). extra %: of the unplanned step, pred of its forward and backward, meas of the whole SGD step;")
+    print(f"meas: median over {rounds} interleaved rounds of planned over unplanned step CPU time, after a warm-up.\n")
     for name in args.models:
-        run_model(name, args.fractions, args.repeats)
+        batch, shape, options = shapes[name]
+        model_table(build_case(name, batch, shape, **options), args.strategies, levels, rounds)
+    footer(started)
 
 
 if __name__ == "__main__":

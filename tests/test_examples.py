@@ -16,16 +16,13 @@ import memfit
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").rglob("*.py"))
 SCRIPTS = EXAMPLES + sorted((ROOT / "benchmarks").glob("*.py"))
-PRIVATE = pytest.mark.xfail(strict=True, reason="its private imports are being replaced in the compress worktree")
 
 
 def _name(path: Path) -> str:
     return f"{path.parent.name}/{path.name}"
 
 
-@pytest.mark.parametrize(
-    "path", [pytest.param(p, marks=PRIVATE) if _name(p) == "benchmarks/compress.py" else p for p in SCRIPTS], ids=_name
-)
+@pytest.mark.parametrize("path", SCRIPTS, ids=_name)
 def test_example_uses_only_the_public_api(path: Path) -> None:
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
