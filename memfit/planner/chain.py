@@ -209,24 +209,29 @@ class Chain:
         return bad
 
     def _candidates(self, cut: np.ndarray, act: np.ndarray, bad: np.ndarray, limit: int, forced: set[int]) -> list[int]:
-        """Boundary positions: local minima of the crossing bytes, thinned evenly by activation
-        memory when there are too many, topped up with the smallest other cuts when too few; and
-        ``forced`` ones (the blocks' boundaries) wherever they do not split an in-place write."""
+        """Boundary positions, at most ``limit``: ``forced`` ones first (the blocks' boundaries,
+        wherever they do not split an in-place write; evenly thinned if they alone are too many),
+        then local minima of the crossing bytes, thinned evenly by activation memory when there
+        are too many, topped up with the smallest other cuts when too few."""
         n = len(self.names)
-        inner = [i for i in range(1, n) if not bad[i]]
-        minima = [i for i in inner if cut[i] <= cut[i - 1] and cut[i] <= cut[i + 1]]
         room = max(0, limit - 2)
+        kept = sorted(p for p in forced if 0 < p < n and not bad[p])
+        if len(kept) > room:
+            kept = sorted({kept[round(k)] for k in np.linspace(0, len(kept) - 1, room)}) if room else []
+        taken = set(kept)
+        room -= len(kept)
+        inner = [i for i in range(1, n) if not bad[i] and i not in taken]
+        minima = [i for i in inner if cut[i] <= cut[i - 1] and cut[i] <= cut[i + 1]]
         if len(minima) > room:
             cum = np.cumsum(act)
             weight = np.array([cum[i - 1] for i in minima], dtype=np.float64)
-            marks = np.linspace(weight[0], weight[-1], room)
+            marks = np.linspace(weight[0], weight[-1], room) if room else []
             chosen = sorted({minima[int(np.argmin(np.abs(weight - m)))] for m in marks})
         else:
             chosen = list(minima)
             rest = sorted((i for i in inner if i not in set(minima)), key=lambda i: (cut[i], i))
             chosen = sorted(chosen + rest[: room - len(chosen)])
-        chosen = sorted(set(chosen) | {p for p in forced if 0 < p < n and not bad[p]})
-        return [0, *chosen, n]
+        return [0, *sorted(taken | set(chosen)), n]
 
     def _crossing_tables(self, prod: dict[int, int], lastuse: dict[int, int]) -> None:
         """Tables over candidate pairs (a, b).
