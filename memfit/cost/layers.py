@@ -250,7 +250,7 @@ def _layer_spec(
 
 
 class _Skip(Exception):
-    pass
+    """An argument that is not one plain tensor: the layer cannot be rebuilt to run alone."""
 
 
 class _Slot:
