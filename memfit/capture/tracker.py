@@ -66,7 +66,7 @@ class StorageTracker(TorchDispatchMode):
         """The storage id of a tensor's storage, or None when the tracker never saw it."""
         return self._live.get(id(t.untyped_storage()))
 
-    def _add(self, storage: torch.UntypedStorage) -> tuple[int, bool]:
+    def _add(self, storage: torch.UntypedStorage, nbytes: int | None = None) -> tuple[int, bool]:
         key = id(storage)
         sid = self._live.get(key)
         if sid is not None:
@@ -74,7 +74,7 @@ class StorageTracker(TorchDispatchMode):
         sid = self._next_sid
         self._next_sid += 1
         self._live[key] = sid
-        self.nbytes[sid] = storage.nbytes()
+        self.nbytes[sid] = storage.nbytes() if nbytes is None else nbytes
         weakref.finalize(storage, self._on_free, key, sid)
         return sid, True
 
@@ -99,8 +99,35 @@ class StorageTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         out = func(*args, **(kwargs or {}))
         if self._recording:
-            for t in tensors_in(out):
-                sid, new = self._add(t.untyped_storage())
+            wider = _float32_statistics(func, args)
+            for i, t in enumerate(tensors_in(out)):
+                sid, new = self._add(t.untyped_storage(), t.numel() * 4 if i in wider else None)
                 if new:
                     self.events.append(Event(sid, self.nbytes[sid], self.phase, self.node))
         return out
+
+
+_aten = torch.ops.aten
+# CPU normalisation kernels keep their saved statistics (mean, inverse std) in float32 when the
+# input is bf16 or fp16 and a weight, bias or running statistic is float32 (autocast's BatchNorm
+# after a bf16 convolution); their meta kernels, and so a dry run, say the input's dtype.
+_NORMS = {
+    _aten.native_batch_norm,
+    _aten._native_batch_norm_legit,
+    _aten._native_batch_norm_legit_functional,
+    _aten._batch_norm_with_update,
+    _aten.native_layer_norm,
+    _aten.native_group_norm,
+}
+_REDUCED = (torch.bfloat16, torch.float16)
+
+
+def _float32_statistics(func: Any, args: tuple) -> tuple[int, ...]:
+    """Indices of the outputs of ``func`` whose real storage is float32 although a dry run's is not."""
+    if func.overloadpacket not in _NORMS or not args or not isinstance(args[0], torch.Tensor):
+        return ()
+    x = args[0]
+    if x.device.type != "cpu" or x.dtype not in _REDUCED:
+        return ()
+    mixed = any(isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in args[1:])
+    return (1, 2) if mixed else ()
