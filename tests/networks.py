@@ -71,8 +71,11 @@ class Net(nn.Module):
             values.append(self.layers[stem](x) if stem else x)
             _drop(values, last, -1)
         for k, op in enumerate(self.ops):
-            values.extend(self.apply(op, [values[i] for i in op.args]))
+            # the op owns its inputs: one it reads last is gone as soon as its first kernel is done
+            # with it, as in fx's code (a Sequential's input would otherwise outlive its first layer)
+            xs = [values[i] for i in op.args]
             _drop(values, last, k)
+            values.extend(self.apply(op, xs))
         outs = [self.layers[f"head{i}"](values[v]) for i, v in enumerate(self.outputs)]
         if self.returns == "tensor":
             return outs[0]
@@ -81,13 +84,16 @@ class Net(nn.Module):
         return tuple(outs)
 
     def apply(self, op: Op, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``op`` on ``xs``, which it empties as it goes: nothing here holds an input longer than
+        the kernel that reads it last."""
         k = op.kind
         if k == "layer":
-            return [self.layers[op.layer](xs[0])]
+            return [self.layers[op.layer](xs.pop())]
         if k == "add":
             return [xs[0] + xs[1]]
         if k == "gate":
-            return [xs[0] * torch.sigmoid(xs[1])]
+            gate = torch.sigmoid(xs.pop())
+            return [xs.pop() * gate]
         if k == "cat":
             return [torch.cat(xs, dim=1)]
         if k == "chunk":

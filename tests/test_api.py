@@ -221,3 +221,4 @@ def test_estimates_in_two_threads_equal_the_ones_in_sequence(small_cnn: nn.Modul
     for t in threads:
         t.join()
     assert [got[0], got[1]] == sequential
+
