@@ -64,7 +64,7 @@ def optimize(
         budget_mb: Budget for the peak of one training step (forward, backward, optimizer
             step), allocator-level (kernel workspaces included): MiB, a size with its unit
             (``"1.5GiB"``) or a percentage of the unplanned step's predicted peak (``"85%"``);
-            see :class:`memfit.Budget`. The verified prediction stays ``MARGIN`` (0.1%) below
+            see :class:`memfit.Budget`. The verified prediction stays ``MARGIN`` (0.25%) below
             it, the cost model's residual error.
         example_inputs: A tensor, a tuple of tensors or a dict of keyword arguments shaped like a
             training batch. A Hugging Face model's batch with ``labels`` trains on its ``.loss``.

@@ -46,8 +46,10 @@ BISECT_STEPS = 6
 # The floor (the least-peak plan) is lowered by searching just below it at most this many times.
 FLOOR_ROUNDS = 8
 # A verified prediction must stay this fraction below the budget: the cost model's residual error
-# against the allocator. The largest excess the zoo matrix measured was 0.01% (VGG-16, dp).
-MARGIN = 0.001
+# against the allocator. The largest measured was 0.13% low, the zoo's ResNet-50 under bf16 autocast
+# (a block input read by two bf16 convolutions: their weight-gradient scratch meets the other
+# branch's gradient, which calibrating one layer alone does not see; docs/guarantees.md).
+MARGIN = 0.0025
 # ... and at least these bytes: what is allocated below the dispatcher, where no dry run sees it
 # (Adam's CPU step wraps Python scalars as tensors: 20 B at its peak), for steps under 64 KB.
 MARGIN_BYTES = 64

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 import memfit
@@ -26,6 +28,9 @@ def test_predicted_peak_and_activations_match_measurement(name: str, optimizer: 
     measured = memfit.measure(model, x, optimizer=optimizer, amp=amp)
     assert predicted.source == "predicted" and measured.source == "measured"
     assert predicted.peak_bytes == pytest.approx(measured.peak_bytes, rel=TOLERANCE)
+    # low by no more than the planner's margin: budgets rest on it (ResNet-50 bf16 is 0.13% low)
+    margin = max(math.ceil(measured.peak_bytes * memfit.search.MARGIN), memfit.search.MARGIN_BYTES)
+    assert predicted.peak_bytes >= measured.peak_bytes - margin
     assert predicted.activations_bytes == pytest.approx(measured.activations_bytes, rel=TOLERANCE)
     # The parts that are not a matter of prediction are exact.
     assert predicted.parameters_bytes == measured.parameters_bytes
