@@ -88,7 +88,12 @@ class Net(nn.Module):
         the kernel that reads it last."""
         k = op.kind
         if k == "layer":
-            return [self.layers[op.layer](xs.pop())]
+            layer, x = self.layers[op.layer], xs.pop()
+            # a module call holds its arguments until it returns; fx's code calls a Sequential's
+            # layers one by one, so the input of its first layer is gone by the second
+            for m in layer if isinstance(layer, nn.Sequential) else (layer,):
+                x = m(x)
+            return [x]
         if k == "add":
             return [xs[0] + xs[1]]
         if k == "gate":
