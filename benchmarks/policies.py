@@ -180,6 +180,7 @@ def summary(rows: list[tuple]) -> None:
             ("memfit", "", 13),
             ("peak MiB", "meas", 10),
             ("+FLOPs %", "pred", 10),
+            ("time %", "pred", 8),
             ("time %", "meas", 8),
             ("best peer", "", 14),
             ("peak MiB", "meas", 10),
@@ -190,7 +191,7 @@ def summary(rows: list[tuple]) -> None:
     for name, level, budget, mine, best in rows:
         peer = [best[0], fmt(best[1]), percent(best[2])] if best else ["none fits", "--", "--"]
         if isinstance(mine, str):
-            table.row(name, f"{level:.0%}", fmt(budget), "n/a", "--", "--", "--", *peer, "--", note=mine)
+            table.row(name, f"{level:.0%}", fmt(budget), "n/a", "--", "--", "--", "--", *peer, "--", note=mine)
             continue
         plan, peak, ratio = mine
         over = "" if peak <= budget else "OVER the budget"
@@ -202,6 +203,7 @@ def summary(rows: list[tuple]) -> None:
             plan.strategy,
             fmt(peak),
             fmt(plan.extra_flops_percent, 1),
+            "--" if plan.extra_time_percent is None else f"{plan.extra_time_percent:+.1f}",
             percent(ratio),
             *peer,
             delta,

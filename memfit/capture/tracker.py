@@ -100,10 +100,15 @@ class StorageTracker(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if self._recording:
             wider = _float32_statistics(func, args)
-            for i, t in enumerate(tensors_in(out)):
-                sid, new = self._add(t.untyped_storage(), t.numel() * 4 if i in wider else None)
-                if new:
-                    self.events.append(Event(sid, self.nbytes[sid], self.phase, self.node))
+            skipped = _not_computed(func, args, kwargs or {})
+            # positions in the op's result, where a real kernel's undefined outputs are None
+            for i, item in enumerate(out if isinstance(out, (tuple, list)) else (out,)):
+                if i in skipped:
+                    continue
+                for t in tensors_in(item):
+                    sid, new = self._add(t.untyped_storage(), t.numel() * 4 if i in wider else None)
+                    if new:
+                        self.events.append(Event(sid, self.nbytes[sid], self.phase, self.node))
         return out
 
 
@@ -131,3 +136,15 @@ def _float32_statistics(func: Any, args: tuple) -> tuple[int, ...]:
         return ()
     mixed = any(isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in args[1:])
     return (1, 2) if mixed else ()
+
+
+def _not_computed(func: Any, args: tuple, kwargs: dict) -> frozenset[int]:
+    """Outputs a backward kernel leaves undefined where its ``output_mask`` says so (BatchNorm's
+    input gradient when the input needs none): the real kernel returns None there, a meta kernel
+    a tensor all the same, which a dry run would count."""
+    names = [a.name for a in func._schema.arguments]
+    if "output_mask" not in names:
+        return frozenset()
+    i = names.index("output_mask")
+    mask = args[i] if i < len(args) else kwargs.get("output_mask")
+    return frozenset(k for k, wanted in enumerate(mask or ()) if not wanted)
