@@ -127,6 +127,11 @@ def test_a_forward_temporary_crosses_the_cut_not_the_backward() -> None:
     assert chain.segment(1, 2, "plain").local == 200 + 604
 
 
+def test_a_selective_segment_keeps_a_cached_output_it_passes_on_once() -> None:
+    # c's output is the matmul result the segment caches and what d reads after it: one storage
+    assert figures(Chain(step()), 2, 3, "selective") == (300, 504, 0, 0, 0)
+
+
 def test_a_checkpoint_after_a_plain_segment_holds_its_inputs() -> None:
     chain = Chain(step())
     # d reads c's unsaved output: checkpointing d keeps it as its input, unless the segment before
@@ -260,11 +265,13 @@ def kept_into_backward(graph: MemGraph) -> int:
         [(0, 4, "recompute"), (4, 10, "recompute"), (10, 13, "plain")],
         [(0, 4, "plain"), (4, 12, "selective"), (12, 13, "plain")],
         [(0, 4, "nested"), (4, 13, "plain")],
+        [(0, 3, "selective"), (3, 13, "plain")],  # passes on a Linear's output, which it caches
     ],
 )
 def test_what_a_real_plan_keeps_is_what_its_rewritten_step_keeps(plan: list) -> None:
     """The chain's ``hold`` against the dry run of the rewritten module. Every boundary here
-    follows a Tanh, whose output the next Linear saves: nothing crossing it dies in forward."""
+    follows a Tanh, whose output the next Linear saves, or a Linear in a selective segment, which
+    caches its output: nothing crossing it dies in forward."""
     model, x = tanh_mlp(blocks=True), torch.randn(128, 64)
     graph = capture(model, x)
     chain = Chain(graph)
