@@ -80,12 +80,12 @@ def step(changes: dict[str, dict[str, Any]] | None = None, events: list[Event] =
         dag.add_node(info.name, info=dataclasses.replace(info, **(changes or {}).get(info.name, {})))
     dag.add_edges_from([("x", "a"), ("a", "b"), ("b", "c"), ("c", "d")])
     sizes = {sid: nbytes for sid, (nbytes, _) in BASELINE.items()} | SIZES
-    fields = dict(
+    built = MemGraph(
         dag=dag, order=[i.name for i in NODES], baseline=dict(BASELINE),
         categories={sid: CATEGORIES.get(sid, "temporary") for sid in SIZES}, storage_bytes=sizes, events=events,
         batch_size=1, device="cpu", description="hand-built", buffer_names={3: "bn.running_mean"},
     )
-    return MemGraph(**(fields | graph))
+    return dataclasses.replace(built, **graph)
 
 
 def figures(chain: Chain, a: int, b: int, kind: SegmentKind, after_plain: bool = True) -> tuple[int, ...]:
@@ -122,7 +122,7 @@ def test_segment_costs_under_each_treatment() -> None:
 
 def test_a_forward_temporary_crosses_the_cut_not_the_backward() -> None:
     scratch = [Event(22, 5000, "forward", "b"), Event(22, -5000, "forward", "b")]
-    chain = Chain(step(events=EVENTS[:2] + scratch + EVENTS[2:]))
+    chain = Chain(step(events=[*EVENTS[:2], *scratch, *EVENTS[2:]]))
     assert chain.cut.tolist() == [0, 400, 5200, 300, 8]
     assert chain.segment(1, 2, "plain").local == 200 + 604
 
@@ -160,7 +160,7 @@ def test_the_peak_of_a_plan(spans: list, peak: int) -> None:
 
 
 def test_the_optimizer_phase_can_hold_the_peak() -> None:
-    events = EVENTS[:-2] + [Event(21, 5000, "optimizer", "optimizer"), Event(21, -5000, "optimizer", "optimizer")]
+    events = [*EVENTS[:-2], Event(21, 5000, "optimizer", "optimizer"), Event(21, -5000, "optimizer", "optimizer")]
     chain = Chain(step(events=events))
     assert chain.optimizer_peak == 39 + 15 + 5000
     assert chain.peak([(0, 4, "plain")]) == 5054

@@ -183,14 +183,14 @@ def test_a_difference_fails_with_a_diff_and_how_to_regenerate(scratch: Path) -> 
     assert_golden("t", "a\nb")
     with pytest.raises(pytest.fail.Exception, match=r"(?s)-b\n\+c\n.*MEMFIT_REGEN_GOLDEN=1 python -m pytest"):
         assert_golden("t", "a\nc")
-    with pytest.raises(pytest.fail.Exception, match="missing.txt does not exist"):
+    with pytest.raises(pytest.fail.Exception, match=r"missing\.txt does not exist"):
         assert_golden("missing", "a")
 
 
 def test_regeneration_rewrites_a_changed_file_and_fails(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(golden.REGEN_ENV, "1")
     assert_golden("t", "a\nb")  # unchanged: nothing to review
-    with pytest.raises(pytest.fail.Exception, match="rewrote tests/golden/t.txt"):
+    with pytest.raises(pytest.fail.Exception, match=r"rewrote tests/golden/t\.txt"):
         assert_golden("t", "a\nc")
     assert scratch.read_text() == "a\nc\n"
 

@@ -262,5 +262,5 @@ def test_a_selective_segment_does_not_keep_what_an_in_place_op_changes() -> None
 def test_a_segment_naming_a_missing_buffer_is_refused() -> None:
     torch.manual_seed(0)
     work = Net()
-    with pytest.raises(AttributeError, match="Net has no buffer 'bn.running_median'"):
+    with pytest.raises(AttributeError, match=r"Net has no buffer 'bn\.running_median'"):
         rewrite(work, trace(work), plan(kind="recompute", buffers=("bn.running_median",)))
