@@ -114,7 +114,7 @@ class Chain:
         self.blocks = find_blocks(infos, act)
         forced = {p for kind in self.blocks for block in kind for p in block}  # hand-written policies plannable
         self.cands = self._candidates(cut, act, self._forbidden(infos, prod), max_candidates, forced)
-        self._crossing_tables(prod, lastuse)
+        self._crossing_tables(prod, lastuse, expensive)
         self._tables: dict[tuple[SegmentKind, bool], SegmentTable] = {}
 
     # -- facts from the graph ---------------------------------------------------------------
@@ -233,19 +233,22 @@ class Chain:
             chosen = sorted(chosen + rest[: room - len(chosen)])
         return [0, *sorted(taken | set(chosen)), n]
 
-    def _crossing_tables(self, prod: dict[int, int], lastuse: dict[int, int]) -> None:
+    def _crossing_tables(self, prod: dict[int, int], lastuse: dict[int, int], expensive: np.ndarray) -> None:
         """Tables over candidate pairs (a, b).
 
         ``_cross[a, b]``: bytes produced in [a, b) and read at or after b - what a checkpointed
-        segment must keep for later ones. ``_inputs[a, b]``: bytes of unsaved values produced
-        before a and read in [a, b) - what a checkpointed segment keeps alive as its inputs when
-        the segment before it is plain (after a checkpointed one they are already counted).
+        segment must keep for later ones; ``_cross_cached[a, b]``: those that FLOP-counted ops
+        return, which a selective segment caches as well (one storage, kept once).
+        ``_inputs[a, b]``: bytes of unsaved values produced before a and read in [a, b) - what a
+        checkpointed segment keeps alive as its inputs when the segment before it is plain (after
+        a checkpointed one they are already counted).
         """
         g = self.graph
         c = np.array(self.cands)
         m = len(c)
         users = self._users_by_sid()
         cross = np.zeros((m, m), dtype=np.int64)
+        cached = np.zeros((m, m), dtype=np.int64)
         inputs = np.zeros((m, m), dtype=np.int64)
         for sid, p in prod.items():
             pi = int(np.searchsorted(c, p, side="right")) - 1
@@ -254,6 +257,8 @@ class Chain:
                 continue
             nbytes = g.nbytes(sid)
             cross[pi, li] += nbytes
+            if expensive[p] and sid in g.info(self.names[p]).out_sids:
+                cached[pi, li] += nbytes
             if g.category_of(sid) == "activation":
                 continue
             uses = np.array(sorted(users.get(sid, ())), dtype=np.int64)
@@ -263,6 +268,7 @@ class Chain:
                     first = int(np.searchsorted(c, later[0], side="right"))
                     inputs[a, first:] += nbytes
         self._cross = _pair_table(cross)
+        self._cross_cached = _pair_table(cached)
         self._inputs = inputs
 
     def _users_by_sid(self) -> dict[int, set[int]]:
@@ -315,7 +321,7 @@ class Chain:
             return SegmentTable(hold=held, local=self._nested_local(), cost=2 * cost, flops=2 * flops, recomputed=2 * act)
         # at its backward, kept and recomputed activations are all alive: ``local`` is unchanged
         return SegmentTable(
-            hold=held + _span(self._cached, c),
+            hold=held + _span(self._cached, c) - self._cross_cached,
             local=local,
             cost=self._until_stop(self._cost_sel, c) + self._segment_ns,
             flops=flops - _span(self._flops_exp, c),
