@@ -26,7 +26,7 @@ from .io.serialize import save
 from .planner import STRATEGIES
 from .report.plot import plot_plan, plot_tradeoff
 
-__all__ = ["main", "example_input"]
+__all__ = ["example_input", "main"]
 
 
 def _dims(shape: str) -> list[int]:

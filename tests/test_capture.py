@@ -7,12 +7,11 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import memfit
 from memfit.capture.trace import graph_of
-
 
 FRACTIONS = (0.25, 0.5, 0.75)
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 import memfit
 from memfit.compressors import generators, list_methods

@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import memfit

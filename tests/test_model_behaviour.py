@@ -9,8 +9,8 @@ import logging
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import memfit
 from memfit.capture.dryrun import capture

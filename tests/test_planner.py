@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 import memfit
 from memfit.capture.dryrun import capture

@@ -14,8 +14,8 @@ from typing import Any
 
 import networkx as nx
 import torch
-import torch._dynamo  # noqa: F401  FakeTensorMode imports it on first use (seconds); pay that at import time
-import torch.fx as fx
+import torch._dynamo  # FakeTensorMode imports it on first use (seconds); pay that at import time
+from torch import fx
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 from torch.utils.flop_counter import flop_registry
 

@@ -7,11 +7,12 @@ the keyword arguments in the order the dict lists them); the user's model takes 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import MemfitInputError

@@ -14,17 +14,18 @@ import functools
 import inspect
 import logging
 import threading
-from typing import Any, Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from ..errors import MemfitInputError, MemfitTraceError
 from .attrs import lookup
 from .export import export_graph
 from .inputs import as_inputs
 
-__all__ = ["LeafSpec", "check_model", "as_input_tuple", "trace", "graph_of", "serialized"]
+__all__ = ["LeafSpec", "as_input_tuple", "check_model", "graph_of", "serialized", "trace"]
 
 log = logging.getLogger(__name__)
 

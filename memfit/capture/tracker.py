@@ -10,8 +10,9 @@ internally never reach the dispatcher: :mod:`memfit.cost.workspace` accounts for
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -7,8 +7,9 @@ step function, so the two differ only in the tensors they are given.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence, Union
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
@@ -17,14 +18,14 @@ from torch._subclasses.fake_tensor import DataDependentOutputException
 from ..errors import MemfitInputError
 
 __all__ = [
-    "StepConfig",
+    "OPTIMIZERS",
     "OptimizerSpec",
+    "StepConfig",
     "default_loss",
+    "init_optimizer_state",
     "make_optimizer",
     "run_step",
-    "init_optimizer_state",
     "unique_trainable",
-    "OPTIMIZERS",
 ]
 
 OptimizerFactory = Callable[[Sequence[torch.nn.Parameter]], torch.optim.Optimizer]

@@ -19,20 +19,20 @@ from .shared import SharedConfig, SharedMethod
 from .ternary import TernaryConfig, TernaryMethod
 
 __all__ = [
-    "compress",
-    "generators",
+    "CompressConfig",
+    "Field",
     "GeneratedConfig",
+    "Method",
     "Recipe",
     "SharedConfig",
+    "StorageReport",
     "TernaryConfig",
+    "WeightGenerator",
+    "compress",
+    "generators",
     "get_method",
     "list_methods",
     "storage_table",
-    "StorageReport",
-    "CompressConfig",
-    "Field",
-    "Method",
-    "WeightGenerator",
 ]
 
 _METHODS: dict[str, type[Method]] = {m.name: m for m in (GeneratedMethod, SharedMethod, TernaryMethod)}

@@ -33,10 +33,10 @@ from .quant import dequantize, latent_for_levels, max_level, tanh_levels
 
 __all__ = [
     "GeneratedConfig",
-    "MLGGenerator",
     "GeneratedMethod",
-    "orthonormality_loss",
+    "MLGGenerator",
     "distillation_loss",
+    "orthonormality_loss",
     "project_",
 ]
 

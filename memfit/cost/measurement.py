@@ -14,8 +14,9 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -35,7 +36,7 @@ from .timeline import replay
 
 _KINETO_LINE = re.compile(rb"ActivityProfiler\w*\.cpp:\d+\] profiler_(start|stop)")
 
-__all__ = ["StepMeasurement", "measure_step", "measure_wrapped_step", "allocator_levels", "memory_profile"]
+__all__ = ["StepMeasurement", "allocator_levels", "measure_step", "measure_wrapped_step", "memory_profile"]
 
 
 @dataclass

@@ -13,7 +13,7 @@ from ..capture.graph import MemGraph
 from .parallel import Parallel, Step, distribute
 from .timeline import Timeline, replay
 
-__all__ = ["simulate", "process_step"]
+__all__ = ["process_step", "simulate"]
 
 
 def process_step(graph: MemGraph, inner: MemGraph | None = None, parallel: Parallel | None = None) -> Step:

@@ -30,7 +30,7 @@ from ..capture.trainstep import StepConfig
 from .layers import CACHE_ENV, DiskCache, LayerRun, LayerSpec, Noise, backward, calibrate_layers, extrapolate
 from .measurement import memory_profile
 
-__all__ = ["calibrate", "uncalibrated", "CALIBRATION_BATCH", "CACHE_ENV"]
+__all__ = ["CACHE_ENV", "CALIBRATION_BATCH", "calibrate", "uncalibrated"]
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import MemfitInputError
 
-__all__ = ["Split", "digits", "cifar"]
+__all__ = ["Split", "cifar", "digits"]
 
 _CIFAR = {
     "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",

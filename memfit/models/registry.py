@@ -12,13 +12,14 @@ import importlib
 import inspect
 import sys
 import typing
-from typing import Any, Callable, TypeVar, overload
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
 
 from torch import nn
 
 from ..errors import MemfitInputError
 
-__all__ = ["register_model", "create", "load", "list_models", "spec_of", "SPEC_ATTR"]
+__all__ = ["SPEC_ATTR", "create", "list_models", "load", "register_model", "spec_of"]
 
 # Models built by :func:`create` carry how they were built, so a saved file can rebuild the
 # architecture from plain JSON instead of pickled code.

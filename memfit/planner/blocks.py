@@ -10,13 +10,13 @@ class's hold is a kind of block people checkpoint: ResNet's BasicBlocks and the 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from ..capture.graph import NodeInfo
 
-__all__ = ["find_blocks", "MIN_COVER"]
+__all__ = ["MIN_COVER", "find_blocks"]
 
 # A class of blocks must hold at least this share of what the best class's instances hold.
 MIN_COVER = 0.5

@@ -34,7 +34,7 @@ from ..cost.timing import BYTE_WEIGHT, node_times
 from .blocks import find_blocks
 from .plan import Segment, SegmentKind
 
-__all__ = ["Chain", "SegmentCost", "SegmentTable", "BYTE_WEIGHT", "MAX_CANDIDATES"]
+__all__ = ["BYTE_WEIGHT", "MAX_CANDIDATES", "Chain", "SegmentCost", "SegmentTable"]
 
 # Candidate boundaries kept for planning; DP time grows with the square of this.
 MAX_CANDIDATES = 96

@@ -12,14 +12,14 @@ Each runs in O(candidates^2 * BUCKETS), vectorised over the segment's start and 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from .chain import Chain
 from .plan import SegmentKind, Spans
 
-__all__ = ["cheapest", "lowest_peak", "KINDS", "BUCKETS"]
+__all__ = ["BUCKETS", "KINDS", "cheapest", "lowest_peak"]
 
 BUCKETS = 256
 KINDS: tuple[SegmentKind, ...] = ("plain", "recompute", "nested")

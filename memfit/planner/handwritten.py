@@ -13,7 +13,7 @@ from __future__ import annotations
 from .chain import Chain
 from .plan import SegmentKind, Spans
 
-__all__ = ["policies", "cheapest", "lowest_peak"]
+__all__ = ["cheapest", "lowest_peak", "policies"]
 
 
 def policies(chain: Chain) -> list[Spans]:

@@ -23,8 +23,8 @@ the least peak by bisection; the MILP is left with what needs it, the cheapest p
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -32,7 +32,7 @@ from ..errors import MemfitInputError
 from .chain import Chain
 from .plan import SegmentKind, Spans
 
-__all__ = ["cheapest", "lowest_peak", "KINDS", "MAX_ARCS", "TIME_LIMIT_S", "UNIT"]
+__all__ = ["KINDS", "MAX_ARCS", "TIME_LIMIT_S", "UNIT", "cheapest", "lowest_peak"]
 
 # The one-level treatments. Nested segments (dp's second level) would double the arcs past
 # MAX_ARCS on full-size chains; with them dp may go below milp's optimum, never above it by more

@@ -7,7 +7,7 @@ from typing import Literal
 
 from ..units import mib
 
-__all__ = ["Segment", "Plan", "SegmentKind", "Spans"]
+__all__ = ["Plan", "Segment", "SegmentKind", "Spans"]
 
 # "plain": run as is, autograd keeps what it saves. "recompute": run under checkpoint, only the
 # segment's inputs are kept and the rest is recomputed in backward. "selective": under checkpoint,

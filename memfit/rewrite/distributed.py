@@ -10,7 +10,8 @@ works for an unplanned model.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, cast
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 
@@ -20,7 +21,7 @@ from ..cost.parallel import Parallel
 from ..errors import MemfitInputError
 from ..planner import Plan
 
-__all__ = ["wrap", "measure", "same_plan"]
+__all__ = ["measure", "same_plan", "wrap"]
 
 
 def _leaves_with_parameters(module: torch.nn.Module) -> list[torch.nn.Module]:
