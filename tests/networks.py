@@ -67,7 +67,7 @@ class Net(nn.Module):
             last.update({i: k for i in op.args})
         last.update({v: len(self.ops) for v in self.outputs})
         values: list[Any] = []
-        for stem, x in zip(self.stems, inputs):
+        for stem, x in zip(self.stems, inputs, strict=True):
             values.append(self.layers[stem](x) if stem else x)
             _drop(values, last, -1)
         for k, op in enumerate(self.ops):

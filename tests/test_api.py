@@ -206,7 +206,7 @@ def test_estimates_in_two_threads_equal_the_ones_in_sequence(small_cnn: nn.Modul
     torch.manual_seed(0)
     models = [small_cnn, memfit.models.create("resnet18", stem="cifar", num_classes=10, width=8)]
     inputs = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 32, 32)]
-    sequential = [memfit.estimate(m, x).peak_bytes for m, x in zip(models, inputs)]
+    sequential = [memfit.estimate(m, x).peak_bytes for m, x in zip(models, inputs, strict=True)]
     got: dict[int, object] = {}
 
     def run(i: int) -> None:

@@ -301,7 +301,7 @@ def test_compress_swaps_layers_and_the_model_trains() -> None:
     opt.step()
     latents = [g.coeff_in for g in gens.values()]
     assert all(lat.grad is not None for lat in latents)
-    assert any(not torch.equal(a, b) for a, b in zip(before, small.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, small.parameters(), strict=True))
 
 
 def _crafted(v_levels: list[list[int]], scales: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> MLGGenerator:

@@ -165,12 +165,12 @@ def test_multiple_inputs_outputs_inplace_frozen_dropout(strategy: str) -> None:
         loss.backward()
         losses.append(loss.detach())
     torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
-    for (name, p), q in zip(work.named_parameters(), reference.parameters()):
+    for (name, p), q in zip(work.named_parameters(), reference.parameters(), strict=True):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
         else:
             assert p.grad is None
-    for (name, buf), ref in zip(work.named_buffers(), reference.buffers()):
+    for (name, buf), ref in zip(work.named_buffers(), reference.buffers(), strict=True):
         torch.testing.assert_close(buf, ref, msg=name)
 
 

@@ -349,7 +349,7 @@ def _mutated_attrs(n: fx.Node) -> tuple[str, ...]:
     elif schema.is_mutable:
         written = [
             value
-            for arg_schema, value in zip(schema.arguments, n.args)
+            for arg_schema, value in zip(schema.arguments, n.args, strict=False)  # n.args omits defaulted arguments
             if arg_schema.alias_info is not None and arg_schema.alias_info.is_write
         ]
     else:

@@ -219,7 +219,7 @@ class MLGGenerator(WeightGenerator):
         self.basis = nn.Parameter(torch.zeros(bo, bi, *self.kernel))
         self.coeff_in = nn.Parameter(torch.zeros(bo, self.in_channels, bi))
         self.coeff_out = nn.Parameter(torch.zeros(self.out_channels, bo))
-        for scale, gain in zip(_SCALE_NAMES, _GAIN_NAMES):
+        for scale, gain in zip(_SCALE_NAMES, _GAIN_NAMES, strict=True):
             self.register_buffer(scale, torch.ones(()))
             setattr(self, gain, nn.Parameter(torch.zeros(())))
 

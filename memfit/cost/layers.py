@@ -191,8 +191,9 @@ def _layers_of(
 ) -> Iterator[tuple[NodeInfo, LayerSpec | None]]:
     # The model's inputs need grad only if the caller's do; a conv whose input needs none runs a
     # cheaper backward (no input gradient), with a smaller workspace.
+    # (a placeholder without an input of its own falls back to its dtype in _layer_spec)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    input_grad = {name: bool(x.requires_grad) for name, x in zip(placeholders, inputs)}
+    input_grad = {name: bool(x.requires_grad) for name, x in zip(placeholders, inputs, strict=False)}
     for node in gm.graph.nodes:
         if node.op not in _CALLS or node.name not in graph.dag:
             continue
@@ -375,7 +376,7 @@ def _extent(shape: Sequence[int], strides: Sequence[int]) -> int:
     """Elements of the storage a tensor of ``shape`` and ``strides`` spans."""
     if any(n == 0 for n in shape):
         return 0
-    return 1 + sum((n - 1) * s for n, s in zip(shape, strides))
+    return 1 + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
 
 
 def restride(shape: Sequence[int], strides: Sequence[int], new_shape: Sequence[int]) -> tuple[int, ...]:

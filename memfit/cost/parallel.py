@@ -238,7 +238,7 @@ class _Fsdp:
         last_backward = max((i for i, e in enumerate(events) if e.phase == "backward"), default=-1)
         # a unit's pre-backward prefetches the next unit's all-gather; the root's, the first unit's
         order = ["", *(u for i in sorted(bwd_starts) for u in bwd_starts[i] if u)]
-        prefetch = dict(zip(order, order[1:]))
+        prefetch = dict(itertools.pairwise(order))
         ratio = sum(self.shard.values()) / max(sum(self.full.values()), 1)
         scratch = {e.sid for e in events if e.phase == "optimizer" and e.delta > 0 and e.sid not in g.baseline}
         for i, e in enumerate(events):

@@ -151,7 +151,7 @@ class ResNet(nn.Module):
         )
         in_ch = width
         stages: list[nn.Sequential] = []
-        for i, (planes, blocks) in enumerate(zip((width, 2 * width, 4 * width, 8 * width), layers)):
+        for i, (planes, blocks) in enumerate(zip((width, 2 * width, 4 * width, 8 * width), layers, strict=True)):
             stride = 1 if i == 0 else 2
             mods: list[nn.Module] = []
             for j in range(blocks):

@@ -384,7 +384,7 @@ class Chain:
     def peak(self, spans: list[tuple[int, int, SegmentKind]]) -> int:
         """Predicted peak bytes of a plan given as candidate spans, by the chain model."""
         held, worst = 0, 0
-        for (a, _, _), s in zip(spans, self.costs(spans)):
+        for (a, _, _), s in zip(spans, self.costs(spans), strict=True):
             worst = max(worst, held + s.local + self.grads_from(a))
             held += s.hold
         return max(self.baseline + worst, self.optimizer_peak)
@@ -392,7 +392,7 @@ class Chain:
     def to_segments(self, spans: list[tuple[int, int, SegmentKind]]) -> list[Segment]:
         """Plan segments (node names and predicted figures) from candidate spans."""
         out = []
-        for (a, b, kind), s in zip(spans, self.costs(spans)):
+        for (a, b, kind), s in zip(spans, self.costs(spans), strict=True):
             names = tuple(self.names[self.cands[a] : self.cands[b]])
             infos = [self.graph.info(n) for n in names]
             random = any(i.random for i in infos)

@@ -153,7 +153,7 @@ def render(plan: Plan) -> str:
     lines = [f"memfit plan ({plan.strategy})"]
     if rows:
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-        fmt = lambda r: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        fmt = lambda r: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
         lines += [fmt(headers), "-" * (sum(widths) + 2 * (len(widths) - 1))]
         lines += [fmt(r) for r in rows]
     else:

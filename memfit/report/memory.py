@@ -129,10 +129,10 @@ def render(r: MemoryReport) -> str:
         widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
         width = sum(widths) + 2 * (len(widths) - 1)
         lines += [title, "=" * width]
-        lines.append("  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths))))
+        lines.append("  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths, strict=True))))
         lines.append("-" * width)
         for row in rows:
-            lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+            lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
         lines.append("=" * width)
         total_flops = sum(x.flops for x in r.layers)
         lines.append(f"Forward FLOPs: {_fmt_flops(total_flops)}")

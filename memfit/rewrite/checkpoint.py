@@ -85,13 +85,13 @@ def _buffers_replayed(buffers: list[BufferRef], before: list[torch.Tensor]) -> I
     left (running statistics move once per step)."""
     with torch.no_grad():
         after = [getattr(m, a).clone() for m, a in buffers]
-        for (m, a), value in zip(buffers, before):
+        for (m, a), value in zip(buffers, before, strict=True):
             getattr(m, a).copy_(value)
     try:
         yield
     finally:
         with torch.no_grad():
-            for (m, a), value in zip(buffers, after):
+            for (m, a), value in zip(buffers, after, strict=True):
                 getattr(m, a).copy_(value)
 
 
