@@ -109,7 +109,7 @@ def _step_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="zoo name (see `memfit models`) or package.module:factory")
     p.add_argument("--batch", type=_positive, default=8, help="batch size (default 8)")
     p.add_argument("--input", help="per-sample input shape, e.g. 3x32x32, or sequence length for GPT")
-    p.add_argument("--optimizer", default="sgd", choices=sorted(OPTIMIZERS) + ["none"])
+    p.add_argument("--optimizer", default="sgd", choices=[*sorted(OPTIMIZERS), "none"])
     p.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast precision")
     p.add_argument("--stem", choices=["imagenet", "cifar"], help="zoo models: input stem")
     p.add_argument("--num-classes", type=_positive, help="zoo models: classifier outputs")

@@ -113,7 +113,7 @@ def test_wrong_number_of_inputs(small_cnn: nn.Module) -> None:
 
 @pytest.mark.parametrize("bad", [object(), "resnet18", lambda x: x])
 def test_a_non_module_is_refused(bad: object) -> None:
-    with pytest.raises(memfit.MemfitInputError, match="expected a torch.nn.Module"):
+    with pytest.raises(memfit.MemfitInputError, match=r"expected a torch.nn.Module"):
         memfit.estimate(bad, torch.randn(2, 3))  # type: ignore[arg-type]
 
 

@@ -114,7 +114,7 @@ def test_models_as_they_are_are_estimated_planned_and_train_exactly(name, factor
         reference, work = copy.deepcopy(model), copy.deepcopy(model)
         planned = memfit.optimize(work, budget, x)
         assert memfit.measure(planned, x).peak_mb <= budget
-        call = (lambda b: planned(*b.values())) if isinstance(x, dict) else planned
+        call = (lambda b, planned=planned: planned(*b.values())) if isinstance(x, dict) else planned
         wrapped = _Call(call)
         torch.testing.assert_close(_step(wrapped, x), _step(reference, x), atol=1e-5, rtol=1e-5)
         got = dict(work.named_parameters())

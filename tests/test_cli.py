@@ -90,7 +90,7 @@ def test_report_of_resnet50_at_batch_256_never_allocates_the_activations() -> No
         "rc = main(['report', 'resnet50', '--batch', '256', '--input', '3x224x224', '--summary']); "
         "print('RSS', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); sys.exit(rc)"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr
     predicted_peak = float(done.stdout.split("Peak of the step (in")[1].split(":")[1].split()[0])
     rss_kib = int(done.stdout.split("RSS")[1].split()[0])

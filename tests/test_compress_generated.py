@@ -24,7 +24,7 @@ from memfit.compressors.generated import (
 from memfit.compressors.layer import generated_layer
 from memfit.compressors.quant import max_level, tanh_levels
 
-DEFAULT = dict(base_in=2, base_out=44, basis_bits=3, coeff_in_bits=6, coeff_out_bits=3)
+DEFAULT = {"base_in": 2, "base_out": 44, "basis_bits": 3, "coeff_in_bits": 6, "coeff_out_bits": 3}
 
 
 

@@ -137,7 +137,7 @@ def test_ec2t_assignment_matches_a_loop_reference(lam: float) -> None:
     torch.manual_seed(3)
     # Values at bin centres make the search's histogram exact.
     ks = torch.randint(0, 128, (60,)).double()
-    values = ((ks + 0.5) / 128 * torch.randn(60).sign()).tolist() + [1.0]
+    values = [*((ks + 0.5) / 128 * torch.randn(60).sign()).tolist(), 1.0]
     gen = TernaryGenerator.from_weight(torch.tensor(values), lam=lam)
     expected = _reference_ec2t(values, *(s.item() for s in gen.scales()), lam)
     assert gen.codes().tolist() == expected

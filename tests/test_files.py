@@ -139,7 +139,7 @@ def test_a_crafted_header_is_a_clear_error_before_anything_is_allocated(saved, t
 
 def test_a_model_larger_than_memory_is_refused_before_it_is_built(saved, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(header, "_memory_bytes", lambda: 1 << 10)
-    with pytest.raises(MemfitFileError, match="more than this machine's 0.0 GiB of memory"):
+    with pytest.raises(MemfitFileError, match=r"more than this machine's 0.0 GiB of memory"):
         memfit.load(saved["ternary"])
 
 
@@ -233,7 +233,7 @@ def test_save_names_the_path_it_cannot_write_and_leaves_nothing_behind(tmp_path,
     with pytest.raises(MemfitFileError, match=f"cannot write {locked / 'net.memfit'} \\(Permission denied\\)"):
         memfit.save(net, locked / "net.memfit")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "locked"] and not list(locked.iterdir())
-    with pytest.raises(MemfitInputError, match="memfit.save: model must be an nn.Module, got str"):
+    with pytest.raises(MemfitInputError, match=r"memfit.save: model must be an nn.Module, got str"):
         memfit.save("resnet18", tmp_path / "net.memfit")
 
 

@@ -79,7 +79,10 @@ def _written(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     hidden = _UNDECLARED_WRITES.get(schema.name.split("::")[-1])
     if hidden is not None:
         names = [a.name for a in schema.arguments]
-        value = lambda i: args[i] if i < len(args) else kwargs.get(names[i])  # noqa: E731
+
+        def value(i: int) -> Any:
+            return args[i] if i < len(args) else kwargs.get(names[i])
+
         if value(hidden[2]):
             out += tensors_in([value(hidden[0]), value(hidden[1])])
     return out
@@ -369,7 +372,10 @@ def capture(
         # a stand-in of each RNG state a checkpoint saves, alive to the end of the step (an upper
         # bound: the real one goes with the segment's backward)
         rng_states: list[torch.Tensor] = []
-        keep_rng_state = lambda: rng_states.append(torch.empty(_RNG_STATE_BYTES, dtype=torch.uint8))  # noqa: E731
+
+        def keep_rng_state() -> None:
+            rng_states.append(torch.empty(_RNG_STATE_BYTES, dtype=torch.uint8))
+
         hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
         with tracker, hooks, subgraph.observed(rec.run_segment, keep_rng_state):
             try:

@@ -53,7 +53,10 @@ class Inputs:
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
         """The batch with ``fn`` applied to every tensor (to make fake copies, say)."""
-        convert = lambda x: fn(x) if isinstance(x, torch.Tensor) else x  # noqa: E731
+
+        def convert(x: Any) -> Any:
+            return fn(x) if isinstance(x, torch.Tensor) else x
+
         return Inputs(tuple(tree_map(convert, list(self.args))), tree_map(convert, dict(self.kwargs)))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 OptimizerFactory = Callable[[Sequence[torch.nn.Parameter]], torch.optim.Optimizer]
-OptimizerSpec = Union[str, OptimizerFactory, None]
+OptimizerSpec = str | OptimizerFactory | None
 
 # The optimizers by name. Learning rates are irrelevant to memory; the state they keep is not.
 OPTIMIZERS: dict[str, OptimizerFactory] = {

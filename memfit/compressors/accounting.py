@@ -124,8 +124,10 @@ class StorageReport:
         lines += [
             "-" * len(head),
             f"Compressed layers: {len(self.layers)}, {self.covered_ratio:.1f}x smaller, {self.sparsity:.1%} zero weights",
-            f"Weights stored: {mib(self.parameter_bytes):.3f} MiB vs {mib(self.original_parameter_bytes):.3f} MiB "
-            f"at fp32 ({self.parameter_ratio:.1f}x smaller); buffers {mib(self.buffer_bytes):.3f} MiB",
+            (
+                f"Weights stored: {mib(self.parameter_bytes):.3f} MiB vs {mib(self.original_parameter_bytes):.3f} MiB "
+                f"at fp32 ({self.parameter_ratio:.1f}x smaller); buffers {mib(self.buffer_bytes):.3f} MiB"
+            ),
             f"MicroNet scoring params: {self.scoring_params / 1e6:.4f} M",
         ]
         if any(x.dense_macs for x in self.layers):

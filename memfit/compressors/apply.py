@@ -107,7 +107,7 @@ def choose_layers(model: nn.Module, config: CompressConfig, leaf_modules: LeafSp
 def trace_compressed(model: nn.Module, leaf_modules: LeafSpec = ()) -> fx.GraphModule:
     """Trace a model whose layers were swapped for generated ones, keeping those layers as
     modules of the GraphModule (so its generators can be found, counted and saved)."""
-    gm = trace(model, list(leaf_modules) + [GeneratedConv2d, GeneratedLinear])
+    gm = trace(model, [*leaf_modules, GeneratedConv2d, GeneratedLinear])
     spec = spec_of(model)
     gm.meta[META_KEY] = {"architecture": spec} if spec else {}
     return gm

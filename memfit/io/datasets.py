@@ -66,7 +66,7 @@ def digits(size: int = 16, test_fraction: float = 0.2, seed: int = 0) -> Split:
     x = ((x - x.mean()) / x.std()).repeat(1, 3, 1, 1)
     y = torch.tensor(data.target, dtype=torch.int64)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n_test = int(round(len(y) * test_fraction))
+    n_test = round(len(y) * test_fraction)
     test, train = order[:n_test], order[n_test:]
     return Split(x[train], y[train], x[test], y[test], 10)
 
@@ -74,12 +74,14 @@ def digits(size: int = 16, test_fraction: float = 0.2, seed: int = 0) -> Split:
 class _ArraysOnly(pickle.Unpickler):
     """Admits the few globals numpy arrays need; anything else in the archive is refused."""
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
+    _ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+        }
+    )
 
     def find_class(self, module: str, name: str):  # type: ignore[override]
         if (module, name) in self._ALLOWED:

@@ -82,7 +82,7 @@ class InvertedResidual(nn.Module):
             expand_ratio: Hidden width multiplier ``t`` (no expansion conv if 1).
         """
         super().__init__()
-        hidden = int(round(in_ch * expand_ratio))
+        hidden = round(in_ch * expand_ratio)
         self.use_residual: bool = stride == 1 and in_ch == out_ch
         layers: list[nn.Module] = []
         if expand_ratio != 1:

@@ -6,8 +6,6 @@ stem and 1000 classes the parameter counts equal torchvision's.
 
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 from torch import Tensor, nn
 
@@ -106,7 +104,7 @@ class Bottleneck(nn.Module):
         return self.relu3(out + identity)
 
 
-Block = Union[type[BasicBlock], type[Bottleneck]]
+Block = type[BasicBlock] | type[Bottleneck]
 
 
 class ResNet(nn.Module):

@@ -55,7 +55,10 @@ class Tradeoff:
             for p in self.points
         ]
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-        line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True))
+
+        def line(r: tuple[str, ...]) -> str:
+            return "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True))
+
         return "\n".join(
             [
                 (
