@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     started = time.perf_counter()
     section(
-        f"Planning time: memfit.optimize at {100 * BUDGET:.0f}% of the unplanned peak, batch {args.batch} at {args.input}"
+        f"Planning time: memfit.optimize at {100 * BUDGET:.0f}% of the unplanned peak, "
+        f"batch {args.batch} at {args.input}"
     )
     print("Each run is a new process. import: `import memfit` (torch, torch._dynamo); plan: the optimize")
     print("call (capture, calibration, planning, the verifying dry run). cold: empty workspace cache;")

@@ -153,7 +153,9 @@ def _parser() -> argparse.ArgumentParser:
         help="no plan: the tradeoff from the feasible minimum to the unplanned peak at POINTS budgets (default 8)",
     )
     pl.add_argument("--strategy", default="auto", choices=["auto", *sorted(STRATEGIES)])
-    pl.add_argument("--plot", metavar="PNG", help="save a plot of memory over the step before and after (or of the curve)")
+    pl.add_argument(
+        "--plot", metavar="PNG", help="save a plot of memory over the step before and after (or of the curve)"
+    )
     pl.add_argument(
         "--compress",
         choices=["auto", *list_methods()],

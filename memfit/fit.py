@@ -192,7 +192,8 @@ def tradeoff(
         raise MemfitInputError(f"points={points!r}: a tradeoff curve needs an integer of at least 2 budgets")
     names = _strategy_names(strategy)
     search = _search_for(model, example_inputs, optimizer, amp, loss_fn, leaf_modules, parallel, accumulate)
-    low, high = search.minimum_bytes(names), max(search.minimum_bytes(names), search.budget_for(search.unplanned.peak_bytes))
+    low = search.minimum_bytes(names)
+    high = max(low, search.budget_for(search.unplanned.peak_bytes))
     curve = []
     for k in range(points):
         budget = low + (high - low) * k // (points - 1)

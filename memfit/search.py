@@ -90,7 +90,9 @@ class PlanSearch:
         timing.calibrate_times(self.graph, self.gm, inputs.tensors, config, leaf_modules=leaves)
         self.chain = Chain(self.graph)
         self.unplanned = simulate.simulate(self.graph, parallel=parallel)
-        self.before: MemoryReport = report_from_graph(self.graph, type(model).__name__, self.unplanned, parallel=parallel)
+        self.before: MemoryReport = report_from_graph(
+            self.graph, type(model).__name__, self.unplanned, parallel=parallel
+        )
         # The chain prices the model's own nodes as one process alone: what runs around them (a
         # large loss's logits and their gradient at the start of backward) and data parallelism's
         # buckets move every plan's peak by about what they move the unplanned one's; chain targets

@@ -82,7 +82,9 @@ def test_a_branch_fx_cannot_trace_is_captured_by_export() -> None:
 def test_a_branch_nothing_can_capture_names_the_module_and_the_fix() -> None:
     model = _Branchy()
     model.gate = _ValueGate()
-    with pytest.raises(memfit.MemfitTraceError, match=r"(?s)_Branchy.*submodule 'gate' \(_ValueGate\).*leaf_modules=\[_ValueGate\]"):
+    with pytest.raises(
+        memfit.MemfitTraceError, match=r"(?s)_Branchy.*submodule 'gate' \(_ValueGate\).*leaf_modules=\[_ValueGate\]"
+    ):
         memfit.estimate(model, torch.randn(2, 3, 8, 8))
 
 
@@ -170,8 +172,13 @@ def test_the_memgraph_attributes_saved_tensors_and_flops(small_cnn: nn.Module) -
 def test_leaf_modules_as_a_bare_name_and_unknown_names() -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
-    assert memfit.estimate(_Branchy(), x, leaf_modules="gate").peak_bytes == memfit.estimate(_Branchy(), x, leaf_modules=["gate"]).peak_bytes
-    with pytest.raises(memfit.MemfitInputError, match=r"leaf_modules: _Branchy has no submodule 'gat'; did you mean 'gate'"):
+    assert (
+        memfit.estimate(_Branchy(), x, leaf_modules="gate").peak_bytes
+        == memfit.estimate(_Branchy(), x, leaf_modules=["gate"]).peak_bytes
+    )
+    with pytest.raises(
+        memfit.MemfitInputError, match=r"leaf_modules: _Branchy has no submodule 'gat'; did you mean 'gate'"
+    ):
         memfit.estimate(_Branchy(), x, leaf_modules=["gat"])
     with pytest.raises(memfit.MemfitInputError, match=r"leaf_modules: 3 is neither"):
         memfit.estimate(_Branchy(), x, leaf_modules=[3])

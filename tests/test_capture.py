@@ -85,7 +85,11 @@ def _step(model: nn.Module, batch: dict | torch.Tensor) -> torch.Tensor:
     torch.manual_seed(0)
     model.train()
     out = model(**batch) if isinstance(batch, dict) else model(batch)
-    loss = out["loss"] if isinstance(out, dict) else F.cross_entropy(out.reshape(-1, out.shape[-1]), torch.zeros(out.shape[:-1].numel(), dtype=torch.long))
+    loss = (
+        out["loss"]
+        if isinstance(out, dict)
+        else F.cross_entropy(out.reshape(-1, out.shape[-1]), torch.zeros(out.shape[:-1].numel(), dtype=torch.long))
+    )
     loss.backward()
     return loss.detach()
 

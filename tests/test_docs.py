@@ -34,8 +34,12 @@ def _links(page: Path) -> list[str]:
 
 def test_readme_is_a_landing_page() -> None:
     lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
-    assert len(lines) <= README_LINES, f"README.md has {len(lines)} lines; move detail into docs/ (at most {README_LINES})"
-    assert "make test" in (ROOT / "README.md").read_text(encoding="utf-8"), ".ci/run runs the test command README.md names"
+    assert len(lines) <= README_LINES, (
+        f"README.md has {len(lines)} lines; move detail into docs/ (at most {README_LINES})"
+    )
+    assert "make test" in (ROOT / "README.md").read_text(encoding="utf-8"), (
+        ".ci/run runs the test command README.md names"
+    )
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())

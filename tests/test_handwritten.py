@@ -63,7 +63,9 @@ def test_the_policies_are_the_hand_written_ones(gpt: tuple[torch.nn.Module, torc
         assert all(x[1] == y[0] for x, y in itertools.pairwise(spans))
 
 
-def test_auto_is_never_predicted_costlier_than_a_fitting_hand_written_policy(gpt: tuple[torch.nn.Module, torch.Tensor]) -> None:
+def test_auto_is_never_predicted_costlier_than_a_fitting_hand_written_policy(
+    gpt: tuple[torch.nn.Module, torch.Tensor],
+) -> None:
     model, x = gpt
     search = _search(model, x)
     low, high = search.minimum_bytes(memfit.fit.AUTO_ORDER), search.unplanned.peak_bytes

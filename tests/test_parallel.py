@@ -79,7 +79,9 @@ def test_bad_parallel_settings_say_what_to_do() -> None:
     with pytest.raises(memfit.MemfitInputError, match="leave them out for DDP"):
         memfit.Parallel("ddp", 2, units=("0",))
     with pytest.raises(memfit.MemfitInputError, match=r"unit 'encoder' holds no parameters.*such as '0'"):
-        memfit.estimate(_mlp(), torch.randn(4, 12), calibrate=False, parallel=memfit.Parallel("fsdp", 2, units=("encoder",)))
+        memfit.estimate(
+            _mlp(), torch.randn(4, 12), calibrate=False, parallel=memfit.Parallel("fsdp", 2, units=("encoder",))
+        )
 
 
 def test_wrap_needs_an_initialised_process_group() -> None:
@@ -109,7 +111,9 @@ def test_a_real_two_process_job_stays_within_the_prediction_and_the_budget(tmp_p
     rows = json.loads(out.read_text())
     assert {(r["parallel"], r["fraction"]) for r in rows} == {(k, f) for k in ("ddp", "fsdp") for f in (None, 0.5)}
     for r in rows:
-        where = f"{r['parallel']} ({r['units']}) at {r['fraction']}: {r['measured_per_rank_mb']} vs {r['predicted_mb']:.3f}"
+        where = (
+            f"{r['parallel']} ({r['units']}) at {r['fraction']}: {r['measured_per_rank_mb']} vs {r['predicted_mb']:.3f}"
+        )
         assert r["measured_mb"] <= r["predicted_mb"] * (1 + memfit.search.MARGIN), where
         # a bound, not a guess far above (gloo's late-release reserve makes FSDP's 10-25% high)
         assert r["measured_mb"] >= 0.65 * r["predicted_mb"], where

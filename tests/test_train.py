@@ -1,5 +1,5 @@
-"""examples/train.py (the package examples/trainer) end to end, for a few steps: plain, planned, compressed, resumed, interrupted,
-DDP with two gloo processes, and the data errors a user meets first.
+"""examples/train.py (the package examples/trainer) end to end, for a few steps: plain, planned,
+compressed, resumed, interrupted, DDP with two gloo processes, and the data errors a user meets first.
 
 Most runs import the package and call its ``main(argv)`` in this process (no second start-up of
 torch); the DDP job runs under ``torch.distributed.run`` in subprocesses. Shapes are tiny: the

@@ -217,7 +217,9 @@ class _Recorder(fx.Interpreter):
             params = list(mod.parameters())
         elif "memfit_module" in n.meta:  # an op of an exported graph: the user's layer it came from
             info.module_path, info.module_type = n.meta["memfit_module"]
-            reads = [self.module.get_parameter(str(a.target)) for a in n.all_input_nodes if _is_parameter(self.module, a)]
+            reads = [
+                self.module.get_parameter(str(a.target)) for a in n.all_input_nodes if _is_parameter(self.module, a)
+            ]
             params = list({id(p): p for p in reads}.values())
         elif n.op == "get_attr" and isinstance(out, torch.nn.Parameter | torch.Tensor):
             if id(out) in self.param_names:

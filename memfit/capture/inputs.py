@@ -70,7 +70,9 @@ def as_inputs(example_inputs: Any) -> Inputs:
     elif isinstance(example_inputs, dict):
         bad = [k for k in example_inputs if not isinstance(k, str)]
         if bad:
-            raise MemfitInputError(f"example_inputs is a dict, so its keys must be forward's argument names; got {bad[0]!r}")
+            raise MemfitInputError(
+                f"example_inputs is a dict, so its keys must be forward's argument names; got {bad[0]!r}"
+            )
         inputs = Inputs((), dict(example_inputs))
     elif isinstance(example_inputs, (tuple, list)) and example_inputs:
         for i, x in enumerate(example_inputs):
@@ -90,6 +92,7 @@ def as_inputs(example_inputs: Any) -> Inputs:
     empty = [tuple(t.shape) for t in inputs.tensors if t.numel() == 0]
     if empty:
         raise MemfitInputError(
-            f"example_inputs has an empty tensor of shape {list(empty[0])}: a batch of 0 trains nothing; give at least one sample"
+            f"example_inputs has an empty tensor of shape {list(empty[0])}: a batch of 0 trains nothing; "
+            "give at least one sample"
         )
     return inputs

@@ -170,7 +170,10 @@ def trace(model: torch.nn.Module, leaf_modules: LeafSpec = (), given: int | None
     tracer = _Tracer(check_leaves(leaf_modules, model))
     tracer.proxy_buffer_attributes = True
     if threading.active_count() > 1:
-        log.debug("torch.fx traces %s with other threads alive: modules they call meanwhile see fx's patch", type(model).__name__)
+        log.debug(
+            "torch.fx traces %s with other threads alive: modules they call meanwhile see fx's patch",
+            type(model).__name__,
+        )
     twin = _structural_copy(model)
     try:
         with torch.enable_grad(), torch.autocast("cpu", enabled=False):

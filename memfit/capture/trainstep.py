@@ -141,7 +141,8 @@ class StepConfig:
     def describe(self) -> str:
         """The optimizer and precision, as reports print them."""
         opt = self.optimizer if isinstance(self.optimizer, str) or self.optimizer is None else "custom"
-        return f"optimizer={opt}, precision={self.amp or 'fp32'}" + (", gradients accumulated" if self.accumulate else "")
+        accumulated = ", gradients accumulated" if self.accumulate else ""
+        return f"optimizer={opt}, precision={self.amp or 'fp32'}{accumulated}"
 
     def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
         """The autocast context of the forward pass (a no-op in full precision)."""

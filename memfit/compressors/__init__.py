@@ -46,5 +46,7 @@ def list_methods() -> list[str]:
 def get_method(name: str) -> Method:
     """A fresh instance of the method registered under ``name``."""
     if not isinstance(name, str) or name not in _METHODS:
-        raise MemfitInputError(f"unknown compression method {name!r}: method= takes one of {list_methods()} (or a Method)")
+        raise MemfitInputError(
+            f"unknown compression method {name!r}: method= takes one of {list_methods()} (or a Method)"
+        )
     return _METHODS[name]()

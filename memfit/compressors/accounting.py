@@ -113,7 +113,10 @@ class StorageReport:
         return 1 - sum(x.density * math.prod(x.shape) for x in self.layers) / max(n, 1)
 
     def __str__(self) -> str:
-        head = f"{'Layer':<28} {'Method':<10} {'Shape':<18} {'Bits/w':>7} {'Original':>11} {'Stored':>11} {'Ratio':>7} {'Nonzero':>8}"
+        head = (
+            f"{'Layer':<28} {'Method':<10} {'Shape':<18} {'Bits/w':>7} "
+            f"{'Original':>11} {'Stored':>11} {'Ratio':>7} {'Nonzero':>8}"
+        )
         lines = [head, "-" * len(head)]
         for x in self.layers:
             lines.append(
@@ -123,7 +126,10 @@ class StorageReport:
             )
         lines += [
             "-" * len(head),
-            f"Compressed layers: {len(self.layers)}, {self.covered_ratio:.1f}x smaller, {self.sparsity:.1%} zero weights",
+            (
+                f"Compressed layers: {len(self.layers)}, {self.covered_ratio:.1f}x smaller, "
+                f"{self.sparsity:.1%} zero weights"
+            ),
             (
                 f"Weights stored: {mib(self.parameter_bytes):.3f} MiB vs {mib(self.original_parameter_bytes):.3f} MiB "
                 f"at fp32 ({self.parameter_ratio:.1f}x smaller); buffers {mib(self.buffer_bytes):.3f} MiB"

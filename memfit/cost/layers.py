@@ -60,7 +60,13 @@ class DiskCache(dict):
         if root.lower() in ("", "0", "off", "none"):
             return None
         tag = "|".join(
-            (torch.__version__, platform.machine(), _cpu_model(), str(torch.get_num_threads()), str(torch.backends.mkldnn.is_available()))
+            (
+                torch.__version__,
+                platform.machine(),
+                _cpu_model(),
+                str(torch.get_num_threads()),
+                str(torch.backends.mkldnn.is_available()),
+            )
         )
         return Path(root) / f"{self.kind}-{hashlib.sha1(tag.encode()).hexdigest()[:16]}.json"
 

@@ -230,7 +230,9 @@ class _Fsdp:
         baseline = []
         for sid, (nbytes, cat) in g.baseline.items():
             owner = g.owners.get(sid)
-            baseline.append((self.sharded(owner, nbytes) if owner and cat in ("parameter", "optimizer") else nbytes, cat))
+            baseline.append(
+                (self.sharded(owner, nbytes) if owner and cat in ("parameter", "optimizer") else nbytes, cat)
+            )
         events = g.events
         grads = g.sids_of("gradient")
         fwd_starts, fwd_ends = self._spans(events, "forward")

@@ -92,7 +92,12 @@ def enabled() -> bool:
 
 
 def calibrate_times(
-    graph: MemGraph, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], config: StepConfig, *, leaf_modules: LeafSpec = ()
+    graph: MemGraph,
+    model: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    config: StepConfig,
+    *,
+    leaf_modules: LeafSpec = (),
 ) -> None:
     """Fill the times of every compute node of ``graph`` (``fwd_seconds``, ``bwd_seconds``,
     ``cheap_seconds``, ``operators``) and its ``checkpoint_cost``; a node that cannot be timed
@@ -155,7 +160,10 @@ def node_times(infos: list[NodeInfo]) -> NodeTimes | None:
     f = np.array([s if s is not None else rate * p for s, p in zip(fwd, proxy, strict=True)])
     b = np.array([i.bwd_seconds if i.bwd_seconds is not None else 2 * s for i, s in zip(infos, f, strict=True)])
     cheap = np.array(
-        [i.cheap_seconds if i.cheap_seconds is not None else (0.0 if i.fwd_flops else s) for i, s in zip(infos, f, strict=True)]
+        [
+            i.cheap_seconds if i.cheap_seconds is not None else (0.0 if i.fwd_flops else s)
+            for i, s in zip(infos, f, strict=True)
+        ]
     )
     ops = np.array([i.operators if i.fwd_seconds is not None else 1 for i in infos], dtype=np.float64)
     return NodeTimes(f, b, cheap, ops)

@@ -62,7 +62,9 @@ def calibrate(
     def measure(info: NodeInfo, spec: LayerSpec, noise: Noise) -> tuple[int, int]:
         return _workspace_for(spec, graph.batch_size, config, graph.device, noise)
 
-    for c in calibrate_layers(graph, model, inputs, _cache, measure, leaf_modules=leaf_modules, keep=lambda i: i.name in allocating):
+    for c in calibrate_layers(
+        graph, model, inputs, _cache, measure, leaf_modules=leaf_modules, keep=lambda i: i.name in allocating
+    ):
         if c.error is not None:  # a failure must not pass for 0
             c.info.workspace_error = c.error
             if graph.device != "meta":  # there every node is, and the report says so once

@@ -108,7 +108,8 @@ def _parse(path: str, f: BinaryIO, size: int) -> tuple[dict[str, str], torch.Ten
                                   "the write or copy did not finish: save the model again")
         raise MemfitFileError(f"{path} is corrupted or not one memfit wrote: its safetensors header does not "
                               f"describe one uint8 tensor {_TENSOR!r} of the {m} bytes after it")
-    return metadata, torch.frombuffer(_read_exactly(f, m), dtype=torch.uint8) if m else torch.zeros(0, dtype=torch.uint8)
+    data = torch.frombuffer(_read_exactly(f, m), dtype=torch.uint8) if m else torch.zeros(0, dtype=torch.uint8)
+    return metadata, data
 
 
 def _encode(metadata: dict[str, str], data: torch.Tensor) -> bytes:

@@ -89,12 +89,16 @@ class _ArraysOnly(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing {module}.{name}: a CIFAR batch holds only arrays and lists")
 
 
-def _check_batch(batch: object, label_key: bytes, num_classes: int, source: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+def _check_batch(
+    batch: object, label_key: bytes, num_classes: int, source: str, where: str
+) -> tuple[np.ndarray, np.ndarray]:
     """A batch's images ``[N, 3072]`` (uint8) and ``N`` labels in ``[0, num_classes)``; anything else
     is a MemfitInputError naming ``source``, since mismatched pairs would train silently on noise."""
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
         keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-        raise MemfitInputError(f"{source} is not a CIFAR batch (a dict with b'data' and {label_key!r}, got {keys}); {where}")
+        raise MemfitInputError(
+            f"{source} is not a CIFAR batch (a dict with b'data' and {label_key!r}, got {keys}); {where}"
+        )
     data, labels = batch[b"data"], np.asarray(batch[label_key])
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _PIXELS:
         got = f"{data.dtype} {list(data.shape)}" if isinstance(data, np.ndarray) else type(data).__name__
@@ -150,7 +154,9 @@ def cifar(name: str, root: str | os.PathLike) -> Split:
         except FileNotFoundError:
             raise MemfitInputError(f"no {name} data in {os.fspath(root)}: {where}") from None
         except (tarfile.TarError, KeyError, EOFError, OSError, pickle.UnpicklingError, ValueError) as e:
-            raise MemfitInputError(f"malformed {name} archive in {os.fspath(root)} ({type(e).__name__}: {e}); {where}") from e
+            raise MemfitInputError(
+                f"malformed {name} archive in {os.fspath(root)} ({type(e).__name__}: {e}); {where}"
+            ) from e
         return _check_batch(batch, label_key, num_classes, f"malformed {name} batch {source}", where)
 
     def arrays(members: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

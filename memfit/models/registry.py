@@ -174,7 +174,9 @@ def _factory(spec: str) -> Callable[..., Any]:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as e:
         raise MemfitInputError(f"cannot load '{spec}': {e}; expected package.module:factory") from e
-    refused = f"model '{spec}' names {getattr(factory, '__qualname__', type(factory).__name__)} ({type(factory).__name__})"
+    refused = (
+        f"model '{spec}' names {getattr(factory, '__qualname__', type(factory).__name__)} ({type(factory).__name__})"
+    )
     expected = "expected an nn.Module class or a function that returns one"
     if inspect.isclass(factory):
         if not issubclass(factory, nn.Module):

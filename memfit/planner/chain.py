@@ -171,7 +171,8 @@ class Chain:
 
     def _transients(self, infos: list) -> tuple[np.ndarray, np.ndarray, int]:
         """Per node, the most temporary bytes alive while its backward runs (gradients in flight,
-        scratch; kernel workspace added); per node the gradient bytes its backward allocates; the optimizer-phase peak."""
+        scratch; kernel workspace added); per node the gradient bytes its backward allocates; the
+        optimizer-phase peak."""
         g = self.graph
         n = len(self.names)
         trans = np.zeros(n, dtype=np.int64)
@@ -312,7 +313,9 @@ class Chain:
         if kind == "recompute":
             return SegmentTable(hold=held, local=local, cost=cost, flops=flops, recomputed=act)
         if kind == "nested":  # every part recomputed twice: in the segment's backward and its own
-            return SegmentTable(hold=held, local=self._nested_local(), cost=2 * cost, flops=2 * flops, recomputed=2 * act)
+            return SegmentTable(
+                hold=held, local=self._nested_local(), cost=2 * cost, flops=2 * flops, recomputed=2 * act
+            )
         # at its backward, kept and recomputed activations are all alive: ``local`` is unchanged
         return SegmentTable(
             hold=held + _span(self._cached, c),
@@ -397,11 +400,25 @@ class Chain:
             infos = [self.graph.info(n) for n in names]
             random = any(i.random for i in infos)
             parts = tuple(self.to_segments([(k, k + 1, "recompute") for k in range(a, b)])) if kind == "nested" else ()
-            buffers = sorted({self.graph.buffer_names[w] for i in infos for w in i.writes if w in self.graph.buffer_names})
+            buffers = sorted(
+                {self.graph.buffer_names[w] for i in infos for w in i.writes if w in self.graph.buffer_names}
+            )
             unsaved = tuple(i.name for i in infos if self._overwritten(i))
             layers = tuple(dict.fromkeys(i.module_path or i.name for i in infos))
             out.append(
-                Segment(names, kind, s.hold, s.recomputed, s.flops, random, parts, tuple(buffers), unsaved, layers, s.seconds)
+                Segment(
+                    names,
+                    kind,
+                    s.hold,
+                    s.recomputed,
+                    s.flops,
+                    random,
+                    parts,
+                    tuple(buffers),
+                    unsaved,
+                    layers,
+                    s.seconds,
+                )
             )
         return out
 

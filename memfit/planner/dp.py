@@ -60,8 +60,13 @@ def _solve(chain: Chain, kinds: Sequence[SegmentKind], quantum: float, room: int
     grads = chain.grads_table()
     # [a, before, b] per kind: a segment's figures after a plain (0) or a checkpointed (1) one
     tables = {
-        kind: [np.stack([getattr(chain.table(kind, after_plain=True), f), getattr(chain.table(kind, after_plain=False), f)], axis=1)
-               for f in ("hold", "local", "cost")]
+        kind: [
+            np.stack(
+                [getattr(chain.table(kind, after_plain=True), f), getattr(chain.table(kind, after_plain=False), f)],
+                axis=1,
+            )
+            for f in ("hold", "local", "cost")
+        ]
         for kind in kinds
     }
     for b in range(1, m + 1):

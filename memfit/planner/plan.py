@@ -155,7 +155,9 @@ def render(plan: Plan) -> str:
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
 
         def fmt(r: tuple[str, ...]) -> str:
-            return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+            return "  ".join(
+                c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
 
         lines += [fmt(headers), "-" * (sum(widths) + 2 * (len(widths) - 1))]
         lines += [fmt(r) for r in rows]

@@ -43,7 +43,10 @@ def plot_plan(plan: Plan, path: str | Path) -> Path:
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    for label, levels, style in (("before (predicted)", plan.levels_before, "-"), ("after (predicted)", plan.levels_after, "-")):
+    for label, levels, style in (
+        ("before (predicted)", plan.levels_before, "-"),
+        ("after (predicted)", plan.levels_after, "-"),
+    ):
         if not levels:
             continue
         n = len(levels)
@@ -58,7 +61,8 @@ def plot_plan(plan: Plan, path: str | Path) -> Path:
         ax.axhline(mib(plan.budget_bytes), color="red", linestyle="--", linewidth=1, label="budget")
     ax.set_xlabel("progress through the training step")
     ax.set_ylabel("live tensor memory (MiB)")
-    ax.set_title(f"memfit plan ({plan.strategy}): peak {mib(plan.peak_before_bytes):.1f} -> {mib(plan.peak_after_bytes):.1f} MiB (predicted)")
+    peaks = f"{mib(plan.peak_before_bytes):.1f} -> {mib(plan.peak_after_bytes):.1f} MiB"
+    ax.set_title(f"memfit plan ({plan.strategy}): peak {peaks} (predicted)")
     ax.legend(loc="upper right")
     out = _save(fig, path)
     plt.close(fig)

@@ -41,7 +41,15 @@ class Tradeoff:
     points: list[TradeoffPoint]
 
     def __str__(self) -> str:
-        headers = ("Budget MiB", "Peak MiB (pred)", "Extra time ms (pred)", "% of step", "Extra FLOPs %", "Strategy", "Checkpointed")
+        headers = (
+            "Budget MiB",
+            "Peak MiB (pred)",
+            "Extra time ms (pred)",
+            "% of step",
+            "Extra FLOPs %",
+            "Strategy",
+            "Checkpointed",
+        )
         rows = [
             (
                 f"{p.budget_mb:.2f}",

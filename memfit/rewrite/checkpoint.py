@@ -96,7 +96,9 @@ def _buffers_replayed(buffers: list[BufferRef], before: list[torch.Tensor]) -> I
 
 
 @contextlib.contextmanager
-def _recomputing(inner: contextlib.AbstractContextManager, buffers: list[BufferRef], before: list[torch.Tensor]) -> Iterator[None]:
+def _recomputing(
+    inner: contextlib.AbstractContextManager, buffers: list[BufferRef], before: list[torch.Tensor]
+) -> Iterator[None]:
     """The context of a recomputation: the selective one if any, buffers replayed."""
     with _buffers_replayed(buffers, before), inner:  # the snapshots are not ops of the segment
         yield
@@ -149,7 +151,9 @@ class Checkpointed(torch.nn.Module):
             # a partial made here, or none: one held in an attribute or a global reaches dynamo unresolved
             if self.selective:
                 context = functools.partial(create_selective_checkpoint_contexts, _keep_expensive)
-                return checkpoint(self._run, *args, use_reentrant=False, context_fn=context, preserve_rng_state=self.random)
+                return checkpoint(
+                    self._run, *args, use_reentrant=False, context_fn=context, preserve_rng_state=self.random
+                )
             return checkpoint(self._run, *args, use_reentrant=False, preserve_rng_state=self.random)
         with torch.no_grad():
             before = [getattr(m, a).clone() for m, a in self.written]
@@ -302,7 +306,9 @@ def _adopt(dst: torch.nn.Module, src: torch.nn.Module, convert: Callable[[Any], 
             dst._non_persistent_buffers_set.add(name)
 
 
-def _extract(gm: fx.GraphModule, members: list[fx.Node], index: int) -> tuple[fx.GraphModule, list[fx.Node], list[fx.Node]]:
+def _extract(
+    gm: fx.GraphModule, members: list[fx.Node], index: int
+) -> tuple[fx.GraphModule, list[fx.Node], list[fx.Node]]:
     """The body GraphModule of one segment, the outer nodes it reads and the nodes it returns."""
     inside = set(members)
     inputs: list[fx.Node] = []

@@ -53,7 +53,9 @@ def wrap(module: torch.nn.Module, parallel: Parallel, **kwargs: Any) -> torch.nn
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        raise MemfitInputError("torch.distributed is not initialised; call init_process_group first (torchrun sets it up)")
+        raise MemfitInputError(
+            "torch.distributed is not initialised; call init_process_group first (torchrun sets it up)"
+        )
     if dist.get_world_size() != parallel.world_size:
         raise MemfitInputError(
             f"memfit planned for {parallel.world_size} processes but the process group has {dist.get_world_size()}; "
