@@ -51,8 +51,10 @@ def _check_dims(model: torch.nn.Module, dims: list[int], shape: str) -> None:
             f"--input {shape}: {type(model).__name__} starts with an embedding and takes token ids; give the "
             "sequence length alone, like --input 128"
         )
-    convs = {torch.nn.Conv1d: "CxL", torch.nn.Conv2d: "CxHxW", torch.nn.Conv3d: "CxDxHxW"}
-    form = next((f for kind, f in convs.items() if type(first) is kind), None)
+    if not isinstance(first, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+        return
+    convs: dict[type, str] = {torch.nn.Conv1d: "CxL", torch.nn.Conv2d: "CxHxW", torch.nn.Conv3d: "CxDxHxW"}
+    form = convs.get(type(first))  # these classes exactly: a subclass may take other shapes
     if form is not None and (len(dims) != form.count("x") + 1 or dims[0] != first.in_channels):
         example = "x".join([str(first.in_channels)] + ["32"] * form.count("x"))
         raise MemfitInputError(

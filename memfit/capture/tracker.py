@@ -97,7 +97,7 @@ class StorageTracker(TorchDispatchMode):
         self._recording = False
 
     # -- dispatch ---------------------------------------------------------------------------
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         if self._recording:
             wider = _float32_statistics(func, args)

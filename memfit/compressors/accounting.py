@@ -156,7 +156,11 @@ def _macs_per_sample(model: nn.Module, example_inputs: Any) -> dict[str, tuple[i
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, GeneratedConv2d, nn.Linear, GeneratedLinear)):
             def hook(mod: nn.Module, args: Any, out: torch.Tensor, name: str = name) -> None:
-                w_shape = mod.generator.shape if hasattr(mod, "generator") else tuple(mod.weight.shape)
+                if isinstance(mod, (GeneratedConv2d, GeneratedLinear)):
+                    w_shape = mod.generator.shape
+                else:
+                    assert isinstance(mod, (nn.Conv2d, nn.Linear))  # the layers hooked here
+                    w_shape = tuple(mod.weight.shape)
                 per_output = math.prod(w_shape[1:])
                 outputs = out.numel() // batch
                 macs, n = found.get(name, (0, 0))

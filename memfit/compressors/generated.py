@@ -374,7 +374,7 @@ class GeneratedMethod(Method):
             raise TypeError(f"the generated method needs a GeneratedConfig, got {type(config).__name__}")
         built: dict[str, WeightGenerator] = {}
         for name in layers:
-            weight = model.get_submodule(name).weight
+            weight = _weight(model, name)
             gen = MLGGenerator(
                 tuple(weight.shape),
                 config.base_in,
@@ -385,6 +385,14 @@ class GeneratedMethod(Method):
             ).to(weight.device)
             built[name] = gen.project_(weight)
         return built
+
+
+def _weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The weight of the layer ``name`` of ``model``."""
+    weight = model.get_submodule(name).weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name}.weight is a {type(weight).__name__}, not a tensor")
+    return weight
 
 
 def _generated_layers(model: nn.Module) -> dict[str, MLGGenerator]:
@@ -473,4 +481,4 @@ def project_(model: nn.Module, dense: nn.Module) -> None:
     """
     with torch.no_grad():
         for name, gen in _generated_layers(model).items():
-            gen.project_(dense.get_submodule(name).weight)
+            gen.project_(_weight(dense, name))

@@ -110,6 +110,10 @@ class TernaryGenerator(WeightGenerator):
 
     method: ClassVar[str] = "ternary"
     codebook_size: ClassVar[int | None] = 2
+    # buffers (nn.Module's __getattr__ would type them Tensor | Module)
+    unit: torch.Tensor
+    frozen: torch.Tensor
+    frozen_codes: torch.Tensor
 
     def __init__(
         self,

@@ -156,7 +156,7 @@ def node_times(infos: list[NodeInfo]) -> NodeTimes | None:
     if not measured:
         return None
     proxy = np.array([i.fwd_flops + BYTE_WEIGHT * i.out_bytes for i in infos], dtype=np.float64)
-    rate = sum(fwd[k] for k in measured) / max(1.0, float(proxy[measured].sum()))
+    rate = sum(s for s in fwd if s is not None) / max(1.0, float(proxy[measured].sum()))
     f = np.array([s if s is not None else rate * p for s, p in zip(fwd, proxy, strict=True)])
     b = np.array([i.bwd_seconds if i.bwd_seconds is not None else 2 * s for i, s in zip(infos, f, strict=True)])
     cheap = np.array(

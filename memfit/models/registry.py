@@ -156,8 +156,8 @@ def load(spec: str, **options: Any) -> nn.Module:
     try:
         inspect.signature(factory).bind(**kwargs)
     except TypeError as e:
-        options = ", ".join(f"{k}=" for k in kwargs) or "no arguments"
-        raise MemfitInputError(f"model '{spec}' cannot be called with {options}: {e}") from None
+        given = ", ".join(f"{k}=" for k in kwargs) or "no arguments"
+        raise MemfitInputError(f"model '{spec}' cannot be called with {given}: {e}") from None
     try:
         model = factory(**kwargs)
     except Exception as e:  # the user's own code: one line, not its traceback

@@ -226,7 +226,7 @@ class Chain:
         if len(minima) > room:
             cum = np.cumsum(act)
             weight = np.array([cum[i - 1] for i in minima], dtype=np.float64)
-            marks = np.linspace(weight[0], weight[-1], room) if room else []
+            marks = np.linspace(weight[0], weight[-1], room)  # none when room is 0
             chosen = sorted({minima[int(np.argmin(np.abs(weight - m)))] for m in marks})
         else:
             chosen = list(minima)

@@ -96,13 +96,13 @@ def _solve(chain: Chain, kinds: Sequence[SegmentKind], quantum: float, room: int
     final = best[m]
     if not np.isfinite(final).any():
         return None
-    c, j = np.unravel_index(int(np.lexsort((held[m].ravel(), final.ravel()))[0]), final.shape)
+    c, j = (int(v) for v in np.unravel_index(int(np.lexsort((held[m].ravel(), final.ravel()))[0]), final.shape))
     spans: Spans = []
-    b = m
-    while b > 0:
-        a, k, before, j_before = (int(v) for v in back[b, c, j])
-        spans.append((a, b, kinds[k]))
-        b, c, j = a, before, j_before
+    end = m
+    while end > 0:
+        start, k, c_before, j_before = (int(v) for v in back[end, c, j])
+        spans.append((start, end, kinds[k]))
+        end, c, j = start, c_before, j_before
     return spans[::-1]
 
 

@@ -76,7 +76,7 @@ class _Arcs:
 
     def select(self, keep: np.ndarray) -> _Arcs:
         """The arcs where ``keep`` is true."""
-        return _Arcs(*(getattr(self, f)[keep] for f in _FIELDS), m=self.m)
+        return _Arcs(**{f: getattr(self, f)[keep] for f in _FIELDS}, m=self.m)
 
 
 _FIELDS = ("a", "b", "kind", "tail", "head", "hold", "need", "cost")
@@ -154,7 +154,7 @@ def _arcs(chain: Chain, kinds: Sequence[SegmentKind]) -> _Arcs:
             f"(at most {MAX_ARCS}); use strategy 'dp' or 'selective'"
         )
     cols = np.array(rows, dtype=np.int64).reshape(-1, len(_FIELDS)).T
-    return _Arcs(*cols, m=m)
+    return _Arcs(**dict(zip(_FIELDS, cols, strict=True)), m=m)
 
 
 def _bounds(arcs: _Arcs, room: int) -> tuple[np.ndarray, np.ndarray, bool]:

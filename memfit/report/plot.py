@@ -4,6 +4,7 @@ tradeoff between budget and recomputation."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ..errors import MemfitInputError
 from ..io.container import check_folder
@@ -14,7 +15,7 @@ from .tradeoff import Tradeoff
 __all__ = ["plot_plan", "plot_tradeoff"]
 
 
-def _pyplot():  # type: ignore[no-untyped-def]
+def _pyplot() -> Any:  # matplotlib.pyplot, an optional dependency
     """matplotlib's pyplot on the file-only backend, or the error that says how to install it."""
     try:
         import matplotlib
@@ -26,7 +27,7 @@ def _pyplot():  # type: ignore[no-untyped-def]
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:  # type: ignore[no-untyped-def]
+def _save(fig: Any, path: str | Path) -> Path:
     check_folder(str(path), "plot path")
     fig.tight_layout()
     out = Path(path)

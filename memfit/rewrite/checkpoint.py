@@ -27,7 +27,7 @@ import functools
 import operator
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import fx
@@ -114,6 +114,8 @@ class Checkpointed(torch.nn.Module):
         buffers: The buffers its forward writes in place, replayed around the recomputation.
     """
 
+    body: fx.GraphModule  # set with object.__setattr__, so nn.Module does not register it
+
     def __init__(
         self, body: fx.GraphModule, selective: bool = False, random: bool = True, buffers: list[BufferRef] | None = None
     ) -> None:
@@ -193,7 +195,8 @@ class PlannedModule(fx.GraphModule):
     report: Comparison
 
     def __deepcopy__(self, memo: dict[int, Any]) -> PlannedModule:
-        res = super().__deepcopy__(memo)
+        # GraphModule.__deepcopy__ builds a type(self), though torch annotates it as GraphModule
+        res = cast(PlannedModule, super().__deepcopy__(memo))
         _adopt(res, self, lambda x: copy.deepcopy(x, memo))
         for key in ("plan", "report"):
             if key in self.__dict__:
@@ -237,8 +240,8 @@ def rewrite(model: torch.nn.Module, gm: fx.GraphModule, plan: Plan, prefix: str 
         buffers = [_buffer_ref(model, b) for b in seg.buffers]
         wrappers[name] = Checkpointed(body, selective=seg.kind == "selective", random=seg.random, buffers=buffers)
         call = graph.call_module(name, tuple(env[x] for x in inputs))
-        for k, out in enumerate(outputs):
-            env[out] = graph.call_function(operator.getitem, (call, k))
+        for k, output in enumerate(outputs):
+            env[output] = graph.call_function(operator.getitem, (call, k))
     for n in gm.graph.nodes:
         if n.op == "output":
             graph.node_copy(n, lambda x: env[x])
