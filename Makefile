@@ -24,7 +24,10 @@ setup: $(BIN)/memfit
 report: setup
 	$(BIN)/memfit report $(MODEL) $(ARGS)
 
+# Lint and type-check first (seconds), so that a finding fails CI before the tests run.
 test: setup
+	$(BIN)/ruff check memfit tests examples benchmarks
+	$(BIN)/mypy memfit
 	$(BIN)/python -m pytest -q -n 2 --durations=15
 
 # The planner's correctness matrix over the rest of the zoo (CI runs one model per family): ~30 min.
@@ -47,4 +50,4 @@ bench-policies: setup
 	$(BIN)/python benchmarks/policies.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -113,7 +113,7 @@ def time_ratios(
                 took[n].append(time.process_time() - t0)
     finally:
         torch.set_num_threads(threads)
-    ratios = {n: statistics.median(a / b for a, b in zip(took[n], took[reference])) for n in names}
+    ratios = {n: statistics.median(a / b for a, b in zip(took[n], took[reference], strict=True)) for n in names}
     return ratios, 1000 * statistics.median(took[reference])
 
 
@@ -138,7 +138,7 @@ def plans_between(
     except memfit.MemfitError as e:
         return float("nan"), [(None, None, f"n/a: {first_line(e)}")]
     rows: list[tuple[float | None, float | None, nn.Module | str]] = []
-    for level, budget in zip(levels, levels_between(lowest, high, levels)):
+    for level, budget in zip(levels, levels_between(lowest, high, levels), strict=True):
         try:
             planned: nn.Module | str = memfit.optimize(case.model, budget, case.x, strategy=strategy, **options)
         except memfit.MemfitError as e:
@@ -192,9 +192,9 @@ class Table:
         print("-" * len(names), flush=True)
 
     def _fmt(self, cells: list[str]) -> str:
-        return "".join(
-            (f"{c:<{w}}" if i < self.left else f"{c:>{w}}") for i, (c, w) in enumerate(zip(cells, self.widths))
-        ).rstrip()
+        # a row with a note has fewer cells than columns
+        pairs = enumerate(zip(cells, self.widths, strict=False))
+        return "".join((f"{c:<{w}}" if i < self.left else f"{c:>{w}}") for i, (c, w) in pairs).rstrip()
 
     def row(self, *cells: object, note: str = "") -> None:
         """Print one row; a note (an n/a reason) follows the cells it replaces."""

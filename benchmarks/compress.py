@@ -62,7 +62,9 @@ def evaluate(model: nn.Module, data: memfit.datasets.Split) -> float:
     return 100.0 * (pred == data.y_test).float().mean().item()
 
 
-def plain_train(model: nn.Module, data: memfit.datasets.Split, epochs: int, *, seed: int, lr: float = 1e-3, batch: int = 64) -> None:
+def plain_train(
+    model: nn.Module, data: memfit.datasets.Split, epochs: int, *, seed: int, lr: float = 1e-3, batch: int = 64
+) -> None:
     """The loop a user writes: Adam, cross-entropy, cosine annealing per step, shuffled batches."""
     order = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -103,7 +105,9 @@ def run_seed(args: argparse.Namespace, data: memfit.datasets.Split, seed: int, a
             torch.manual_seed(seed)
             model = memfit.compress(base, method, config, example_inputs=batch)
             if loop == "recipe":
-                memfit.compressors.Recipe(teacher=base).finetune(model, data.x_train, data.y_train, args.finetune, seed=seed + 1)
+                memfit.compressors.Recipe(teacher=base).finetune(
+                    model, data.x_train, data.y_train, args.finetune, seed=seed + 1
+                )
             else:
                 plain_train(model, data, args.finetune, seed=seed + 1)
             accuracy.setdefault(f"{name}/{loop}", []).append(evaluate(model, data))
@@ -152,7 +156,9 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
     p.add_argument("--epochs", type=int, default=6, help="uncompressed training before compression")
-    p.add_argument("--finetune", type=int, default=8, help="epochs after compression (the reference trains as many more)")
+    p.add_argument(
+        "--finetune", type=int, default=8, help="epochs after compression (the reference trains as many more)"
+    )
     p.add_argument("--width", type=int, default=16, help="resnet18 width (64 is the published network)")
     p.add_argument("--size", type=int, default=16, help="digits image size (upsampled from 8x8)")
     p.add_argument("--batch", type=int, default=64, help="batch of the training-memory prediction")

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         if floor >= pred:
             table.row(name, note="the unplanned step is already at the minimum: nothing to plan")
             continue
-        for level, budget in zip(args.levels, levels_between(floor, pred, [v / 100 for v in args.levels])):
+        for level, budget in zip(args.levels, levels_between(floor, pred, [v / 100 for v in args.levels]), strict=True):
             try:
                 plans = {s: memfit.optimize(case.model, budget, case.x, strategy=s).plan for s in ["milp", *OTHERS]}
             except memfit.MemfitError as e:

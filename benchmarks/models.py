@@ -69,7 +69,9 @@ def table(cases: dict[str, dict[str, object]]) -> str:
         for f in FRACTIONS:
             budget, measured = c.get(f"budget_{f}"), c.get(f"measured_{f}")
             cells.append(f"{budget} -> {measured}" if budget is not None else "")
-        lines.append(f"| {name} | {capture} | {peak} | {error} | " + " | ".join(cells) + f" | {'pass' if c['ok'] else 'FAIL'} |")
+        lines.append(
+            f"| {name} | {capture} | {peak} | {error} | " + " | ".join(cells) + f" | {'pass' if c['ok'] else 'FAIL'} |"
+        )
     return "\n".join(lines)
 
 

@@ -20,9 +20,9 @@ import tempfile
 import time
 
 _started = time.perf_counter()  # before torch: import time is reported apart from planning time
-from common import CACHE_ENV, MiB, Table, build_case, fmt, footer, section
+from common import CACHE_ENV, MiB, Table, build_case, fmt, footer, section  # noqa: E402  timed: see _started
 
-import memfit
+import memfit  # noqa: E402  timed: see _started
 
 IMPORT_SECONDS = time.perf_counter() - _started
 STRATEGIES = ["dp", "selective", "chen", "auto"]
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     started = time.perf_counter()
     section(
-        f"Planning time: memfit.optimize at {100 * BUDGET:.0f}% of the unplanned peak, batch {args.batch} at {args.input}"
+        f"Planning time: memfit.optimize at {100 * BUDGET:.0f}% of the unplanned peak, "
+        f"batch {args.batch} at {args.input}"
     )
     print("Each run is a new process. import: `import memfit` (torch, torch._dynamo); plan: the optimize")
     print("call (capture, calibration, planning, the verifying dry run). cold: empty workspace cache;")

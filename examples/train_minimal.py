@@ -27,7 +27,9 @@ def main() -> None:
     data = memfit.datasets.digits(size=16)  # scikit-learn's bundled digits: nothing to download
     model = memfit.models.create("resnet18", stem="cifar", width=16, num_classes=data.num_classes)
     batch = data.x_train[: args.batch_size]
-    make_optimizer = lambda params: torch.optim.Adam(params, lr=1e-3)
+
+    def make_optimizer(params) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=1e-3)
 
     # memfit plans with the optimizer that trains: its state is part of the step's memory
     planned = memfit.optimize(model, args.budget, batch, optimizer=make_optimizer)

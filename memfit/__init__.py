@@ -21,36 +21,36 @@ from .planner import list_strategies
 from .report.memory import MemoryReport
 from .report.plot import plot_plan, plot_tradeoff
 from .report.tradeoff import Tradeoff, TradeoffPoint
-from .rewrite.checkpoint import PlannedModule
 from .rewrite import distributed
+from .rewrite.checkpoint import PlannedModule
 
 __all__ = [
     "Budget",
+    "MemfitBudgetError",
+    "MemfitError",
+    "MemfitFileError",
+    "MemfitInputError",
+    "MemfitTraceError",
+    "MemoryReport",
+    "Parallel",
+    "PlannedModule",
+    "Tradeoff",
+    "TradeoffPoint",
     "checkpoint",
     "compress",
     "compressors",
     "datasets",
     "distributed",
-    "load",
-    "save",
     "estimate",
-    "measure",
-    "optimize",
-    "minimum",
-    "tradeoff",
-    "Tradeoff",
-    "TradeoffPoint",
-    "PlannedModule",
     "list_strategies",
+    "load",
+    "measure",
+    "minimum",
+    "models",
+    "optimize",
     "plot_plan",
     "plot_tradeoff",
-    "MemfitBudgetError",
-    "MemoryReport",
-    "Parallel",
-    "MemfitError",
-    "MemfitFileError",
-    "MemfitInputError",
-    "MemfitTraceError",
-    "models",
+    "save",
+    "tradeoff",
 ]
 __version__ = "0.1.0"

@@ -64,7 +64,11 @@ class Budget:
         return int(self.fraction * unplanned_bytes)
 
     def __str__(self) -> str:
-        return f"{self.nbytes / MiB:.2f} MiB" if self.nbytes is not None else f"{100 * (self.fraction or 0):g}% of the unplanned peak"
+        return (
+            f"{self.nbytes / MiB:.2f} MiB"
+            if self.nbytes is not None
+            else f"{100 * (self.fraction or 0):g}% of the unplanned peak"
+        )
 
 
 def _positive(nbytes: float, given: object, argument: str) -> int:

@@ -26,7 +26,7 @@ from .io.serialize import save
 from .planner import STRATEGIES
 from .report.plot import plot_plan, plot_tradeoff
 
-__all__ = ["main", "example_input"]
+__all__ = ["example_input", "main"]
 
 
 def _dims(shape: str) -> list[int]:
@@ -51,8 +51,10 @@ def _check_dims(model: torch.nn.Module, dims: list[int], shape: str) -> None:
             f"--input {shape}: {type(model).__name__} starts with an embedding and takes token ids; give the "
             "sequence length alone, like --input 128"
         )
-    convs = {torch.nn.Conv1d: "CxL", torch.nn.Conv2d: "CxHxW", torch.nn.Conv3d: "CxDxHxW"}
-    form = next((f for kind, f in convs.items() if type(first) is kind), None)
+    if not isinstance(first, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+        return
+    convs: dict[type, str] = {torch.nn.Conv1d: "CxL", torch.nn.Conv2d: "CxHxW", torch.nn.Conv3d: "CxDxHxW"}
+    form = convs.get(type(first))  # these classes exactly: a subclass may take other shapes
     if form is not None and (len(dims) != form.count("x") + 1 or dims[0] != first.in_channels):
         example = "x".join([str(first.in_channels)] + ["32"] * form.count("x"))
         raise MemfitInputError(
@@ -109,7 +111,7 @@ def _step_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="zoo name (see `memfit models`) or package.module:factory")
     p.add_argument("--batch", type=_positive, default=8, help="batch size (default 8)")
     p.add_argument("--input", help="per-sample input shape, e.g. 3x32x32, or sequence length for GPT")
-    p.add_argument("--optimizer", default="sgd", choices=sorted(OPTIMIZERS) + ["none"])
+    p.add_argument("--optimizer", default="sgd", choices=[*sorted(OPTIMIZERS), "none"])
     p.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast precision")
     p.add_argument("--stem", choices=["imagenet", "cifar"], help="zoo models: input stem")
     p.add_argument("--num-classes", type=_positive, help="zoo models: classifier outputs")
@@ -153,7 +155,9 @@ def _parser() -> argparse.ArgumentParser:
         help="no plan: the tradeoff from the feasible minimum to the unplanned peak at POINTS budgets (default 8)",
     )
     pl.add_argument("--strategy", default="auto", choices=["auto", *sorted(STRATEGIES)])
-    pl.add_argument("--plot", metavar="PNG", help="save a plot of memory over the step before and after (or of the curve)")
+    pl.add_argument(
+        "--plot", metavar="PNG", help="save a plot of memory over the step before and after (or of the curve)"
+    )
     pl.add_argument(
         "--compress",
         choices=["auto", *list_methods()],

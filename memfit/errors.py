@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["MemfitError", "MemfitTraceError", "MemfitInputError", "MemfitFileError", "MemfitBudgetError"]
+__all__ = ["MemfitBudgetError", "MemfitError", "MemfitFileError", "MemfitInputError", "MemfitTraceError"]
 
 
 class MemfitError(Exception):

@@ -192,7 +192,8 @@ def tradeoff(
         raise MemfitInputError(f"points={points!r}: a tradeoff curve needs an integer of at least 2 budgets")
     names = _strategy_names(strategy)
     search = _search_for(model, example_inputs, optimizer, amp, loss_fn, leaf_modules, parallel, accumulate)
-    low, high = search.minimum_bytes(names), max(search.minimum_bytes(names), search.budget_for(search.unplanned.peak_bytes))
+    low = search.minimum_bytes(names)
+    high = max(low, search.budget_for(search.unplanned.peak_bytes))
     curve = []
     for k in range(points):
         budget = low + (high - low) * k // (points - 1)
@@ -255,15 +256,21 @@ def _compressed_fit(
     from .compressors.apply import choose_layers
 
     budget_mb = err.budget_mb  # resolved against the uncompressed model's peak, as given
+    if budget_mb is None:  # the search's budget errors all say their budget
+        raise err
 
     name = "generated" if method == "auto" else method
     impl = get_method(name)
     base = impl.config_type()
-    candidates = sorted(choose_layers(model, base, leaves), key=lambda n: -model.get_submodule(n).weight.numel())
+
+    def size(layer: str) -> int:  # the chosen layers' weights are plain parameters (none parametrized)
+        return model.get_parameter(f"{layer}.weight").numel()
+
+    candidates = sorted(choose_layers(model, base, leaves), key=lambda n: -size(n))
     if not candidates:
         raise err
     per_byte = 2 + _STATE_PER_BYTE.get(config.optimizer if isinstance(config.optimizer, str) else "adam", 2)
-    saving = [model.get_submodule(n).weight.numel() * 4 * per_byte for n in candidates]
+    saving = [size(n) * 4 * per_byte for n in candidates]
     missing = (err.minimum_mb - budget_mb) * MiB
     count = next((i + 1 for i in range(len(saving)) if sum(saving[: i + 1]) >= missing), len(saving))
     while True:

@@ -92,7 +92,9 @@ class PlanSearch:
         timing.calibrate_times(self.graph, self.gm, inputs.tensors, config, leaf_modules=leaves)
         self.chain = Chain(self.graph)
         self.unplanned = simulate.simulate(self.graph, parallel=parallel)
-        self.before: MemoryReport = report_from_graph(self.graph, type(model).__name__, self.unplanned, parallel=parallel)
+        self.before: MemoryReport = report_from_graph(
+            self.graph, type(model).__name__, self.unplanned, parallel=parallel
+        )
         # The chain prices the model's own nodes as one process alone: what runs around them (a
         # large loss's logits and their gradient at the start of backward) and data parallelism's
         # buckets move every plan's peak by about what they move the unplanned one's; chain targets
@@ -311,13 +313,13 @@ class PlanSearch:
         peak = floor.peak_bytes
         how = "unplanned" if floor.plan.strategy == "none" else f"with strategy {floor.plan.strategy}"
         minimum = self.budget_for(peak)
-        floor = b.parameters_bytes + b.buffers_bytes + b.inputs_bytes + b.gradients_bytes + b.optimizer_bytes
+        held = b.parameters_bytes + b.buffers_bytes + b.inputs_bytes + b.gradients_bytes + b.optimizer_bytes
         return MemfitBudgetError(
             f"no plan fits {mib(budget_bytes):.2f} MiB: the feasible minimum is {mib(minimum):.2f} MiB (predicted: the "
             f"least peak, {mib(peak):.2f} MiB {how}, and a {100 * MARGIN:g}% margin). Parameters "
             f"{mib(b.parameters_bytes):.2f} + gradients {mib(b.gradients_bytes):.2f} + optimizer state "
             f"{mib(b.optimizer_bytes):.2f} + buffers and inputs {mib(b.buffers_bytes + b.inputs_bytes):.2f} = "
-            f"{mib(floor):.2f} MiB are held whatever is recomputed. Raise the budget, lower the batch size, use a "
+            f"{mib(held):.2f} MiB are held whatever is recomputed. Raise the budget, lower the batch size, use a "
             "lighter optimizer, or shrink the weights with compress= (memfit.minimum gives the least budget).",
             minimum_mb=mib(minimum),
             budget_mb=mib(budget_bytes),

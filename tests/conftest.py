@@ -36,7 +36,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     do the foreign models beyond CI's subset (``make test-models``)."""
     skips = []
     if os.environ.get("MEMFIT_ZOO") != "1":
-        skips.append(("zoo", pytest.mark.skip(reason="zoo matrix beyond CI's budget: run `make test-zoo` (MEMFIT_ZOO=1)")))
+        skips.append(
+            ("zoo", pytest.mark.skip(reason="zoo matrix beyond CI's budget: run `make test-zoo` (MEMFIT_ZOO=1)"))
+        )
     if os.environ.get("MEMFIT_MODELS") != "all":
         reason = "foreign model beyond CI's subset: run `make test-models` (MEMFIT_MODELS=all)"
         skips.append(("models", pytest.mark.skip(reason=reason)))

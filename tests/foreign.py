@@ -143,7 +143,8 @@ def _tv_swin(v2: bool = False) -> Callable[[], nn.Module]:
     return build
 
 
-_add("tv.resnet18", "torchvision", _tv("resnet18", num_classes=10), _images(64), "plain CNN: BatchNorm, ReLU(inplace) after BN")
+_add("tv.resnet18", "torchvision", _tv("resnet18", num_classes=10), _images(64),
+     "plain CNN: BatchNorm, ReLU(inplace) after BN")
 _add("tv.resnet50", "torchvision", _tv("resnet50", num_classes=10), _images(64), "bottleneck blocks")
 _add("tv.densenet121", "torchvision", _tv("densenet121", num_classes=10), _images(64),
      "concatenations; the slowest case (~45 s)")
@@ -227,7 +228,9 @@ def _hf(cls: str, config: str, **cfg: Any) -> Callable[[], nn.Module]:
     return build
 
 
-def _tokens(*, labels: str = "tokens", num_labels: int = 10, decoder: bool = False) -> Callable[[], dict[str, torch.Tensor]]:
+def _tokens(
+    *, labels: str = "tokens", num_labels: int = 10, decoder: bool = False
+) -> Callable[[], dict[str, torch.Tensor]]:
     def make() -> dict[str, torch.Tensor]:
         ids = torch.randint(0, VOCAB, (BATCH, SEQ))
         mask = torch.ones(BATCH, SEQ, dtype=torch.long)
@@ -294,7 +297,8 @@ _add("hf.wav2vec2", "transformers",
      # 3200 samples -> 319 frames; 8 CTC targets, none the blank (pad_token_id=0)
      lambda: {"input_values": torch.randn(BATCH, 3200), "labels": torch.randint(1, 32, (BATCH, 8))},
      "conv feature encoder, grouped positional conv (weight norm), CTC loss", hf_loss,
-     refused=r"(?s)Wav2Vec2ForCTC: Python control flow .* depends on tensor values.*labels\.max\(\) >= self\.config\.vocab_size")
+     refused=r"(?s)Wav2Vec2ForCTC: Python control flow .* depends on tensor values"
+             r".*labels\.max\(\) >= self\.config\.vocab_size")
 
 
 # CI's subset (make test): fast vision models spanning the root causes found so far. The rest runs

@@ -67,7 +67,7 @@ class Net(nn.Module):
             last.update({i: k for i in op.args})
         last.update({v: len(self.ops) for v in self.outputs})
         values: list[Any] = []
-        for stem, x in zip(self.stems, inputs):
+        for stem, x in zip(self.stems, inputs, strict=True):
             values.append(self.layers[stem](x) if stem else x)
             _drop(values, last, -1)
         for k, op in enumerate(self.ops):
@@ -155,7 +155,9 @@ def _arity(op: Op) -> int:
 
 def loss_of(output: Any) -> torch.Tensor:
     """A loss over every output, whatever the container."""
-    outs = list(output.values()) if isinstance(output, dict) else list(output) if isinstance(output, tuple) else [output]
+    outs = (
+        list(output.values()) if isinstance(output, dict) else list(output) if isinstance(output, tuple) else [output]
+    )
     return sum(o.pow(2).mean() for o in outs)
 
 
@@ -216,7 +218,11 @@ def _layer(draw: st.DrawFn, layers: nn.ModuleDict, width: int, n: int) -> tuple[
     linear.requires_grad_(not frozen)
     after = draw(st.sampled_from([None, None, *sorted(IN_PLACE)]))
     layers[f"l{n}"] = nn.Sequential(linear, IN_PLACE[after](inplace=True)) if after else linear
-    return f"l{n}", out, f"l{n}: Linear({width}, {out})" + (" frozen" if frozen else "") + (f", {after} in place" if after else "")
+    return (
+        f"l{n}",
+        out,
+        f"l{n}: Linear({width}, {out})" + (" frozen" if frozen else "") + (f", {after} in place" if after else ""),
+    )
 
 
 @st.composite

@@ -8,7 +8,6 @@ import torch
 import memfit
 
 
-
 def _case(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     if name == "gpt":

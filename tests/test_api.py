@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 import memfit
 from memfit.capture.dryrun import capture
@@ -82,7 +82,9 @@ def test_a_branch_fx_cannot_trace_is_captured_by_export() -> None:
 def test_a_branch_nothing_can_capture_names_the_module_and_the_fix() -> None:
     model = _Branchy()
     model.gate = _ValueGate()
-    with pytest.raises(memfit.MemfitTraceError, match=r"(?s)_Branchy.*submodule 'gate' \(_ValueGate\).*leaf_modules=\[_ValueGate\]"):
+    with pytest.raises(
+        memfit.MemfitTraceError, match=r"(?s)_Branchy.*submodule 'gate' \(_ValueGate\).*leaf_modules=\[_ValueGate\]"
+    ):
         memfit.estimate(model, torch.randn(2, 3, 8, 8))
 
 
@@ -113,7 +115,7 @@ def test_wrong_number_of_inputs(small_cnn: nn.Module) -> None:
 
 @pytest.mark.parametrize("bad", [object(), "resnet18", lambda x: x])
 def test_a_non_module_is_refused(bad: object) -> None:
-    with pytest.raises(memfit.MemfitInputError, match="expected a torch.nn.Module"):
+    with pytest.raises(memfit.MemfitInputError, match=r"expected a torch.nn.Module"):
         memfit.estimate(bad, torch.randn(2, 3))  # type: ignore[arg-type]
 
 
@@ -170,8 +172,13 @@ def test_the_memgraph_attributes_saved_tensors_and_flops(small_cnn: nn.Module) -
 def test_leaf_modules_as_a_bare_name_and_unknown_names() -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
-    assert memfit.estimate(_Branchy(), x, leaf_modules="gate").peak_bytes == memfit.estimate(_Branchy(), x, leaf_modules=["gate"]).peak_bytes
-    with pytest.raises(memfit.MemfitInputError, match=r"leaf_modules: _Branchy has no submodule 'gat'; did you mean 'gate'"):
+    assert (
+        memfit.estimate(_Branchy(), x, leaf_modules="gate").peak_bytes
+        == memfit.estimate(_Branchy(), x, leaf_modules=["gate"]).peak_bytes
+    )
+    with pytest.raises(
+        memfit.MemfitInputError, match=r"leaf_modules: _Branchy has no submodule 'gat'; did you mean 'gate'"
+    ):
         memfit.estimate(_Branchy(), x, leaf_modules=["gat"])
     with pytest.raises(memfit.MemfitInputError, match=r"leaf_modules: 3 is neither"):
         memfit.estimate(_Branchy(), x, leaf_modules=[3])
@@ -206,7 +213,7 @@ def test_estimates_in_two_threads_equal_the_ones_in_sequence(small_cnn: nn.Modul
     torch.manual_seed(0)
     models = [small_cnn, memfit.models.create("resnet18", stem="cifar", num_classes=10, width=8)]
     inputs = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 32, 32)]
-    sequential = [memfit.estimate(m, x).peak_bytes for m, x in zip(models, inputs)]
+    sequential = [memfit.estimate(m, x).peak_bytes for m, x in zip(models, inputs, strict=True)]
     got: dict[int, object] = {}
 
     def run(i: int) -> None:

@@ -55,5 +55,5 @@ def test_every_policy_trains_like_the_model(name: str) -> None:
         loss, grads = _loss_and_grads(peer, x)
         torch.testing.assert_close(loss, want_loss, msg=label)
         assert len(grads) == len(want), label
-        for g, w in zip(grads, want):
+        for g, w in zip(grads, want, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=label)

@@ -28,7 +28,9 @@ def test_budgets_as_users_write_them(given, nbytes, fraction) -> None:
     assert (b.nbytes, b.fraction) == (nbytes, fraction)
 
 
-@pytest.mark.parametrize("given", [float("inf"), float("nan"), 0, -5, None, True, "85", "1GBB", "x", "0%", "150%", "-1MiB", "inf", [300]])
+@pytest.mark.parametrize(
+    "given", [float("inf"), float("nan"), 0, -5, None, True, "85", "1GBB", "x", "0%", "150%", "-1MiB", "inf", [300]]
+)
 def test_a_bad_budget_is_a_clear_error_naming_the_argument(given) -> None:
     if given == "85":  # a plain number in a string is MiB, as on the command line
         assert memfit.Budget.parse(given).nbytes == 85 * 2**20
@@ -51,7 +53,9 @@ def test_a_percentage_is_of_the_unplanned_predicted_peak(small_cnn) -> None:
 
 
 def test_the_command_line_takes_the_same_budgets(capsys) -> None:
-    assert main(["plan", "resnet18", "--stem", "cifar", "--input", "3x32x32", "--batch", "8", "--budget-mb", "90%"]) == 0
+    assert (
+        main(["plan", "resnet18", "--stem", "cifar", "--input", "3x32x32", "--batch", "8", "--budget-mb", "90%"]) == 0
+    )
     assert "Budget (MiB, given)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["plan", "tests.factories:tiny_mlp", "--input", "1x8x8", "--budget-mb", "inf"])

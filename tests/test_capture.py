@@ -7,12 +7,11 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import memfit
 from memfit.capture.trace import graph_of
-
 
 FRACTIONS = (0.25, 0.5, 0.75)
 
@@ -86,7 +85,11 @@ def _step(model: nn.Module, batch: dict | torch.Tensor) -> torch.Tensor:
     torch.manual_seed(0)
     model.train()
     out = model(**batch) if isinstance(batch, dict) else model(batch)
-    loss = out["loss"] if isinstance(out, dict) else F.cross_entropy(out.reshape(-1, out.shape[-1]), torch.zeros(out.shape[:-1].numel(), dtype=torch.long))
+    loss = (
+        out["loss"]
+        if isinstance(out, dict)
+        else F.cross_entropy(out.reshape(-1, out.shape[-1]), torch.zeros(out.shape[:-1].numel(), dtype=torch.long))
+    )
     loss.backward()
     return loss.detach()
 
@@ -115,7 +118,7 @@ def test_models_as_they_are_are_estimated_planned_and_train_exactly(name, factor
         reference, work = copy.deepcopy(model), copy.deepcopy(model)
         planned = memfit.optimize(work, budget, x)
         assert memfit.measure(planned, x).peak_mb <= budget
-        call = (lambda b: planned(*b.values())) if isinstance(x, dict) else planned
+        call = (lambda b, planned=planned: planned(*b.values())) if isinstance(x, dict) else planned
         wrapped = _Call(call)
         torch.testing.assert_close(_step(wrapped, x), _step(reference, x), atol=1e-5, rtol=1e-5)
         got = dict(work.named_parameters())

@@ -62,7 +62,7 @@ def test_the_file_honours_the_umask_and_leaves_no_temporary(tmp_path: Path) -> N
 
 def test_an_unwritable_path_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
-    with pytest.raises(memfit.MemfitInputError, match="memfit.checkpoint.save: .*c.pt|is a directory"):
+    with pytest.raises(memfit.MemfitInputError, match=r"memfit.checkpoint.save: .*c.pt|is a directory"):
         memfit.checkpoint.save({"x": 1}, tmp_path / "file" / "c.pt")
-    with pytest.raises(memfit.MemfitInputError, match="memfit.checkpoint.save: .*c.pt|is a directory"):
+    with pytest.raises(memfit.MemfitInputError, match=r"memfit.checkpoint.save: .*c.pt|is a directory"):
         memfit.checkpoint.save({"x": 1}, tmp_path)

@@ -20,7 +20,15 @@ def _block(cin: int, cout: int) -> nn.Module:
 
 def test_compiled_plan_trains_like_the_compiled_model_within_its_budget() -> None:
     torch.manual_seed(0)
-    net = nn.Sequential(_block(3, 16), _block(16, 16), _block(16, 32), _block(32, 32), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    net = nn.Sequential(
+        _block(3, 16),
+        _block(16, 16),
+        _block(16, 32),
+        _block(32, 32),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
     x, y = torch.randn(16, 3, 24, 24), torch.randint(0, 10, (16,))
     budget = memfit.minimum(net, x)  # the tightest plan: in-place ReLU, BatchNorm and nested segments
     work, reference = copy.deepcopy(net), copy.deepcopy(net)

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 import memfit
 from memfit.compressors import generators, list_methods
@@ -37,7 +37,9 @@ def test_compress_copies_the_model_and_trains_its_compact_parameters(method: str
         assert torch.equal(v, before[k]), f"compress modified the user's model ({k})"
     gens = generators(small)
     assert gens and all(isinstance(small.get_submodule(n.removesuffix(".generator")), GeneratedConv2d) for n in gens)
-    assert "conv1.generator" not in gens and not any(n.startswith("fc.") for n in gens), "first conv / classifier skipped"
+    assert "conv1.generator" not in gens and not any(n.startswith("fc.") for n in gens), (
+        "first conv / classifier skipped"
+    )
     loss = nn.functional.cross_entropy(small(x), torch.arange(4))
     loss.backward()
     for name, gen in gens.items():
@@ -46,7 +48,9 @@ def test_compress_copies_the_model_and_trains_its_compact_parameters(method: str
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_save_load_round_trips_exactly_and_the_file_matches_the_accounting(method: str, x: torch.Tensor, tmp_path) -> None:
+def test_save_load_round_trips_exactly_and_the_file_matches_the_accounting(
+    method: str, x: torch.Tensor, tmp_path
+) -> None:
     net = _net(16)
     small = memfit.compress(net, method)
     # a few steps of training so scales and codes are not at their initial values
@@ -103,7 +107,9 @@ def test_truncated_corrupted_and_mismatched_files_are_refused(tmp_path) -> None:
 
 
 def test_a_model_outside_the_zoo_needs_its_architecture_to_load(small_cnn: nn.Module, tmp_path) -> None:
-    small = memfit.compress(small_cnn, "ternary", memfit.compressors.get_method("ternary").config_type(skip_classifier=False))
+    small = memfit.compress(
+        small_cnn, "ternary", memfit.compressors.get_method("ternary").config_type(skip_classifier=False)
+    )
     path = tmp_path / "cnn.memfit"
     memfit.save(small, path)
     with pytest.raises(memfit.MemfitInputError, match="pass model="):
@@ -147,7 +153,9 @@ def test_bad_method_and_config_are_refused(small_cnn: nn.Module) -> None:
     with pytest.raises(memfit.MemfitInputError, match="config for 'ternary'"):
         memfit.compress(small_cnn, "ternary", memfit.compressors.CompressConfig())
     with pytest.raises(memfit.MemfitInputError, match="no layer to compress"):
-        memfit.compress(small_cnn, "ternary", memfit.compressors.get_method("ternary").config_type(include=("nothing*",)))
+        memfit.compress(
+            small_cnn, "ternary", memfit.compressors.get_method("ternary").config_type(include=("nothing*",))
+        )
     once = memfit.compress(small_cnn, "generated")
     with pytest.raises(memfit.MemfitInputError, match="already compressed"):
         memfit.compress(once, "ternary")

@@ -53,4 +53,8 @@ def test_compressed_models_keep_their_accuracy_on_digits(trained, method, config
     table = storage_table(model)
     ratio = table.covered_ratio if method == "shared" else table.parameter_ratio
     assert ratio >= least_ratio, str(table)
-    assert _accuracy(model, data) >= reference_accuracy - TOLERANCE, (method, _accuracy(model, data), reference_accuracy)
+    assert _accuracy(model, data) >= reference_accuracy - TOLERANCE, (
+        method,
+        _accuracy(model, data),
+        reference_accuracy,
+    )

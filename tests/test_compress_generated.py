@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import memfit
@@ -25,7 +24,7 @@ from memfit.compressors.generated import (
 from memfit.compressors.layer import generated_layer
 from memfit.compressors.quant import max_level, tanh_levels
 
-DEFAULT = dict(base_in=2, base_out=44, basis_bits=3, coeff_in_bits=6, coeff_out_bits=3)
+DEFAULT = {"base_in": 2, "base_out": 44, "basis_bits": 3, "coeff_in_bits": 6, "coeff_out_bits": 3}
 
 
 
@@ -302,7 +301,7 @@ def test_compress_swaps_layers_and_the_model_trains() -> None:
     opt.step()
     latents = [g.coeff_in for g in gens.values()]
     assert all(lat.grad is not None for lat in latents)
-    assert any(not torch.equal(a, b) for a, b in zip(before, small.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, small.parameters(), strict=True))
 
 
 def _crafted(v_levels: list[list[int]], scales: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> MLGGenerator:

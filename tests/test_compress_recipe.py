@@ -60,7 +60,7 @@ def test_the_teacher_distills_in_eval_mode_and_is_left_as_found() -> None:
     logits = student(X)
     loss = Recipe(teacher=teacher, orthonormality=0.0).loss(student, X, logits, Y)
     assert teacher.training
-    assert all(torch.equal(a, b) for a, b in zip(stats, teacher.buffers()))
+    assert all(torch.equal(a, b) for a, b in zip(stats, teacher.buffers(), strict=True))
     with torch.no_grad():
         soft = teacher.eval()(X)
     assert torch.allclose(loss, distillation_loss(logits, soft, Y))
@@ -94,7 +94,7 @@ def test_finetune_trains_every_parameter_and_returns_the_model_in_eval_mode() ->
     before = [p.detach().clone() for p in small.parameters()]
     out = Recipe(teacher=dense, recalibrate_batches=1).finetune(small, X, Y, epochs=2, batch_size=4)
     assert out is small and not small.training
-    assert all(not torch.equal(a, b) for a, b in zip(before, small.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(before, small.parameters(), strict=True))
     with pytest.raises(ValueError, match="epochs"):
         Recipe().finetune(small, X, Y, epochs=0)
 

@@ -110,7 +110,7 @@ def _reference_ec2t(values: list[float], w_p: float, w_n: float, lam: float) -> 
     n = len(v)
 
     def side(k: int, negative: bool) -> tuple[int, float]:
-        members = [c for x, b, c in zip(v, bins, centre) if (x < 0) == negative and b >= k]
+        members = [c for x, b, c in zip(v, bins, centre, strict=True) if (x < 0) == negative and b >= k]
         return len(members), sum(members)
 
     def bits(counts: tuple[int, ...]) -> float:
@@ -128,7 +128,7 @@ def _reference_ec2t(values: list[float], w_p: float, w_n: float, lam: float) -> 
                 best = (cost, counts)
     info = [-math.log2(max(c, 1) / n) for c in best[1]]
     centroids = (0.0, p, -q)
-    costs = [[(x - c) ** 2 + lam * i for c, i in zip(centroids, info)] for x in v]
+    costs = [[(x - c) ** 2 + lam * i for c, i in zip(centroids, info, strict=True)] for x in v]
     return [(0, 1, -1)[min(range(3), key=lambda j: (row[j], j))] for row in costs]
 
 
@@ -137,7 +137,7 @@ def test_ec2t_assignment_matches_a_loop_reference(lam: float) -> None:
     torch.manual_seed(3)
     # Values at bin centres make the search's histogram exact.
     ks = torch.randint(0, 128, (60,)).double()
-    values = ((ks + 0.5) / 128 * torch.randn(60).sign()).tolist() + [1.0]
+    values = [*((ks + 0.5) / 128 * torch.randn(60).sign()).tolist(), 1.0]
     gen = TernaryGenerator.from_weight(torch.tensor(values), lam=lam)
     expected = _reference_ec2t(values, *(s.item() for s in gen.scales()), lam)
     assert gen.codes().tolist() == expected

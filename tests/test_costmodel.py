@@ -16,7 +16,9 @@ TOLERANCE = 0.03
 
 # Both optimizers in full precision; under bf16 autocast (slow kernels on CPU) Adam, whose state
 # is the larger, for every model.
-CASES = [(n, opt, None) for n in list_models() for opt in ("sgd", "adam")] + [(n, "adam", "bf16") for n in list_models()]
+CASES = [(n, opt, None) for n in list_models() for opt in ("sgd", "adam")] + [
+    (n, "adam", "bf16") for n in list_models()
+]
 
 
 @pytest.mark.parametrize(("name", "optimizer", "amp"), CASES, ids=[f"{n}-{o}-{a or 'fp32'}" for n, o, a in CASES])

@@ -50,7 +50,7 @@ def test_cifar_reads_the_standard_archive(tmp_path) -> None:
 
 
 def test_a_missing_or_malformed_archive_says_where_to_put_it(tmp_path) -> None:
-    with pytest.raises(MemfitInputError, match="put cifar-10-python.tar.gz"):
+    with pytest.raises(MemfitInputError, match=r"put cifar-10-python.tar.gz"):
         cifar("cifar10", tmp_path)
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not a tar file")
     with pytest.raises(MemfitInputError, match="malformed cifar10 archive"):
@@ -59,7 +59,7 @@ def test_a_missing_or_malformed_archive_says_where_to_put_it(tmp_path) -> None:
 
 def test_an_archive_that_would_run_code_is_refused(tmp_path) -> None:
     _write_cifar10(tmp_path, extra=print)  # pickles a reference to builtins.print
-    with pytest.raises(MemfitInputError, match="refusing builtins.print"):
+    with pytest.raises(MemfitInputError, match=r"refusing builtins.print"):
         cifar("cifar10", tmp_path)
 
 

@@ -14,7 +14,7 @@ README_LINES = 150
 # [text](target) and ![alt](target); <https://...> and bare URLs are caught by the second pattern.
 _LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 _URL = re.compile(r"\b(?:https?|ftp)://\S+")
-_FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
+_FENCE = re.compile(r"^(```|~~~).*?^\1", re.DOTALL | re.MULTILINE)
 
 
 def _slug(heading: str) -> str:
@@ -25,7 +25,7 @@ def _slug(heading: str) -> str:
 
 def _anchors(page: Path) -> set[str]:
     text = _FENCE.sub("", page.read_text(encoding="utf-8"))
-    return {_slug(m.group(1)) for m in re.finditer(r"^#+\s+(.*)$", text, re.M)}
+    return {_slug(m.group(1)) for m in re.finditer(r"^#+\s+(.*)$", text, re.MULTILINE)}
 
 
 def _links(page: Path) -> list[str]:
@@ -34,8 +34,12 @@ def _links(page: Path) -> list[str]:
 
 def test_readme_is_a_landing_page() -> None:
     lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
-    assert len(lines) <= README_LINES, f"README.md has {len(lines)} lines; move detail into docs/ (at most {README_LINES})"
-    assert "make test" in (ROOT / "README.md").read_text(encoding="utf-8"), ".ci/run runs the test command README.md names"
+    assert len(lines) <= README_LINES, (
+        f"README.md has {len(lines)} lines; move detail into docs/ (at most {README_LINES})"
+    )
+    assert "make test" in (ROOT / "README.md").read_text(encoding="utf-8"), (
+        ".ci/run runs the test command README.md names"
+    )
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())

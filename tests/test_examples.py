@@ -32,7 +32,9 @@ def test_example_uses_only_the_public_api(path: Path) -> None:
             for alias in node.names:
                 assert alias.name == "memfit" or not alias.name.startswith("memfit"), f"{path.name}:{node.lineno}"
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "memfit":
-            assert node.attr in [*memfit.__all__, "__version__"], f"{path.name}:{node.lineno} uses memfit.{node.attr}, not public"
+            assert node.attr in [*memfit.__all__, "__version__"], (
+                f"{path.name}:{node.lineno} uses memfit.{node.attr}, not public"
+            )
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=_name)

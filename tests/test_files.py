@@ -108,8 +108,14 @@ def _set(path: list, value):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (_set(["architecture", "options", "num_classes"], 10**10), r"shape \[10, 32\], the architecture its header names has \[10000000000"),
-        (_set(["architecture", "options", "stem"], "imagenet"), "different architecture than the architecture its header names"),
+        (
+            _set(["architecture", "options", "num_classes"], 10**10),
+            r"shape \[10, 32\], the architecture its header names has \[10000000000",
+        ),
+        (
+            _set(["architecture", "options", "stem"], "imagenet"),
+            "different architecture than the architecture its header names",
+        ),
         (_set(["architecture", "options", "num_classes"], 1e10), "cannot be built"),
         (_set(["architecture", "options", "stem"], ["cifar"]), "cannot be built"),
         (_set(["architecture", "name"], "resnet9000"), "cannot be built"),
@@ -139,7 +145,7 @@ def test_a_crafted_header_is_a_clear_error_before_anything_is_allocated(saved, t
 
 def test_a_model_larger_than_memory_is_refused_before_it_is_built(saved, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(header, "_memory_bytes", lambda: 1 << 10)
-    with pytest.raises(MemfitFileError, match="more than this machine's 0.0 GiB of memory"):
+    with pytest.raises(MemfitFileError, match=r"more than this machine's 0.0 GiB of memory"):
         memfit.load(saved["ternary"])
 
 
@@ -156,7 +162,11 @@ def test_a_version_1_file_still_loads_and_its_header_is_checked(saved, tmp_path)
     meta, data = container.read(str(saved["ternary"]))
     content = json.loads(zlib.decompress(base64.b64decode(meta["header"])))
     content["sha256"] = hashlib.sha256(data.numpy().tobytes()).hexdigest()
-    legacy = {"format": "memfit", "version": "1", "header": base64.b64encode(zlib.compress(json.dumps(content).encode())).decode()}
+    legacy = {
+        "format": "memfit",
+        "version": "1",
+        "header": base64.b64encode(zlib.compress(json.dumps(content).encode())).decode(),
+    }
     container.write(str(tmp_path / "v1.memfit"), legacy, data)
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
@@ -182,7 +192,9 @@ def test_load_names_what_the_path_is_when_it_is_no_memfit_file(tmp_path) -> None
     torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
     (tmp_path / "notes.txt").write_text("not a model, just a few words of text")
     cases = {
-        tmp_path / "checkpoint.pt": r"is a torch.save file, not a memfit file: load it with torch.load\(.*weights_only=True\)",
+        tmp_path / "checkpoint.pt": (
+            r"is a torch.save file, not a memfit file: load it with torch.load\(.*weights_only=True\)"
+        ),
         tmp_path / "legacy.pt": r"is a pickle .* weights_only=True",
         tmp_path: "is a directory, not a memfit file",
         tmp_path / "missing.memfit": "no such file",
@@ -197,7 +209,10 @@ def test_load_names_what_the_path_is_when_it_is_no_memfit_file(tmp_path) -> None
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"path": "net.memfit", "model": "resnet18"}, "memfit.load: model must be an nn.Module or None, got str 'resnet18'"),
+        (
+            {"path": "net.memfit", "model": "resnet18"},
+            "memfit.load: model must be an nn.Module or None, got str 'resnet18'",
+        ),
         ({"path": "net.memfit", "model": nn.Linear}, r"memfit.load: model .* pass an instance, e.g. Linear\(...\)"),
         ({"path": None}, "memfit.load: path must be a file path"),
         ({"path": b"net.memfit"}, "memfit.load: path must be a file path"),
@@ -233,7 +248,7 @@ def test_save_names_the_path_it_cannot_write_and_leaves_nothing_behind(tmp_path,
     with pytest.raises(MemfitFileError, match=f"cannot write {locked / 'net.memfit'} \\(Permission denied\\)"):
         memfit.save(net, locked / "net.memfit")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "locked"] and not list(locked.iterdir())
-    with pytest.raises(MemfitInputError, match="memfit.save: model must be an nn.Module, got str"):
+    with pytest.raises(MemfitInputError, match=r"memfit.save: model must be an nn.Module, got str"):
         memfit.save("resnet18", tmp_path / "net.memfit")
 
 

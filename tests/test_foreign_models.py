@@ -98,7 +98,9 @@ def test_estimate_matches_the_measured_peak(case: Case, record_property) -> None
         record_property("capture", _error(err))
         raise
     predicted = report.peak_mb
-    record_property("capture", "torch.export" if any("Captured with torch.export" in n for n in report.notes) else "torch.fx")
+    record_property(
+        "capture", "torch.export" if any("Captured with torch.export" in n for n in report.notes) else "torch.fx"
+    )
     problems = []
     if changed := _changes(model, before):
         problems.append(f"estimate changed the model: {_summary(changed)}")
@@ -132,7 +134,11 @@ def test_plans_fit_their_budget_and_train_like_the_model(case: Case, record_prop
     if changed := _changes(model, before):
         problems.append(f"estimate/optimize changed the model: {_summary(changed)}")
     if lowest >= unplanned:
-        pytest.fail("\n".join([*problems, f"nothing to plan at this shape: minimum {lowest:.3f} >= unplanned {unplanned:.3f} MiB"]))
+        pytest.fail(
+            "\n".join(
+                [*problems, f"nothing to plan at this shape: minimum {lowest:.3f} >= unplanned {unplanned:.3f} MiB"]
+            )
+        )
     for fraction in FRACTIONS:
         at = f"{fraction:.0%}"
         budget = lowest + fraction * (unplanned - lowest)
@@ -152,7 +158,9 @@ def test_plans_fit_their_budget_and_train_like_the_model(case: Case, record_prop
         measured = memfit.measure(planned, x, loss_fn=case.loss_fn).peak_mb
         record_property(f"measured_{at}", round(measured, 3))
         if measured > budget:
-            problems.append(f"{at}: measured {measured:.3f} MiB > budget {budget:.3f} MiB ({100 * (measured / budget - 1):+.1f}%)")
+            problems.append(
+                f"{at}: measured {measured:.3f} MiB > budget {budget:.3f} MiB ({100 * (measured / budget - 1):+.1f}%)"
+            )
         try:
             assert_trains_like(work, planned, reference, x, loss_fn=case.loss_fn)
         except Exception as err:  # noqa: BLE001  as above

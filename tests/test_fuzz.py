@@ -104,7 +104,9 @@ def assert_same_step(work: torch.nn.Module, planned: torch.nn.Module, reference:
 
 def _minimum_mb(case: Case, strategy: str) -> float:
     with pytest.raises(memfit.MemfitBudgetError) as err:
-        memfit.optimize(case.model, "1B", case.inputs, optimizer=case.optimizer, loss_fn=case.loss_fn, strategy=strategy)
+        memfit.optimize(
+            case.model, "1B", case.inputs, optimizer=case.optimizer, loss_fn=case.loss_fn, strategy=strategy
+        )
     return err.value.minimum_mb
 
 
@@ -117,7 +119,10 @@ def check_plan(case: Case, budget_mb: float, strategy: str) -> None:
     assert_untouched(work, before)
     measured = memfit.measure(planned, case.inputs, **kw)
     over = measured.peak_bytes - int(budget_mb * 2**20)
-    assert over <= 0, f"measured {measured.peak_bytes} B in {measured.peak_phase}: {over} B over the budget, {budget_mb * 2**20:.0f} B"
+    assert over <= 0, (
+        f"measured {measured.peak_bytes} B in {measured.peak_phase}: {over} B over the budget, "
+        f"{budget_mb * 2**20:.0f} B"
+    )
     assert_same_step(work, planned, reference, case)
 
 

@@ -3,6 +3,8 @@ policies over them, and auto never predicted costlier than the best of them that
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -58,10 +60,12 @@ def test_the_policies_are_the_hand_written_ones(gpt: tuple[torch.nn.Module, torc
     assert [(a, b, "selective") for a, b in blocks] in checkpointed
     for spans in handwritten.policies(chain):  # each covers the chain once, in order
         assert spans[0][0] == 0 and spans[-1][1] == chain.m
-        assert all(x[1] == y[0] for x, y in zip(spans, spans[1:]))
+        assert all(x[1] == y[0] for x, y in itertools.pairwise(spans))
 
 
-def test_auto_is_never_predicted_costlier_than_a_fitting_hand_written_policy(gpt: tuple[torch.nn.Module, torch.Tensor]) -> None:
+def test_auto_is_never_predicted_costlier_than_a_fitting_hand_written_policy(
+    gpt: tuple[torch.nn.Module, torch.Tensor],
+) -> None:
     model, x = gpt
     search = _search(model, x)
     low, high = search.minimum_bytes(memfit.fit.AUTO_ORDER), search.unplanned.peak_bytes

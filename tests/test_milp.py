@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 import memfit
 from memfit.capture.dryrun import capture
@@ -51,7 +52,7 @@ def _budgets(chain: Chain) -> list[int]:
 
 def assert_covers(chain: Chain, spans: Spans) -> None:
     assert spans[0][0] == 0 and spans[-1][1] == chain.m
-    assert all(b == a2 for (_, b, _), (a2, _, _) in zip(spans, spans[1:]))
+    assert all(b == a2 for (_, b, _), (a2, _, _) in itertools.pairwise(spans))
     assert all(a < b and (kind != "plain" or b == a + 1) for a, b, kind in spans)
 
 

@@ -9,8 +9,8 @@ import logging
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import memfit
 from memfit.capture.dryrun import capture
@@ -33,7 +33,10 @@ class _SkipNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        drop = lambda: nn.Sequential(_conv(1), nn.Dropout(0.2))  # noqa: E731
+
+        def drop() -> nn.Sequential:
+            return nn.Sequential(_conv(1), nn.Dropout(0.2))
+
         self.body = nn.ModuleList(
             [
                 _conv(),

@@ -365,7 +365,7 @@ def test_load_builds_zoo_names_and_factories_and_names_what_fails() -> None:
 
     assert load("resnet18", num_classes=7, stem=None).fc.out_features == 7  # None: the factory's default
     assert isinstance(load("torch.nn:Identity"), nn.Identity)
-    with pytest.raises(MemfitInputError, match="cannot load 'torch.nn:NoSuchNet'"):
+    with pytest.raises(MemfitInputError, match=r"cannot load 'torch.nn:NoSuchNet'"):
         load("torch.nn:NoSuchNet")
     with pytest.raises(MemfitInputError, match="resnet18"):
         load("resnet18", no_such_option=1)

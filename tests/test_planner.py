@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 import memfit
 from memfit.capture.dryrun import capture
@@ -38,7 +38,9 @@ FRACTIONS = (0.25, 0.5, 0.75)
 FIXED_PEAK = {"gpt2", "vgg11", "vgg13", "vgg16", "vgg19"}
 
 
-def _train_step(model: nn.Module, x: Any, seed: int = 0, loss_fn: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
+def _train_step(
+    model: nn.Module, x: Any, seed: int = 0, loss_fn: Callable[[Any], torch.Tensor] | None = None
+) -> torch.Tensor:
     torch.manual_seed(seed)
     model.train()
     out = model(**x) if isinstance(x, dict) else model(*x) if isinstance(x, (tuple, list)) else model(x)
@@ -92,13 +94,17 @@ def test_measured_peak_fits_and_training_is_unchanged(name: str, strategy: str) 
         assert planned.plan.peak_after_bytes <= budget * 2**20
         assert planned.report.after.peak_bytes == planned.plan.peak_after_bytes  # one prediction, two views
         measured = memfit.measure(planned, x)
-        assert measured.peak_mb <= budget, f"{name}/{strategy} at {fraction:.0%}: {measured.peak_mb:.2f} > {budget:.2f} MiB"
+        assert measured.peak_mb <= budget, (
+            f"{name}/{strategy} at {fraction:.0%}: {measured.peak_mb:.2f} > {budget:.2f} MiB"
+        )
         assert_trains_like(work, planned, reference, x)
 
 
 def test_budget_below_the_minimum_says_the_minimum_and_what_holds_it(small_cnn: nn.Module) -> None:
     x = torch.randn(4, 3, 16, 16)
-    with pytest.raises(memfit.MemfitBudgetError, match=r"(?s)feasible minimum is [\d.]+ MiB.*Parameters.*compress=") as err:
+    with pytest.raises(
+        memfit.MemfitBudgetError, match=r"(?s)feasible minimum is [\d.]+ MiB.*Parameters.*compress="
+    ) as err:
         memfit.optimize(small_cnn, 0.01, x)
     assert 0.01 < err.value.minimum_mb < memfit.estimate(small_cnn, x).peak_mb
 
@@ -112,7 +118,9 @@ def test_a_budget_the_model_already_fits_recomputes_nothing(small_cnn: nn.Module
 
 def test_parameters_are_shared_and_the_original_state_dict_loads() -> None:
     torch.manual_seed(0)
-    layers = [nn.Sequential(nn.Conv2d(3 if i == 0 else 16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()) for i in range(6)]
+    layers = [
+        nn.Sequential(nn.Conv2d(3 if i == 0 else 16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()) for i in range(6)
+    ]
     small_cnn = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
     x = torch.randn(16, 3, 32, 32)  # activations, not weights, set the peak: there is something to plan
     before = {k: v.clone() for k, v in small_cnn.state_dict().items()}
@@ -134,7 +142,9 @@ class _TwoHeads(nn.Module):
         self.embed = nn.Linear(12, 32)
         self.frozen = nn.Linear(8, 32)
         self.frozen.requires_grad_(False)
-        self.body = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU(inplace=True)) for _ in range(6)])
+        self.body = nn.Sequential(
+            *[nn.Sequential(nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU(inplace=True)) for _ in range(6)]
+        )
         self.drop = nn.Dropout(0.2)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,18 +175,20 @@ def test_multiple_inputs_outputs_inplace_frozen_dropout(strategy: str) -> None:
         loss.backward()
         losses.append(loss.detach())
     torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
-    for (name, p), q in zip(work.named_parameters(), reference.parameters()):
+    for (name, p), q in zip(work.named_parameters(), reference.parameters(), strict=True):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
         else:
             assert p.grad is None
-    for (name, buf), ref in zip(work.named_buffers(), reference.buffers()):
+    for (name, buf), ref in zip(work.named_buffers(), reference.buffers(), strict=True):
         torch.testing.assert_close(buf, ref, msg=name)
 
 
 def test_eval_mode_runs_the_plain_graph(small_cnn: nn.Module) -> None:
     x = torch.randn(4, 3, 16, 16)
-    planned = memfit.optimize(copy.deepcopy(small_cnn), memfit.minimum(small_cnn, x, strategy="dp") * 1.001, x, strategy="dp")
+    planned = memfit.optimize(
+        copy.deepcopy(small_cnn), memfit.minimum(small_cnn, x, strategy="dp") * 1.001, x, strategy="dp"
+    )
     planned.eval()
     small_cnn.eval()
     with torch.no_grad():
@@ -206,7 +218,9 @@ def test_nested_segments_lower_the_minimum_of_a_long_chain() -> None:
     checkpoints can reach, and still trains exactly like the original."""
     torch.manual_seed(0)
     blocks = [m for _ in range(64) for m in (nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())]
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)
+    )
     x = torch.randn(8, 3, 32, 32)
     chain = Chain(capture(model, x))
     one_level = chain.peak(dp.lowest_peak(chain, ("plain", "recompute")))
@@ -230,7 +244,9 @@ def test_only_segments_that_draw_random_numbers_save_the_rng_state(small_cnn: nn
     skip it, and the one with dropout still replays the same mask."""
     x = torch.randn(4, 3, 16, 16)
     gm = trace(small_cnn)
-    dropout = {n.name for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Dropout)}
+    dropout = {
+        n.name for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Dropout)
+    }
     graph = capture(small_cnn, x)
     assert {i.name for i in graph.nodes if i.random} == dropout
     chain = Chain(graph)

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 import memfit
 from memfit.capture.dryrun import capture
-from memfit.capture.graph import CheckpointCost, MemGraph
+from memfit.capture.graph import CheckpointCost, MemGraph, NodeInfo
 from memfit.capture.trainstep import StepConfig
 from memfit.cost import timing
 from memfit.cost.layers import CACHE_ENV, DiskCache
@@ -110,7 +110,10 @@ def test_unmeasured_nodes_are_priced_by_the_fitted_rate(small_cnn, fresh_cache):
     measured = [i for i in infos if i is not conv and i.fwd_seconds is not None]
     conv.fwd_seconds = conv.bwd_seconds = conv.cheap_seconds = None
     times = timing.node_times(infos)
-    proxy = lambda i: i.fwd_flops + BYTE_WEIGHT * i.out_bytes
+
+    def proxy(i: NodeInfo) -> float:
+        return i.fwd_flops + BYTE_WEIGHT * i.out_bytes
+
     rate = sum(i.fwd_seconds for i in measured) / sum(proxy(i) for i in measured)
     k = infos.index(conv)
     assert times.forward[k] == pytest.approx(rate * proxy(conv), rel=1e-12)

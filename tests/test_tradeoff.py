@@ -53,8 +53,23 @@ def test_the_curve_prints_a_table_that_says_predicted(gpt: tuple[torch.nn.Module
     lines = text.splitlines()
     assert "feasible minimum" in lines[0] and "(predicted)" in lines[0]
     assert lines[1].split() == [
-        "Budget", "MiB", "Peak", "MiB", "(pred)", "Extra", "time", "ms", "(pred)", "%", "of", "step", "Extra", "FLOPs", "%",
-        "Strategy", "Checkpointed",
+        "Budget",
+        "MiB",
+        "Peak",
+        "MiB",
+        "(pred)",
+        "Extra",
+        "time",
+        "ms",
+        "(pred)",
+        "%",
+        "of",
+        "step",
+        "Extra",
+        "FLOPs",
+        "%",
+        "Strategy",
+        "Checkpointed",
     ]
     assert len(lines) == 3 + 2
 
@@ -68,7 +83,20 @@ def test_a_curve_needs_two_budgets_or_more(points: object, gpt: tuple[torch.nn.M
 
 def test_memfit_plan_curve_prints_and_plots(tmp_path, capsys) -> None:
     png = tmp_path / "curve.png"
-    argv = ["plan", "resnet18", "--stem", "cifar", "--batch", "2", "--input", "3x32x32", "--curve", "3", "--plot", str(png)]
+    argv = [
+        "plan",
+        "resnet18",
+        "--stem",
+        "cifar",
+        "--batch",
+        "2",
+        "--input",
+        "3x32x32",
+        "--curve",
+        "3",
+        "--plot",
+        str(png),
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "memfit tradeoff: ResNet" in out and png.stat().st_size > 0

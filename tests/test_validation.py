@@ -35,14 +35,32 @@ ENTRY_POINTS: dict[str, Callable[..., Any]] = {
 }
 
 BAD_STEPS = [
-    pytest.param({"loss_fn": lambda out: out}, r"loss_fn returned a tensor of shape \[4, 4\], not a scalar", id="loss-non-scalar"),
+    pytest.param(
+        {"loss_fn": lambda out: out}, r"loss_fn returned a tensor of shape \[4, 4\], not a scalar", id="loss-non-scalar"
+    ),
     pytest.param({"loss_fn": lambda out: 1.0}, r"loss_fn returned float 1.0, not a tensor", id="loss-float"),
-    pytest.param({"loss_fn": lambda out: out.sum().item()}, r"loss_fn (returned float|reads a value of the output)", id="loss-item"),
-    pytest.param({"loss_fn": lambda out: out.sum().detach()}, r"loss_fn returned a tensor that does not require grad", id="loss-detached"),
+    pytest.param(
+        {"loss_fn": lambda out: out.sum().item()},
+        r"loss_fn (returned float|reads a value of the output)",
+        id="loss-item",
+    ),
+    pytest.param(
+        {"loss_fn": lambda out: out.sum().detach()},
+        r"loss_fn returned a tensor that does not require grad",
+        id="loss-detached",
+    ),
     pytest.param({"loss_fn": "cross_entropy"}, r"loss_fn='cross_entropy' is not callable", id="loss-string"),
-    pytest.param({"optimizer": lambda ps: [torch.optim.SGD(ps)]}, r"optimizer=.*returned list, not a torch.optim.Optimizer", id="factory-list"),
+    pytest.param(
+        {"optimizer": lambda ps: [torch.optim.SGD(ps)]},
+        r"optimizer=.*returned list, not a torch.optim.Optimizer",
+        id="factory-list",
+    ),
     pytest.param({"optimizer": lambda ps: None}, r"optimizer=.*returned NoneType", id="factory-none"),
-    pytest.param({"optimizer": lambda: torch.optim.SGD([])}, r"optimizer=.*could not be called as factory\(params\)", id="factory-signature"),
+    pytest.param(
+        {"optimizer": lambda: torch.optim.SGD([])},
+        r"optimizer=.*could not be called as factory\(params\)",
+        id="factory-signature",
+    ),
     pytest.param({"optimizer": "lion"}, r"unknown optimizer 'lion'", id="optimizer-name"),
 ]
 
@@ -66,7 +84,9 @@ class _Detached(nn.Module):
 
 @pytest.mark.parametrize("entry", ["estimate", "measure"])
 def test_the_default_loss_of_an_output_without_gradient_says_so(entry: str) -> None:
-    with pytest.raises(memfit.MemfitInputError, match=r"the default loss \(pass loss_fn=\.\.\.\) returned a tensor that does not"):
+    with pytest.raises(
+        memfit.MemfitInputError, match=r"the default loss \(pass loss_fn=\.\.\.\) returned a tensor that does not"
+    ):
         ENTRY_POINTS[entry](_Detached(), torch.randn(4, 8))
 
 
@@ -78,7 +98,10 @@ def test_a_good_custom_loss_and_factory_still_run() -> None:
 
 @pytest.mark.parametrize(
     ("method", "message"),
-    [(None, r"unknown compression method None: method= takes one of \['generated'"), ("low-rank", r"method 'low-rank'")],
+    [
+        (None, r"unknown compression method None: method= takes one of \['generated'"),
+        ("low-rank", r"method 'low-rank'"),
+    ],
 )
 def test_compress_refuses_a_missing_or_unknown_method(method: Any, message: str) -> None:
     with pytest.raises(memfit.MemfitInputError, match=message) as err:
@@ -92,7 +115,9 @@ def _wide() -> nn.Module:
 
 
 def test_compress_refuses_example_inputs_the_model_cannot_run_before_compressing() -> None:
-    with pytest.raises(memfit.MemfitInputError, match=r"example_inputs of shapes \[\[2, 3\]\] do not fit Sequential \(RuntimeError") as err:
+    with pytest.raises(
+        memfit.MemfitInputError, match=r"example_inputs of shapes \[\[2, 3\]\] do not fit Sequential \(RuntimeError"
+    ) as err:
         memfit.compress(_wide(), "ternary", example_inputs=torch.randn(2, 3))
     assert _raised_by_memfit(err) and err.value.__cause__ is None
     small = memfit.compress(_wide(), "ternary", example_inputs={"input": torch.randn(2, 8)})  # by keyword too
@@ -134,7 +159,9 @@ MLP = "tests.factories:tiny_mlp"
         (["report", MLP, "--stem", "cifar"], ["cannot be called with stem="]),
     ],
 )
-def test_command_line_errors_name_the_option(argv: list[str], names: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_command_line_errors_name_the_option(
+    argv: list[str], names: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     err = _cli_error(argv, capsys)
     for name in names:
         assert name in err

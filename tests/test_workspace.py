@@ -207,7 +207,7 @@ def test_bf16_convolutions_and_batchnorm_to_the_byte(fresh_cache, accumulate):
         nn.Linear(64 * 4 * 4, 10),
     )
     x = torch.randn(8, 3, 8, 8)
-    kw = dict(amp="bf16", optimizer="adam", accumulate=accumulate)
+    kw = {"amp": "bf16", "optimizer": "adam", "accumulate": accumulate}
     predicted, measured = memfit.estimate(model, x, **kw), memfit.measure(model, x, **kw)
     for phase in ("forward", "backward"):
         assert predicted.phase_peaks[phase] == measured.phase_peaks[phase], phase

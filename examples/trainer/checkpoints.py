@@ -69,7 +69,7 @@ def rng_state(ctx: Context) -> dict[str, Any]:
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
+        "python": [*random.getstate()[1], random.getstate()[0], random.getstate()[2]],
         "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
     }
     if ctx.device.type == "cuda":

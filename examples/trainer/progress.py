@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, final
 
 from .distributed import Context, all_sum
 
@@ -29,6 +29,7 @@ class Progress:
     step_losses: list[float] = dataclasses.field(default_factory=list)  # rank 0's loss per step
 
 
+@final
 class StopRequest:
     """Ctrl-C and SIGTERM ask the loop to stop after the current step (a second Ctrl-C: at once)."""
 

@@ -21,7 +21,7 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.a
     predictions. :func:`apply_update` follows."""
     optimizer.zero_grad(set_to_none=True)
     total, correct = 0.0, 0
-    for xm, ym in zip(xb.chunk(micro), yb.chunk(micro)):
+    for xm, ym in zip(xb.chunk(micro), yb.chunk(micro), strict=True):
         with autocast(device, amp):
             out = net(xm)
             loss = F.cross_entropy(out.float(), ym) * (len(ym) / len(yb))
@@ -89,7 +89,7 @@ def recalibrate_bn(net: nn.Module, x: torch.Tensor, batches: int, batch_size: in
         with autocast(ctx.device, amp):
             net(chunk.to(ctx.device))
         used += 1
-    for m, momentum in zip(norms, momenta):
+    for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
     net.train(was_training)
     return used

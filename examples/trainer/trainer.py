@@ -64,10 +64,10 @@ class Trainer:
         self.optimizer = self.factory([p for p in self.module.parameters() if p.requires_grad])
         self.batches_per_epoch = math.ceil(self.n_train / ctx.world) // args.batch_size
         total = self.batches_per_epoch * args.epochs
-        if args.schedule == "cosine":
-            lr_at = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-        else:
-            lr_at = lambda step: 1.0
+
+        def lr_at(step: int) -> float:
+            return 0.5 * (1 + math.cos(math.pi * min(step, total) / total)) if args.schedule == "cosine" else 1.0
+
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_at)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16")
         self.progress = Progress()
@@ -139,7 +139,10 @@ class Trainer:
                                           device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
-        reached_max = lambda: args.max_steps is not None and progress.step >= args.max_steps
+
+        def reached_max() -> bool:
+            return args.max_steps is not None and progress.step >= args.max_steps
+
         saved_step = -1
         in_update = False
         started = time.perf_counter()

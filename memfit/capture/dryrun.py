@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 import networkx as nx
 import torch
-import torch._dynamo  # noqa: F401  FakeTensorMode imports it on first use (seconds); pay that at import time
-import torch.fx as fx
+import torch._dynamo  # FakeTensorMode imports it on first use (seconds); pay that at import time
+from torch import fx
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 from torch.utils.flop_counter import flop_registry
 
@@ -45,7 +45,7 @@ class _CountingTracker(StorageTracker):
         self.random_nodes: set[str] = set()  # nodes whose forward ran an op that draws random numbers
         self.writes: dict[str, set[int]] = {}  # node -> storages its forward wrote in place
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = super().__torch_dispatch__(func, types, args, kwargs)
         if self.phase == "forward":
@@ -79,7 +79,10 @@ def _written(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     hidden = _UNDECLARED_WRITES.get(schema.name.split("::")[-1])
     if hidden is not None:
         names = [a.name for a in schema.arguments]
-        value = lambda i: args[i] if i < len(args) else kwargs.get(names[i])  # noqa: E731
+
+        def value(i: int) -> Any:
+            return args[i] if i < len(args) else kwargs.get(names[i])
+
         if value(hidden[2]):
             out += tensors_in([value(hidden[0]), value(hidden[1])])
     return out
@@ -106,7 +109,10 @@ def _on_fake(gm: fx.GraphModule, fmodel: torch.nn.Module, mode: FakeTensorMode) 
 
 
 
-def _fake_copy(model: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Module:
+_M = TypeVar("_M", bound=torch.nn.Module)
+
+
+def _fake_copy(model: _M, mode: FakeTensorMode) -> _M:
     """A structural copy whose parameters and buffers are fake: no real memory, user model untouched."""
     memo: dict[int, Any] = {}
     for t in list(model.parameters()) + list(model.buffers()):
@@ -192,7 +198,8 @@ class _Recorder(fx.Interpreter):
     def _describe(self, n: fx.Node, out: Any, events_before: int) -> None:
         tensors = tensors_in(out)
         new_sids = {e.sid for e in self.tracker.events[events_before:] if e.delta > 0}
-        out_sids = {self.tracker.sid_of(t) for t in tensors} & new_sids
+        sids = {s for s in map(self.tracker.sid_of, tensors) if s is not None}
+        out_sids = sids & new_sids
         info = NodeInfo(
             name=n.name,
             op=n.op,
@@ -202,7 +209,7 @@ class _Recorder(fx.Interpreter):
             output_strides=[tuple(t.stride()) for t in tensors],
             output_requires_grad=[t.requires_grad for t in tensors],
             out_bytes=sum(self.tracker.nbytes[s] for s in out_sids),
-            out_sids=tuple(sorted({self.tracker.sid_of(t) for t in tensors} - {None})),
+            out_sids=tuple(sorted(sids)),
         )
         params: list[torch.Tensor] = []
         info.inplace = _mutates_input(n)
@@ -214,7 +221,9 @@ class _Recorder(fx.Interpreter):
             params = list(mod.parameters())
         elif "memfit_module" in n.meta:  # an op of an exported graph: the user's layer it came from
             info.module_path, info.module_type = n.meta["memfit_module"]
-            reads = [self.module.get_parameter(str(a.target)) for a in n.all_input_nodes if _is_parameter(self.module, a)]
+            reads = [
+                self.module.get_parameter(str(a.target)) for a in n.all_input_nodes if _is_parameter(self.module, a)
+            ]
             params = list({id(p): p for p in reads}.values())
         elif n.op == "get_attr" and isinstance(out, torch.nn.Parameter | torch.Tensor):
             if id(out) in self.param_names:
@@ -227,7 +236,7 @@ class _Recorder(fx.Interpreter):
         self.infos[n.name] = info
 
 
-def _is_parameter(gm: fx.GraphModule, n: fx.Node) -> bool:
+def _is_parameter(gm: torch.nn.Module, n: fx.Node) -> bool:
     return n.op == "get_attr" and isinstance(lookup(gm, str(n.target)), torch.nn.Parameter)
 
 
@@ -329,7 +338,7 @@ def capture(
     inputs = as_inputs(example_inputs)
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     fmodel = _fake_copy(model, mode)
-    if isinstance(model, fx.GraphModule):  # a planned model already is its graph: no new names
+    if isinstance(fmodel, fx.GraphModule):  # a planned model already is its graph: no new names
         gm = fmodel
     else:
         gm = _on_fake(gm if gm is not None else graph_of(model, leaf_modules, inputs), fmodel, mode)
@@ -369,7 +378,10 @@ def capture(
         # a stand-in of each RNG state a checkpoint saves, alive to the end of the step (an upper
         # bound: the real one goes with the segment's backward)
         rng_states: list[torch.Tensor] = []
-        keep_rng_state = lambda: rng_states.append(torch.empty(_RNG_STATE_BYTES, dtype=torch.uint8))  # noqa: E731
+
+        def keep_rng_state() -> None:
+            rng_states.append(torch.empty(_RNG_STATE_BYTES, dtype=torch.uint8))
+
         hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
         with tracker, hooks, subgraph.observed(rec.run_segment, keep_rng_state):
             try:
@@ -378,7 +390,8 @@ def capture(
                 raise _explain(f, gm, inputs) from f.error
             grads = {tracker.sid_of(p.grad) for p in params if p.grad is not None}
             owners = _owners(gm, rec.param_names, optimizer, tracker)
-            buffer_names = {tracker.sid_of(b): name for name, b in gm.named_buffers(remove_duplicate=False)}
+            buffer_sids = {name: tracker.sid_of(b) for name, b in gm.named_buffers(remove_duplicate=False)}
+            buffer_names = {sid: name for name, sid in buffer_sids.items() if sid is not None}
             tracker.stop()
         del output
         rng_states.clear()

@@ -349,7 +349,7 @@ def _mutated_attrs(n: fx.Node) -> tuple[str, ...]:
     elif schema.is_mutable:
         written = [
             value
-            for arg_schema, value in zip(schema.arguments, n.args)
+            for arg_schema, value in zip(schema.arguments, n.args, strict=False)  # n.args omits defaulted arguments
             if arg_schema.alias_info is not None and arg_schema.alias_info.is_write
         ]
     else:
@@ -398,7 +398,8 @@ def _root_for(model: torch.nn.Module, unlifted: fx.GraphModule, attrs: dict[str,
         if own is None and isinstance(exported, FakeTensor):
             raise MemfitTraceError(
                 f"the export of {type(model).__name__} made '{target}' a constant computed from the model's "
-                "parameters or buffers, which memfit cannot rebind; compute it inside forward or register it as a buffer"
+                "parameters or buffers, which memfit cannot rebind; compute it inside forward or register it as a "
+                "buffer"
             )
         root[target] = own if own is not None else exported
     return root
@@ -429,7 +430,8 @@ _CONSTRUCTS = (  # (markers in the error, the construct, the fix)
 
 def _trace_error(model_name: str, e: Exception) -> MemfitTraceError:
     """A MemfitTraceError naming the model class, the construct and the user's line that failed."""
-    text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"  # torch appends whole graphs
+    # torch appends whole graphs: its first line says what failed
+    text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     construct, fix = next(
         ((what, fix) for keys, what, fix in _CONSTRUCTS if any(k in text for k in keys)),
         ("its forward", "check that the example inputs are what forward expects"),

@@ -8,7 +8,7 @@ import networkx as nx
 
 from .tracker import Event
 
-__all__ = ["NodeInfo", "MemGraph", "CheckpointCost", "CATEGORIES"]
+__all__ = ["CATEGORIES", "CheckpointCost", "MemGraph", "NodeInfo"]
 
 # MemTracker's words. "activation" is storage saved for backward that is not a parameter;
 # "temporary" is everything else a step allocates: unsaved outputs, activation gradients, scratch.

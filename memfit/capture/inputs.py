@@ -7,11 +7,12 @@ the keyword arguments in the order the dict lists them); the user's model takes 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import MemfitInputError
@@ -52,7 +53,10 @@ class Inputs:
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
         """The batch with ``fn`` applied to every tensor (to make fake copies, say)."""
-        convert = lambda x: fn(x) if isinstance(x, torch.Tensor) else x  # noqa: E731
+
+        def convert(x: Any) -> Any:
+            return fn(x) if isinstance(x, torch.Tensor) else x
+
         return Inputs(tuple(tree_map(convert, list(self.args))), tree_map(convert, dict(self.kwargs)))
 
 
@@ -66,7 +70,9 @@ def as_inputs(example_inputs: Any) -> Inputs:
     elif isinstance(example_inputs, dict):
         bad = [k for k in example_inputs if not isinstance(k, str)]
         if bad:
-            raise MemfitInputError(f"example_inputs is a dict, so its keys must be forward's argument names; got {bad[0]!r}")
+            raise MemfitInputError(
+                f"example_inputs is a dict, so its keys must be forward's argument names; got {bad[0]!r}"
+            )
         inputs = Inputs((), dict(example_inputs))
     elif isinstance(example_inputs, (tuple, list)) and example_inputs:
         for i, x in enumerate(example_inputs):
@@ -86,6 +92,7 @@ def as_inputs(example_inputs: Any) -> Inputs:
     empty = [tuple(t.shape) for t in inputs.tensors if t.numel() == 0]
     if empty:
         raise MemfitInputError(
-            f"example_inputs has an empty tensor of shape {list(empty[0])}: a batch of 0 trains nothing; give at least one sample"
+            f"example_inputs has an empty tensor of shape {list(empty[0])}: a batch of 0 trains nothing; "
+            "give at least one sample"
         )
     return inputs

@@ -9,11 +9,12 @@ included) are attributed to the original nodes rather than to the segment as a w
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
-import torch.fx as fx
+from torch import fx
 
-__all__ = ["run", "observed", "note_rng_state"]
+__all__ = ["note_rng_state", "observed", "run"]
 
 Runner = Callable[[fx.GraphModule, tuple[Any, ...]], Any]
 _runner: Runner | None = None

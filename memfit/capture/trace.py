@@ -14,17 +14,18 @@ import functools
 import inspect
 import logging
 import threading
-from typing import Any, Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, ParamSpec, TypeVar, cast
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from ..errors import MemfitInputError, MemfitTraceError
 from .attrs import lookup
 from .export import export_graph
 from .inputs import as_inputs
 
-__all__ = ["LeafSpec", "check_model", "as_input_tuple", "trace", "graph_of", "serialized"]
+__all__ = ["LeafSpec", "as_input_tuple", "check_model", "graph_of", "serialized", "trace"]
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +33,19 @@ log = logging.getLogger(__name__)
 # and the dry run install dispatch modes, and measurement starts the process's one profiler: one
 # memfit call at a time, whichever thread makes it.
 _LOCK = threading.RLock()
-_F = TypeVar("_F", bound=Callable[..., Any])
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
-def serialized(fn: _F) -> _F:
+def serialized(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """Run ``fn`` holding memfit's process-wide lock (the public entry points are wrapped)."""
 
     @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         with _LOCK:
             return fn(*args, **kwargs)
 
-    return run  # type: ignore[return-value]
+    return run
 
 LeafSpec = Iterable["type[torch.nn.Module] | str"]
 
@@ -115,7 +117,9 @@ class _Tracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, qualname)
 
-    def call_module(self, m, forward, args, kwargs):  # type: ignore[override]
+    def call_module(
+        self, m: torch.nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         self.stack.append((self.path_of_module(m), type(m).__name__))
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -132,14 +136,16 @@ def check_leaves(leaf_modules: object, model: torch.nn.Module) -> list[type[torc
     type is one leaf (not a string's characters), and a name the model lacks is an error."""
     items = [leaf_modules] if isinstance(leaf_modules, (str, type)) else leaf_modules
     try:
-        leaves = list(items)  # type: ignore[call-overload]
+        leaves = list(cast(Iterable[object], items))  # what is not iterable raises TypeError: caught below
     except TypeError:
         raise MemfitInputError(
             f"leaf_modules={leaf_modules!r}: give module types or qualified names, e.g. leaf_modules=['blocks.0']"
         ) from None
     names = {name for name, _ in model.named_modules()}
+    checked: list[type[torch.nn.Module] | str] = []
     for leaf in leaves:
         if isinstance(leaf, type) and issubclass(leaf, torch.nn.Module):
+            checked.append(leaf)
             continue
         if not isinstance(leaf, str):
             raise MemfitInputError(f"leaf_modules: {leaf!r} is neither an nn.Module type nor a qualified module name")
@@ -147,7 +153,8 @@ def check_leaves(leaf_modules: object, model: torch.nn.Module) -> list[type[torc
             close = difflib.get_close_matches(leaf, sorted(names - {""}), n=3)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else " (see model.named_modules())"
             raise MemfitInputError(f"leaf_modules: {type(model).__name__} has no submodule {leaf!r}{hint}")
-    return leaves
+        checked.append(leaf)
+    return checked
 
 
 def trace(model: torch.nn.Module, leaf_modules: LeafSpec = (), given: int | None = None) -> fx.GraphModule:
@@ -169,7 +176,10 @@ def trace(model: torch.nn.Module, leaf_modules: LeafSpec = (), given: int | None
     tracer = _Tracer(check_leaves(leaf_modules, model))
     tracer.proxy_buffer_attributes = True
     if threading.active_count() > 1:
-        log.debug("torch.fx traces %s with other threads alive: modules they call meanwhile see fx's patch", type(model).__name__)
+        log.debug(
+            "torch.fx traces %s with other threads alive: modules they call meanwhile see fx's patch",
+            type(model).__name__,
+        )
     twin = _structural_copy(model)
     try:
         with torch.enable_grad(), torch.autocast("cpu", enabled=False):

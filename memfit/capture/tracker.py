@@ -10,8 +10,9 @@ internally never reach the dispatcher: :mod:`memfit.cost.workspace` accounts for
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -96,7 +97,7 @@ class StorageTracker(TorchDispatchMode):
         self._recording = False
 
     # -- dispatch ---------------------------------------------------------------------------
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         if self._recording:
             wider = _float32_statistics(func, args)

@@ -7,8 +7,9 @@ step function, so the two differ only in the tensors they are given.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,18 +18,18 @@ from torch._subclasses.fake_tensor import DataDependentOutputException
 from ..errors import MemfitInputError
 
 __all__ = [
-    "StepConfig",
+    "OPTIMIZERS",
     "OptimizerSpec",
+    "StepConfig",
     "default_loss",
+    "init_optimizer_state",
     "make_optimizer",
     "run_step",
-    "init_optimizer_state",
     "unique_trainable",
-    "OPTIMIZERS",
 ]
 
 OptimizerFactory = Callable[[Sequence[torch.nn.Parameter]], torch.optim.Optimizer]
-OptimizerSpec = Union[str, OptimizerFactory, None]
+OptimizerSpec = str | OptimizerFactory | None
 
 # The optimizers by name. Learning rates are irrelevant to memory; the state they keep is not.
 OPTIMIZERS: dict[str, OptimizerFactory] = {
@@ -140,7 +141,8 @@ class StepConfig:
     def describe(self) -> str:
         """The optimizer and precision, as reports print them."""
         opt = self.optimizer if isinstance(self.optimizer, str) or self.optimizer is None else "custom"
-        return f"optimizer={opt}, precision={self.amp or 'fp32'}" + (", gradients accumulated" if self.accumulate else "")
+        accumulated = ", gradients accumulated" if self.accumulate else ""
+        return f"optimizer={opt}, precision={self.amp or 'fp32'}{accumulated}"
 
     def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
         """The autocast context of the forward pass (a no-op in full precision)."""

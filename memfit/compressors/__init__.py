@@ -19,20 +19,20 @@ from .shared import SharedConfig, SharedMethod
 from .ternary import TernaryConfig, TernaryMethod
 
 __all__ = [
-    "compress",
-    "generators",
+    "CompressConfig",
+    "Field",
     "GeneratedConfig",
+    "Method",
     "Recipe",
     "SharedConfig",
+    "StorageReport",
     "TernaryConfig",
+    "WeightGenerator",
+    "compress",
+    "generators",
     "get_method",
     "list_methods",
     "storage_table",
-    "StorageReport",
-    "CompressConfig",
-    "Field",
-    "Method",
-    "WeightGenerator",
 ]
 
 _METHODS: dict[str, type[Method]] = {m.name: m for m in (GeneratedMethod, SharedMethod, TernaryMethod)}
@@ -46,5 +46,7 @@ def list_methods() -> list[str]:
 def get_method(name: str) -> Method:
     """A fresh instance of the method registered under ``name``."""
     if not isinstance(name, str) or name not in _METHODS:
-        raise MemfitInputError(f"unknown compression method {name!r}: method= takes one of {list_methods()} (or a Method)")
+        raise MemfitInputError(
+            f"unknown compression method {name!r}: method= takes one of {list_methods()} (or a Method)"
+        )
     return _METHODS[name]()

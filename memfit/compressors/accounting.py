@@ -113,7 +113,10 @@ class StorageReport:
         return 1 - sum(x.density * math.prod(x.shape) for x in self.layers) / max(n, 1)
 
     def __str__(self) -> str:
-        head = f"{'Layer':<28} {'Method':<10} {'Shape':<18} {'Bits/w':>7} {'Original':>11} {'Stored':>11} {'Ratio':>7} {'Nonzero':>8}"
+        head = (
+            f"{'Layer':<28} {'Method':<10} {'Shape':<18} {'Bits/w':>7} "
+            f"{'Original':>11} {'Stored':>11} {'Ratio':>7} {'Nonzero':>8}"
+        )
         lines = [head, "-" * len(head)]
         for x in self.layers:
             lines.append(
@@ -123,9 +126,14 @@ class StorageReport:
             )
         lines += [
             "-" * len(head),
-            f"Compressed layers: {len(self.layers)}, {self.covered_ratio:.1f}x smaller, {self.sparsity:.1%} zero weights",
-            f"Weights stored: {mib(self.parameter_bytes):.3f} MiB vs {mib(self.original_parameter_bytes):.3f} MiB "
-            f"at fp32 ({self.parameter_ratio:.1f}x smaller); buffers {mib(self.buffer_bytes):.3f} MiB",
+            (
+                f"Compressed layers: {len(self.layers)}, {self.covered_ratio:.1f}x smaller, "
+                f"{self.sparsity:.1%} zero weights"
+            ),
+            (
+                f"Weights stored: {mib(self.parameter_bytes):.3f} MiB vs {mib(self.original_parameter_bytes):.3f} MiB "
+                f"at fp32 ({self.parameter_ratio:.1f}x smaller); buffers {mib(self.buffer_bytes):.3f} MiB"
+            ),
             f"MicroNet scoring params: {self.scoring_params / 1e6:.4f} M",
         ]
         if any(x.dense_macs for x in self.layers):
@@ -148,7 +156,11 @@ def _macs_per_sample(model: nn.Module, example_inputs: Any) -> dict[str, tuple[i
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, GeneratedConv2d, nn.Linear, GeneratedLinear)):
             def hook(mod: nn.Module, args: Any, out: torch.Tensor, name: str = name) -> None:
-                w_shape = mod.generator.shape if hasattr(mod, "generator") else tuple(mod.weight.shape)
+                if isinstance(mod, (GeneratedConv2d, GeneratedLinear)):
+                    w_shape = mod.generator.shape
+                else:
+                    assert isinstance(mod, (nn.Conv2d, nn.Linear))  # the layers hooked here
+                    w_shape = tuple(mod.weight.shape)
                 per_output = math.prod(w_shape[1:])
                 outputs = out.numel() // batch
                 macs, n = found.get(name, (0, 0))

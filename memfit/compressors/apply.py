@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from ..capture.inputs import Inputs, as_inputs
@@ -18,7 +18,7 @@ from ..models import spec_of
 from .base import CompressConfig, Method, WeightGenerator
 from .layer import COMPRESSIBLE, GeneratedConv2d, GeneratedLinear, generated_layer
 
-__all__ = ["compress", "choose_layers", "generators", "canonical", "plain_state", "trace_compressed", "META_KEY"]
+__all__ = ["META_KEY", "canonical", "choose_layers", "compress", "generators", "plain_state", "trace_compressed"]
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def choose_layers(model: nn.Module, config: CompressConfig, leaf_modules: LeafSp
 def trace_compressed(model: nn.Module, leaf_modules: LeafSpec = ()) -> fx.GraphModule:
     """Trace a model whose layers were swapped for generated ones, keeping those layers as
     modules of the GraphModule (so its generators can be found, counted and saved)."""
-    gm = trace(model, list(leaf_modules) + [GeneratedConv2d, GeneratedLinear])
+    gm = trace(model, [*leaf_modules, GeneratedConv2d, GeneratedLinear])
     spec = spec_of(model)
     gm.meta[META_KEY] = {"architecture": spec} if spec else {}
     return gm

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-__all__ = ["Field", "CompressConfig", "WeightGenerator", "Method", "storage_bits"]
+__all__ = ["CompressConfig", "Field", "Method", "WeightGenerator", "storage_bits"]
 
 
 @dataclass(frozen=True)

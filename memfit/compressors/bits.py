@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["pack_bits", "unpack_bits", "packed_nbytes", "index_bits"]
+__all__ = ["index_bits", "pack_bits", "packed_nbytes", "unpack_bits"]
 
 
 def packed_nbytes(count: int, bits: int) -> int:

@@ -33,10 +33,10 @@ from .quant import dequantize, latent_for_levels, max_level, tanh_levels
 
 __all__ = [
     "GeneratedConfig",
-    "MLGGenerator",
     "GeneratedMethod",
-    "orthonormality_loss",
+    "MLGGenerator",
     "distillation_loss",
+    "orthonormality_loss",
     "project_",
 ]
 
@@ -219,7 +219,7 @@ class MLGGenerator(WeightGenerator):
         self.basis = nn.Parameter(torch.zeros(bo, bi, *self.kernel))
         self.coeff_in = nn.Parameter(torch.zeros(bo, self.in_channels, bi))
         self.coeff_out = nn.Parameter(torch.zeros(self.out_channels, bo))
-        for scale, gain in zip(_SCALE_NAMES, _GAIN_NAMES):
+        for scale, gain in zip(_SCALE_NAMES, _GAIN_NAMES, strict=True):
             self.register_buffer(scale, torch.ones(()))
             setattr(self, gain, nn.Parameter(torch.zeros(())))
 
@@ -374,7 +374,7 @@ class GeneratedMethod(Method):
             raise TypeError(f"the generated method needs a GeneratedConfig, got {type(config).__name__}")
         built: dict[str, WeightGenerator] = {}
         for name in layers:
-            weight = model.get_submodule(name).weight
+            weight = _weight(model, name)
             gen = MLGGenerator(
                 tuple(weight.shape),
                 config.base_in,
@@ -385,6 +385,14 @@ class GeneratedMethod(Method):
             ).to(weight.device)
             built[name] = gen.project_(weight)
         return built
+
+
+def _weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The weight of the layer ``name`` of ``model``."""
+    weight = model.get_submodule(name).weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name}.weight is a {type(weight).__name__}, not a tensor")
+    return weight
 
 
 def _generated_layers(model: nn.Module) -> dict[str, MLGGenerator]:
@@ -473,4 +481,4 @@ def project_(model: nn.Module, dense: nn.Module) -> None:
     """
     with torch.no_grad():
         for name, gen in _generated_layers(model).items():
-            gen.project_(dense.get_submodule(name).weight)
+            gen.project_(_weight(dense, name))

@@ -8,7 +8,7 @@ from torch import nn
 
 from .base import WeightGenerator
 
-__all__ = ["GeneratedConv2d", "GeneratedLinear", "generated_layer", "COMPRESSIBLE"]
+__all__ = ["COMPRESSIBLE", "GeneratedConv2d", "GeneratedLinear", "generated_layer"]
 
 COMPRESSIBLE = (nn.Conv2d, nn.Linear)
 

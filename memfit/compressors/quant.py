@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["round_ste", "max_level", "tanh_levels", "dequantize", "latent_for_levels"]
+__all__ = ["dequantize", "latent_for_levels", "max_level", "round_ste", "tanh_levels"]
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

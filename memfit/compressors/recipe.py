@@ -132,7 +132,7 @@ class Recipe:
         chunks = [c for c in inputs[: self.recalibrate_batches * batch_size].split(batch_size) if len(c) > 1]
         for chunk in chunks:
             model(chunk)
-        for m, momentum in zip(norms, momenta):
+        for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
         model.train(was_training)
         return len(chunks)

@@ -174,11 +174,12 @@ class SharedGenerator(WeightGenerator):
     """
 
     method = "shared"
+    indices: torch.Tensor  # a buffer (nn.Module's __getattr__ would type it Tensor | Module)
 
     def __init__(
         self,
         shape: tuple[int, ...],
-        reference: nn.Conv2d,
+        reference: nn.Module,
         reference_name: str,
         *,
         alpha_bits: int = 8,
@@ -218,11 +219,11 @@ class SharedGenerator(WeightGenerator):
         self.num_refs = reference.weight.shape[0] * reference.weight.shape[1]
         # A tuple keeps nn.Module from registering the reference as a submodule of this generator.
         self._reference: tuple[nn.Conv2d] = (reference,)
-        like = {"device": reference.weight.device, "dtype": reference.weight.dtype}
-        self.alpha_latent = nn.Parameter(torch.zeros(count, **like))
-        self.beta_latent = nn.Parameter(torch.zeros(count, **like))
-        self.alpha_scale = nn.Parameter(torch.zeros((), **like))
-        self.beta_scale = nn.Parameter(torch.zeros((), **like))
+        device, dtype = reference.weight.device, reference.weight.dtype
+        self.alpha_latent = nn.Parameter(torch.zeros(count, device=device, dtype=dtype))
+        self.beta_latent = nn.Parameter(torch.zeros(count, device=device, dtype=dtype))
+        self.alpha_scale = nn.Parameter(torch.zeros((), device=device, dtype=dtype))
+        self.beta_scale = nn.Parameter(torch.zeros((), device=device, dtype=dtype))
         self.register_buffer("indices", torch.zeros(count, dtype=torch.long, device=reference.weight.device))
 
     @property
@@ -429,6 +430,7 @@ class SharedMethod(Method):
             if reason is not None:
                 self.skipped[name] = reason
                 continue
+            assert isinstance(layer, (nn.Conv2d, nn.Linear))  # what _skip_reason passes
             generator = SharedGenerator(
                 tuple(layer.weight.shape),
                 reference,

@@ -43,16 +43,16 @@ from .ternary_assign import RULES, ec2t_codes, ttq_codes, unit_for
 from .ternary_storage import FORMATS, code_formats, decode, encode, smallest_format
 
 __all__ = [
-    "RULES",
     "FORMATS",
+    "RULES",
     "TernaryConfig",
     "TernaryGenerator",
     "TernaryMethod",
     "code_formats",
     "freeze_assignment_",
-    "unfreeze_assignment_",
     "ternary_generators",
     "ternary_sparsity",
+    "unfreeze_assignment_",
 ]
 
 @dataclass(frozen=True)
@@ -110,6 +110,10 @@ class TernaryGenerator(WeightGenerator):
 
     method: ClassVar[str] = "ternary"
     codebook_size: ClassVar[int | None] = 2
+    # buffers (nn.Module's __getattr__ would type them Tensor | Module)
+    unit: torch.Tensor
+    frozen: torch.Tensor
+    frozen_codes: torch.Tensor
 
     def __init__(
         self,

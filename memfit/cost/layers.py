@@ -60,7 +60,13 @@ class DiskCache(dict):
         if root.lower() in ("", "0", "off", "none"):
             return None
         tag = "|".join(
-            (torch.__version__, platform.machine(), _cpu_model(), str(torch.get_num_threads()), str(torch.backends.mkldnn.is_available()))
+            (
+                torch.__version__,
+                platform.machine(),
+                _cpu_model(),
+                str(torch.get_num_threads()),
+                str(torch.backends.mkldnn.is_available()),
+            )
         )
         return Path(root) / f"{self.kind}-{hashlib.sha1(tag.encode()).hexdigest()[:16]}.json"
 
@@ -191,8 +197,9 @@ def _layers_of(
 ) -> Iterator[tuple[NodeInfo, LayerSpec | None]]:
     # The model's inputs need grad only if the caller's do; a conv whose input needs none runs a
     # cheaper backward (no input gradient), with a smaller workspace.
+    # (a placeholder without an input of its own falls back to its dtype in _layer_spec)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    input_grad = {name: bool(x.requires_grad) for name, x in zip(placeholders, inputs)}
+    input_grad = {name: bool(x.requires_grad) for name, x in zip(placeholders, inputs, strict=False)}
     for node in gm.graph.nodes:
         if node.op not in _CALLS or node.name not in graph.dag:
             continue
@@ -375,7 +382,7 @@ def _extent(shape: Sequence[int], strides: Sequence[int]) -> int:
     """Elements of the storage a tensor of ``shape`` and ``strides`` spans."""
     if any(n == 0 for n in shape):
         return 0
-    return 1 + sum((n - 1) * s for n, s in zip(shape, strides))
+    return 1 + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
 
 
 def restride(shape: Sequence[int], strides: Sequence[int], new_shape: Sequence[int]) -> tuple[int, ...]:

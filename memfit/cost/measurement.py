@@ -14,8 +14,9 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -33,9 +34,20 @@ from ..capture.trainstep import (
 )
 from .timeline import replay
 
+if TYPE_CHECKING:
+    from torch._C._autograd import _KinetoEvent
+
 _KINETO_LINE = re.compile(rb"ActivityProfiler\w*\.cpp:\d+\] profiler_(start|stop)")
 
-__all__ = ["StepMeasurement", "measure_step", "measure_wrapped_step", "allocator_levels", "memory_profile"]
+__all__ = [
+    "StepMeasurement",
+    "allocator_levels",
+    "event_bytes",
+    "measure_step",
+    "measure_wrapped_step",
+    "memory_profile",
+    "profile_events",
+]
 
 
 @dataclass
@@ -90,15 +102,28 @@ def memory_profile() -> Iterator[profile]:
                 sys.stderr.write(b"".join(kept).decode(errors="replace"))
 
 
+def profile_events(prof: profile) -> list[_KinetoEvent]:
+    """The raw events of a finished :func:`memory_profile`, in the order kineto recorded them."""
+    results = prof.profiler.kineto_results if prof.profiler is not None else None
+    if results is None:
+        raise RuntimeError("the profiler has no results: read them after its context exits")
+    return results.events()
+
+
+def event_bytes(event: _KinetoEvent) -> int:
+    """The bytes a ``[memory]`` event allocates (negative: frees)."""
+    return event.nbytes()  # type: ignore[attr-defined]  # torch's _KinetoEvent stub lacks nbytes()
+
+
 def allocator_levels(prof: profile) -> tuple[int, str, dict[str, int]]:
     """From a profile of one step: the most bytes the allocator held above its starting level,
     the phase where that happened, and the most per phase.
 
     Phases are told apart by ``memfit::PHASE`` marker ranges recorded as the step advances.
     """
-    raw = prof.profiler.kineto_results.events()
+    raw = profile_events(prof)
     marks = sorted((e.start_ns(), e.name().split("::", 1)[1]) for e in raw if e.name().startswith("memfit::"))
-    memory = sorted((e.start_ns(), e.nbytes()) for e in raw if e.name() == "[memory]")
+    memory = sorted((e.start_ns(), event_bytes(e)) for e in raw if e.name() == "[memory]")
     current = peak = 0
     peak_phase, phase, i = "", "forward", 0
     phase_peaks: dict[str, int] = {}
@@ -154,6 +179,7 @@ def measure_step(
         _mark_phase(phase)
 
     start = sum(baseline.values())
+    phase_peaks: dict[str, int]
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

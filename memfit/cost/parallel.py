@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from ..capture.graph import MemGraph
 from ..capture.tracker import Event
@@ -230,7 +230,9 @@ class _Fsdp:
         baseline = []
         for sid, (nbytes, cat) in g.baseline.items():
             owner = g.owners.get(sid)
-            baseline.append((self.sharded(owner, nbytes) if owner and cat in ("parameter", "optimizer") else nbytes, cat))
+            baseline.append(
+                (self.sharded(owner, nbytes) if owner and cat in ("parameter", "optimizer") else nbytes, cat)
+            )
         events = g.events
         grads = g.sids_of("gradient")
         fwd_starts, fwd_ends = self._spans(events, "forward")
@@ -238,7 +240,7 @@ class _Fsdp:
         last_backward = max((i for i, e in enumerate(events) if e.phase == "backward"), default=-1)
         # a unit's pre-backward prefetches the next unit's all-gather; the root's, the first unit's
         order = ["", *(u for i in sorted(bwd_starts) for u in bwd_starts[i] if u)]
-        prefetch = dict(zip(order, order[1:]))
+        prefetch = dict(itertools.pairwise(order))
         ratio = sum(self.shard.values()) / max(sum(self.full.values()), 1)
         scratch = {e.sid for e in events if e.phase == "optimizer" and e.delta > 0 and e.sid not in g.baseline}
         for i, e in enumerate(events):

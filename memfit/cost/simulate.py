@@ -13,7 +13,7 @@ from ..capture.graph import MemGraph
 from .parallel import Parallel, Step, distribute
 from .timeline import Timeline, replay
 
-__all__ = ["simulate", "process_step"]
+__all__ = ["process_step", "simulate"]
 
 
 def process_step(graph: MemGraph, inner: MemGraph | None = None, parallel: Parallel | None = None) -> Step:
@@ -55,7 +55,8 @@ def simulate(
             return {"forward": info.workspace_fwd, "backward": info.workspace_bwd}.get(phase, 0)
         if inner is not None and node in inner.dag:
             info = inner.info(node)
-            return {"forward": info.workspace_fwd, "backward": max(info.workspace_fwd, info.workspace_bwd)}.get(phase, 0)
+            largest = max(info.workspace_fwd, info.workspace_bwd)
+            return {"forward": info.workspace_fwd, "backward": largest}.get(phase, 0)
         return 0
 
     step = step or process_step(graph, inner, parallel)

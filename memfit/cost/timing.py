@@ -92,7 +92,12 @@ def enabled() -> bool:
 
 
 def calibrate_times(
-    graph: MemGraph, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], config: StepConfig, *, leaf_modules: LeafSpec = ()
+    graph: MemGraph,
+    model: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    config: StepConfig,
+    *,
+    leaf_modules: LeafSpec = (),
 ) -> None:
     """Fill the times of every compute node of ``graph`` (``fwd_seconds``, ``bwd_seconds``,
     ``cheap_seconds``, ``operators``) and its ``checkpoint_cost``; a node that cannot be timed
@@ -151,11 +156,14 @@ def node_times(infos: list[NodeInfo]) -> NodeTimes | None:
     if not measured:
         return None
     proxy = np.array([i.fwd_flops + BYTE_WEIGHT * i.out_bytes for i in infos], dtype=np.float64)
-    rate = sum(fwd[k] for k in measured) / max(1.0, float(proxy[measured].sum()))
-    f = np.array([s if s is not None else rate * p for s, p in zip(fwd, proxy)])
-    b = np.array([i.bwd_seconds if i.bwd_seconds is not None else 2 * s for i, s in zip(infos, f)])
+    rate = sum(s for s in fwd if s is not None) / max(1.0, float(proxy[measured].sum()))
+    f = np.array([s if s is not None else rate * p for s, p in zip(fwd, proxy, strict=True)])
+    b = np.array([i.bwd_seconds if i.bwd_seconds is not None else 2 * s for i, s in zip(infos, f, strict=True)])
     cheap = np.array(
-        [i.cheap_seconds if i.cheap_seconds is not None else (0.0 if i.fwd_flops else s) for i, s in zip(infos, f)]
+        [
+            i.cheap_seconds if i.cheap_seconds is not None else (0.0 if i.fwd_flops else s)
+            for i, s in zip(infos, f, strict=True)
+        ]
     )
     ops = np.array([i.operators if i.fwd_seconds is not None else 1 for i in infos], dtype=np.float64)
     return NodeTimes(f, b, cheap, ops)
@@ -189,7 +197,7 @@ def _times_for(
     lo = max(1, hi // 2)
     at_lo = _measured(spec, lo, config, device, noise)
     at_hi = _measured(spec, hi, config, device, noise)
-    return (*(extrapolate(batch, lo, hi, a, b) for a, b in zip(at_lo[:3], at_hi[:3])), at_hi[3])
+    return (*(extrapolate(batch, lo, hi, a, b) for a, b in zip(at_lo[:3], at_hi[:3], strict=True)), at_hi[3])
 
 
 def _measured(spec: LayerSpec, batch: int, config: StepConfig, device: str, noise: Noise) -> tuple[float, ...]:

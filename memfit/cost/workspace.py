@@ -28,9 +28,9 @@ from ..capture.trace import LeafSpec
 from ..capture.tracker import StorageTracker, tensors_in
 from ..capture.trainstep import StepConfig
 from .layers import CACHE_ENV, DiskCache, LayerRun, LayerSpec, Noise, backward, calibrate_layers, extrapolate
-from .measurement import memory_profile
+from .measurement import event_bytes, memory_profile, profile_events
 
-__all__ = ["calibrate", "uncalibrated", "CALIBRATION_BATCH", "CACHE_ENV"]
+__all__ = ["CACHE_ENV", "CALIBRATION_BATCH", "calibrate", "uncalibrated"]
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,9 @@ def calibrate(
     def measure(info: NodeInfo, spec: LayerSpec, noise: Noise) -> tuple[int, int]:
         return _workspace_for(spec, graph.batch_size, config, graph.device, noise)
 
-    for c in calibrate_layers(graph, model, inputs, _cache, measure, leaf_modules=leaf_modules, keep=lambda i: i.name in allocating):
+    for c in calibrate_layers(
+        graph, model, inputs, _cache, measure, leaf_modules=leaf_modules, keep=lambda i: i.name in allocating
+    ):
         if c.error is not None:  # a failure must not pass for 0
             c.info.workspace_error = c.error
             if graph.device != "meta":  # there every node is, and the report says so once
@@ -115,11 +117,11 @@ def _run_layer(spec: LayerSpec, batch: int, config: StepConfig, device: str, noi
             sink.backward(torch.empty(0))
         tracker.stop()
     del out
-    raw = prof.profiler.kineto_results.events()
+    raw = profile_events(prof)
     split = min((e.start_ns() for e in raw if e.name() == "memfit::backward"), default=None)
     mem = sorted((e for e in raw if e.name() == "[memory]"), key=lambda e: e.start_ns())
-    alloc_fwd = [e.nbytes() for e in mem if split is None or e.start_ns() < split]
-    alloc_bwd = [e.nbytes() for e in mem if split is not None and e.start_ns() >= split]
+    alloc_fwd = [event_bytes(e) for e in mem if split is None or e.start_ns() < split]
+    alloc_bwd = [event_bytes(e) for e in mem if split is not None and e.start_ns() >= split]
     disp_fwd = [e.delta for e in tracker.events if e.phase == "forward"]
     disp_bwd = [e.delta for e in tracker.events if e.phase == "backward"]
     return (

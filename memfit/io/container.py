@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import secrets
 import zipfile
 from collections.abc import Iterable
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
@@ -74,14 +75,14 @@ def read(path: str) -> tuple[dict[str, str], torch.Tensor]:
         raise MemfitFileError(f"{path} cannot be read ({e.strerror}): check the path and its permissions") from e
 
 
-def _read_exactly(f: BinaryIO, n: int) -> bytearray:
+def _read_exactly(f: io.BufferedIOBase, n: int) -> bytearray:
     buffer = bytearray(n)
     if f.readinto(buffer) != n:
         raise OSError(errno.EIO, "the file got shorter while it was read")
     return buffer
 
 
-def _parse(path: str, f: BinaryIO, size: int) -> tuple[dict[str, str], torch.Tensor]:
+def _parse(path: str, f: io.BufferedIOBase, size: int) -> tuple[dict[str, str], torch.Tensor]:
     """Read the layout, each length checked against ``size`` before its bytes are read."""
     start = _read_exactly(f, min(size, 8))
     kind = _what_it_is(path, bytes(start))
@@ -108,7 +109,8 @@ def _parse(path: str, f: BinaryIO, size: int) -> tuple[dict[str, str], torch.Ten
                                   "the write or copy did not finish: save the model again")
         raise MemfitFileError(f"{path} is corrupted or not one memfit wrote: its safetensors header does not "
                               f"describe one uint8 tensor {_TENSOR!r} of the {m} bytes after it")
-    return metadata, torch.frombuffer(_read_exactly(f, m), dtype=torch.uint8) if m else torch.zeros(0, dtype=torch.uint8)
+    data = torch.frombuffer(_read_exactly(f, m), dtype=torch.uint8) if m else torch.zeros(0, dtype=torch.uint8)
+    return metadata, data
 
 
 def _encode(metadata: dict[str, str], data: torch.Tensor) -> bytes:

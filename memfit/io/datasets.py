@@ -13,6 +13,7 @@ import os
 import pickle
 import tarfile
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import MemfitInputError
 
-__all__ = ["Split", "digits", "cifar"]
+__all__ = ["Split", "cifar", "digits"]
 
 _CIFAR = {
     "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
@@ -66,7 +67,7 @@ def digits(size: int = 16, test_fraction: float = 0.2, seed: int = 0) -> Split:
     x = ((x - x.mean()) / x.std()).repeat(1, 3, 1, 1)
     y = torch.tensor(data.target, dtype=torch.int64)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n_test = int(round(len(y) * test_fraction))
+    n_test = round(len(y) * test_fraction)
     test, train = order[:n_test], order[n_test:]
     return Split(x[train], y[train], x[test], y[test], 10)
 
@@ -74,25 +75,31 @@ def digits(size: int = 16, test_fraction: float = 0.2, seed: int = 0) -> Split:
 class _ArraysOnly(pickle.Unpickler):
     """Admits the few globals numpy arrays need; anything else in the archive is refused."""
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
+    _ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+        }
+    )
 
-    def find_class(self, module: str, name: str):  # type: ignore[override]
+    def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing {module}.{name}: a CIFAR batch holds only arrays and lists")
 
 
-def _check_batch(batch: object, label_key: bytes, num_classes: int, source: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+def _check_batch(
+    batch: object, label_key: bytes, num_classes: int, source: str, where: str
+) -> tuple[np.ndarray, np.ndarray]:
     """A batch's images ``[N, 3072]`` (uint8) and ``N`` labels in ``[0, num_classes)``; anything else
     is a MemfitInputError naming ``source``, since mismatched pairs would train silently on noise."""
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
         keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-        raise MemfitInputError(f"{source} is not a CIFAR batch (a dict with b'data' and {label_key!r}, got {keys}); {where}")
+        raise MemfitInputError(
+            f"{source} is not a CIFAR batch (a dict with b'data' and {label_key!r}, got {keys}); {where}"
+        )
     data, labels = batch[b"data"], np.asarray(batch[label_key])
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _PIXELS:
         got = f"{data.dtype} {list(data.shape)}" if isinstance(data, np.ndarray) else type(data).__name__
@@ -148,7 +155,9 @@ def cifar(name: str, root: str | os.PathLike) -> Split:
         except FileNotFoundError:
             raise MemfitInputError(f"no {name} data in {os.fspath(root)}: {where}") from None
         except (tarfile.TarError, KeyError, EOFError, OSError, pickle.UnpicklingError, ValueError) as e:
-            raise MemfitInputError(f"malformed {name} archive in {os.fspath(root)} ({type(e).__name__}: {e}); {where}") from e
+            raise MemfitInputError(
+                f"malformed {name} archive in {os.fspath(root)} ({type(e).__name__}: {e}); {where}"
+            ) from e
         return _check_batch(batch, label_key, num_classes, f"malformed {name} batch {source}", where)
 
     def arrays(members: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,9 @@ def check_header(header: Any, path: str) -> None:
     if not isinstance(layers, dict):
         raise _fail(path, "layers", "an object", layers)
     for layer, entry in layers.items():
-        if not (isinstance(entry, dict) and isinstance(entry.get("method"), str) and isinstance(entry.get("meta"), dict)):
+        if not (
+            isinstance(entry, dict) and isinstance(entry.get("method"), str) and isinstance(entry.get("meta"), dict)
+        ):
             raise _fail(path, f"layer {layer}", "{method: str, meta: object}", entry)
     index = header["tensors"]
     if not isinstance(index, list):

@@ -37,7 +37,7 @@ from ..models import create, spec_of
 from . import container
 from .header import check_header, check_layers_fit
 
-__all__ = ["save", "load", "architecture_of", "FORMAT_VERSION", "META_KEY"]
+__all__ = ["FORMAT_VERSION", "META_KEY", "architecture_of", "load", "save"]
 
 FORMAT = "memfit"
 FORMAT_VERSION = 2  # 1: the digest covered the data only (still read)

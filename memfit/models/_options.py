@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 __all__ = ["Stem", "check_positive_int", "check_probability", "check_stem"]
 
@@ -29,4 +29,4 @@ def check_stem(value: object) -> Stem:
     """Return ``value`` if it is a known stem name, else raise ValueError."""
     if value not in _STEMS:
         raise ValueError(f"stem must be one of {list(_STEMS)}, got {value!r}")
-    return value  # type: ignore[return-value]
+    return cast(Stem, value)  # one of _STEMS, the values of Stem

@@ -15,10 +15,10 @@ from ._options import Stem, check_positive_int, check_probability, check_stem
 from .registry import register_model
 
 __all__ = [
-    "DenseLayer",
     "DenseBlock",
-    "Transition",
+    "DenseLayer",
     "DenseNet",
+    "Transition",
     "densenet121",
     "densenet169",
     "densenet201",

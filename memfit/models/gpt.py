@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ._options import check_positive_int, check_probability
 from .registry import register_model
 
-__all__ = ["GPTConfig", "CausalSelfAttention", "MLP", "Block", "GPT", "checked_seq_len", "gpt", "gpt2"]
+__all__ = ["GPT", "MLP", "Block", "CausalSelfAttention", "GPTConfig", "checked_seq_len", "gpt", "gpt2"]
 
 
 def checked_seq_len(idx: Tensor, block_size: int) -> int:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ._options import Stem, check_positive_int, check_probability, check_stem
 from .registry import register_model
 
-__all__ = ["make_divisible", "ConvBNReLU6", "InvertedResidual", "MobileNetV2", "mobilenet_v2"]
+__all__ = ["ConvBNReLU6", "InvertedResidual", "MobileNetV2", "make_divisible", "mobilenet_v2"]
 
 # (expansion t, output channels c, repeats n, first stride s) per stage.
 _SETTINGS: tuple[tuple[int, int, int, int], ...] = (
@@ -82,7 +82,7 @@ class InvertedResidual(nn.Module):
             expand_ratio: Hidden width multiplier ``t`` (no expansion conv if 1).
         """
         super().__init__()
-        hidden = int(round(in_ch * expand_ratio))
+        hidden = round(in_ch * expand_ratio)
         self.use_residual: bool = stride == 1 and in_ch == out_ch
         layers: list[nn.Module] = []
         if expand_ratio != 1:

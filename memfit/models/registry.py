@@ -12,13 +12,14 @@ import importlib
 import inspect
 import sys
 import typing
-from typing import Any, Callable, TypeVar, overload
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
 
 from torch import nn
 
 from ..errors import MemfitInputError
 
-__all__ = ["register_model", "create", "load", "list_models", "spec_of", "SPEC_ATTR"]
+__all__ = ["SPEC_ATTR", "create", "list_models", "load", "register_model", "spec_of"]
 
 # Models built by :func:`create` carry how they were built, so a saved file can rebuild the
 # architecture from plain JSON instead of pickled code.
@@ -155,8 +156,8 @@ def load(spec: str, **options: Any) -> nn.Module:
     try:
         inspect.signature(factory).bind(**kwargs)
     except TypeError as e:
-        options = ", ".join(f"{k}=" for k in kwargs) or "no arguments"
-        raise MemfitInputError(f"model '{spec}' cannot be called with {options}: {e}") from None
+        given = ", ".join(f"{k}=" for k in kwargs) or "no arguments"
+        raise MemfitInputError(f"model '{spec}' cannot be called with {given}: {e}") from None
     try:
         model = factory(**kwargs)
     except Exception as e:  # the user's own code: one line, not its traceback
@@ -173,7 +174,9 @@ def _factory(spec: str) -> Callable[..., Any]:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as e:
         raise MemfitInputError(f"cannot load '{spec}': {e}; expected package.module:factory") from e
-    refused = f"model '{spec}' names {getattr(factory, '__qualname__', type(factory).__name__)} ({type(factory).__name__})"
+    refused = (
+        f"model '{spec}' names {getattr(factory, '__qualname__', type(factory).__name__)} ({type(factory).__name__})"
+    )
     expected = "expected an nn.Module class or a function that returns one"
     if inspect.isclass(factory):
         if not issubclass(factory, nn.Module):

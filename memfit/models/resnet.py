@@ -6,8 +6,6 @@ stem and 1000 classes the parameter counts equal torchvision's.
 
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 from torch import Tensor, nn
 
@@ -106,7 +104,7 @@ class Bottleneck(nn.Module):
         return self.relu3(out + identity)
 
 
-Block = Union[type[BasicBlock], type[Bottleneck]]
+Block = type[BasicBlock] | type[Bottleneck]
 
 
 class ResNet(nn.Module):
@@ -151,7 +149,7 @@ class ResNet(nn.Module):
         )
         in_ch = width
         stages: list[nn.Sequential] = []
-        for i, (planes, blocks) in enumerate(zip((width, 2 * width, 4 * width, 8 * width), layers)):
+        for i, (planes, blocks) in enumerate(zip((width, 2 * width, 4 * width, 8 * width), layers, strict=True)):
             stride = 1 if i == 0 else 2
             mods: list[nn.Module] = []
             for j in range(blocks):

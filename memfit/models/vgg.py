@@ -8,8 +8,6 @@ inputs (the five max-pools reduce them to 1x1x512).
 
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 from torch import Tensor, nn
 
@@ -20,17 +18,17 @@ __all__ = [
     "VGG",
     "make_vgg_features",
     "vgg11",
-    "vgg13",
-    "vgg16",
-    "vgg19",
     "vgg11_bn",
+    "vgg13",
     "vgg13_bn",
+    "vgg16",
     "vgg16_bn",
+    "vgg19",
     "vgg19_bn",
 ]
 
 _M = "M"
-_CONFIGS: dict[int, tuple[Union[int, str], ...]] = {
+_CONFIGS: dict[int, tuple[int | str, ...]] = {
     11: (64, _M, 128, _M, 256, 256, _M, 512, 512, _M, 512, 512, _M),
     13: (64, 64, _M, 128, 128, _M, 256, 256, _M, 512, 512, _M, 512, 512, _M),
     16: (64, 64, _M, 128, 128, _M, 256, 256, 256, _M, 512, 512, 512, _M, 512, 512, 512, _M),
@@ -41,7 +39,7 @@ _CONFIGS: dict[int, tuple[Union[int, str], ...]] = {
 }  # fmt: skip
 
 
-def make_vgg_features(config: tuple[Union[int, str], ...], batch_norm: bool) -> nn.Sequential:
+def make_vgg_features(config: tuple[int | str, ...], batch_norm: bool) -> nn.Sequential:
     """Build the convolutional trunk of a VGG.
 
     Args:

@@ -7,14 +7,14 @@ plan of least predicted peak (the feasible minimum). :mod:`memfit.fit` verifies 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from . import chen, dp, handwritten, milp, selective
 from .chain import Chain
 from .plan import Plan, Segment, Spans
 
-__all__ = ["Strategy", "STRATEGIES", "Chain", "Plan", "Segment", "Spans", "list_strategies"]
+__all__ = ["STRATEGIES", "Chain", "Plan", "Segment", "Spans", "Strategy", "list_strategies"]
 
 
 @dataclass(frozen=True)

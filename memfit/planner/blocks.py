@@ -10,13 +10,14 @@ class's hold is a kind of block people checkpoint: ResNet's BasicBlocks and the 
 
 from __future__ import annotations
 
-from typing import Sequence
+import itertools
+from collections.abc import Sequence
 
 import numpy as np
 
 from ..capture.graph import NodeInfo
 
-__all__ = ["find_blocks", "MIN_COVER"]
+__all__ = ["MIN_COVER", "find_blocks"]
 
 # A class of blocks must hold at least this share of what the best class's instances hold.
 MIN_COVER = 0.5
@@ -39,7 +40,7 @@ def find_blocks(infos: Sequence[NodeInfo], act: np.ndarray) -> list[list[tuple[i
     choices = []
     for spans in instances.values():
         spans.sort()
-        if len(spans) >= 2 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:])):
+        if len(spans) >= 2 and all(a[1] <= b[0] for a, b in itertools.pairwise(spans)):
             choices.append((int(sum(act[a:b].sum() for a, b in spans)), spans))
     choices.sort(key=lambda c: (-c[0], -len(c[1])))
     return [spans for cover, spans in choices if cover >= MIN_COVER * choices[0][0]]

@@ -34,7 +34,7 @@ from ..cost.timing import BYTE_WEIGHT, node_times
 from .blocks import find_blocks
 from .plan import Segment, SegmentKind
 
-__all__ = ["Chain", "SegmentCost", "SegmentTable", "BYTE_WEIGHT", "MAX_CANDIDATES"]
+__all__ = ["BYTE_WEIGHT", "MAX_CANDIDATES", "Chain", "SegmentCost", "SegmentTable"]
 
 # Candidate boundaries kept for planning; DP time grows with the square of this.
 MAX_CANDIDATES = 96
@@ -171,7 +171,8 @@ class Chain:
 
     def _transients(self, infos: list) -> tuple[np.ndarray, np.ndarray, int]:
         """Per node, the most temporary bytes alive while its backward runs (gradients in flight,
-        scratch; kernel workspace added); per node the gradient bytes its backward allocates; the optimizer-phase peak."""
+        scratch; kernel workspace added); per node the gradient bytes its backward allocates; the
+        optimizer-phase peak."""
         g = self.graph
         n = len(self.names)
         trans = np.zeros(n, dtype=np.int64)
@@ -225,7 +226,7 @@ class Chain:
         if len(minima) > room:
             cum = np.cumsum(act)
             weight = np.array([cum[i - 1] for i in minima], dtype=np.float64)
-            marks = np.linspace(weight[0], weight[-1], room) if room else []
+            marks = np.linspace(weight[0], weight[-1], room)  # none when room is 0
             chosen = sorted({minima[int(np.argmin(np.abs(weight - m)))] for m in marks})
         else:
             chosen = list(minima)
@@ -318,7 +319,9 @@ class Chain:
         if kind == "recompute":
             return SegmentTable(hold=held, local=local, cost=cost, flops=flops, recomputed=act)
         if kind == "nested":  # every part recomputed twice: in the segment's backward and its own
-            return SegmentTable(hold=held, local=self._nested_local(), cost=2 * cost, flops=2 * flops, recomputed=2 * act)
+            return SegmentTable(
+                hold=held, local=self._nested_local(), cost=2 * cost, flops=2 * flops, recomputed=2 * act
+            )
         # at its backward, kept and recomputed activations are all alive: ``local`` is unchanged
         return SegmentTable(
             hold=held + _span(self._cached, c) - self._cross_cached,
@@ -390,7 +393,7 @@ class Chain:
     def peak(self, spans: list[tuple[int, int, SegmentKind]]) -> int:
         """Predicted peak bytes of a plan given as candidate spans, by the chain model."""
         held, worst = 0, 0
-        for (a, _, _), s in zip(spans, self.costs(spans)):
+        for (a, _, _), s in zip(spans, self.costs(spans), strict=True):
             worst = max(worst, held + s.local + self.grads_from(a))
             held += s.hold
         return max(self.baseline + worst, self.optimizer_peak)
@@ -398,16 +401,30 @@ class Chain:
     def to_segments(self, spans: list[tuple[int, int, SegmentKind]]) -> list[Segment]:
         """Plan segments (node names and predicted figures) from candidate spans."""
         out = []
-        for (a, b, kind), s in zip(spans, self.costs(spans)):
+        for (a, b, kind), s in zip(spans, self.costs(spans), strict=True):
             names = tuple(self.names[self.cands[a] : self.cands[b]])
             infos = [self.graph.info(n) for n in names]
             random = any(i.random for i in infos)
             parts = tuple(self.to_segments([(k, k + 1, "recompute") for k in range(a, b)])) if kind == "nested" else ()
-            buffers = sorted({self.graph.buffer_names[w] for i in infos for w in i.writes if w in self.graph.buffer_names})
+            buffers = sorted(
+                {self.graph.buffer_names[w] for i in infos for w in i.writes if w in self.graph.buffer_names}
+            )
             unsaved = tuple(i.name for i in infos if self._overwritten(i))
             layers = tuple(dict.fromkeys(i.module_path or i.name for i in infos))
             out.append(
-                Segment(names, kind, s.hold, s.recomputed, s.flops, random, parts, tuple(buffers), unsaved, layers, s.seconds)
+                Segment(
+                    names,
+                    kind,
+                    s.hold,
+                    s.recomputed,
+                    s.flops,
+                    random,
+                    parts,
+                    tuple(buffers),
+                    unsaved,
+                    layers,
+                    s.seconds,
+                )
             )
         return out
 

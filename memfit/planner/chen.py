@@ -18,7 +18,7 @@ import numpy as np
 from .chain import Chain
 from .plan import Spans
 
-__all__ = ["cheapest", "lowest_peak", "greedy", "THRESHOLDS"]
+__all__ = ["THRESHOLDS", "cheapest", "greedy", "lowest_peak"]
 
 THRESHOLDS = 48
 

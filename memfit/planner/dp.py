@@ -12,14 +12,14 @@ Each runs in O(candidates^2 * BUCKETS), vectorised over the segment's start and 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from .chain import Chain
 from .plan import SegmentKind, Spans
 
-__all__ = ["cheapest", "lowest_peak", "KINDS", "BUCKETS"]
+__all__ = ["BUCKETS", "KINDS", "cheapest", "lowest_peak"]
 
 BUCKETS = 256
 KINDS: tuple[SegmentKind, ...] = ("plain", "recompute", "nested")
@@ -60,8 +60,13 @@ def _solve(chain: Chain, kinds: Sequence[SegmentKind], quantum: float, room: int
     grads = chain.grads_table()
     # [a, before, b] per kind: a segment's figures after a plain (0) or a checkpointed (1) one
     tables = {
-        kind: [np.stack([getattr(chain.table(kind, after_plain=True), f), getattr(chain.table(kind, after_plain=False), f)], axis=1)
-               for f in ("hold", "local", "cost")]
+        kind: [
+            np.stack(
+                [getattr(chain.table(kind, after_plain=True), f), getattr(chain.table(kind, after_plain=False), f)],
+                axis=1,
+            )
+            for f in ("hold", "local", "cost")
+        ]
         for kind in kinds
     }
     for b in range(1, m + 1):
@@ -91,13 +96,13 @@ def _solve(chain: Chain, kinds: Sequence[SegmentKind], quantum: float, room: int
     final = best[m]
     if not np.isfinite(final).any():
         return None
-    c, j = np.unravel_index(int(np.lexsort((held[m].ravel(), final.ravel()))[0]), final.shape)
+    c, j = (int(v) for v in np.unravel_index(int(np.lexsort((held[m].ravel(), final.ravel()))[0]), final.shape))
     spans: Spans = []
-    b = m
-    while b > 0:
-        a, k, before, j_before = (int(v) for v in back[b, c, j])
-        spans.append((a, b, kinds[k]))
-        b, c, j = a, before, j_before
+    end = m
+    while end > 0:
+        start, k, c_before, j_before = (int(v) for v in back[end, c, j])
+        spans.append((start, end, kinds[k]))
+        end, c, j = start, c_before, j_before
     return spans[::-1]
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from .chain import Chain
 from .plan import SegmentKind, Spans
 
-__all__ = ["policies", "cheapest", "lowest_peak"]
+__all__ = ["cheapest", "lowest_peak", "policies"]
 
 
 def policies(chain: Chain) -> list[Spans]:
@@ -23,7 +23,8 @@ def policies(chain: Chain) -> list[Spans]:
     for kind_of_block in chain.blocks:
         blocks = [(index[a], index[b]) for a, b in kind_of_block if a in index and b in index]
         n = len(blocks)
-        for kind in ("recompute", "selective"):
+        kinds: tuple[SegmentKind, ...] = ("recompute", "selective")
+        for kind in kinds:
             for k in range(1, n + 1):
                 out.append(_cover(chain.m, [(a, b, kind) for j, (a, b) in enumerate(blocks) if j % k == 0]))
             for groups in range(2, n + 1):

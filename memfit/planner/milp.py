@@ -23,8 +23,8 @@ the least peak by bisection; the MILP is left with what needs it, the cheapest p
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -32,7 +32,7 @@ from ..errors import MemfitInputError
 from .chain import Chain
 from .plan import SegmentKind, Spans
 
-__all__ = ["cheapest", "lowest_peak", "KINDS", "MAX_ARCS", "TIME_LIMIT_S", "UNIT"]
+__all__ = ["KINDS", "MAX_ARCS", "TIME_LIMIT_S", "UNIT", "cheapest", "lowest_peak"]
 
 # The one-level treatments. Nested segments (dp's second level) would double the arcs past
 # MAX_ARCS on full-size chains; with them dp may go below milp's optimum, never above it by more
@@ -76,7 +76,7 @@ class _Arcs:
 
     def select(self, keep: np.ndarray) -> _Arcs:
         """The arcs where ``keep`` is true."""
-        return _Arcs(*(getattr(self, f)[keep] for f in _FIELDS), m=self.m)
+        return _Arcs(**{f: getattr(self, f)[keep] for f in _FIELDS}, m=self.m)
 
 
 _FIELDS = ("a", "b", "kind", "tail", "head", "hold", "need", "cost")
@@ -154,7 +154,7 @@ def _arcs(chain: Chain, kinds: Sequence[SegmentKind]) -> _Arcs:
             f"(at most {MAX_ARCS}); use strategy 'dp' or 'selective'"
         )
     cols = np.array(rows, dtype=np.int64).reshape(-1, len(_FIELDS)).T
-    return _Arcs(*cols, m=m)
+    return _Arcs(**dict(zip(_FIELDS, cols, strict=True)), m=m)
 
 
 def _bounds(arcs: _Arcs, room: int) -> tuple[np.ndarray, np.ndarray, bool]:

@@ -7,7 +7,7 @@ from typing import Literal
 
 from ..units import mib
 
-__all__ = ["Segment", "Plan", "SegmentKind", "Spans"]
+__all__ = ["Plan", "Segment", "SegmentKind", "Spans"]
 
 # "plain": run as is, autograd keeps what it saves. "recompute": run under checkpoint, only the
 # segment's inputs are kept and the rest is recomputed in backward. "selective": under checkpoint,
@@ -153,7 +153,12 @@ def render(plan: Plan) -> str:
     lines = [f"memfit plan ({plan.strategy})"]
     if rows:
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-        fmt = lambda r: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+        def fmt(r: tuple[str, ...]) -> str:
+            return "  ".join(
+                c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+
         lines += [fmt(headers), "-" * (sum(widths) + 2 * (len(widths) - 1))]
         lines += [fmt(r) for r in rows]
     else:
@@ -162,8 +167,10 @@ def render(plan: Plan) -> str:
     lines += [
         f"Budget (MiB, given): {budget}",
         f"Peak before -> after (MiB, predicted): {mib(plan.peak_before_bytes):.2f} -> {mib(plan.peak_after_bytes):.2f}",
-        f"Activations before -> after (MiB, predicted): {mib(plan.activations_before_bytes):.2f} -> "
-        f"{mib(plan.activations_after_bytes):.2f}",
+        (
+            f"Activations before -> after (MiB, predicted): {mib(plan.activations_before_bytes):.2f} -> "
+            f"{mib(plan.activations_after_bytes):.2f}"
+        ),
         f"Extra FLOPs (predicted): {plan.extra_flops / 1e9:.3f}G, {plan.extra_flops_percent:.1f}% of a step",
         *(
             [f"Extra time (predicted): {1e3 * plan.extra_seconds:.1f} ms, {plan.extra_time_percent:.1f}% of a step"]

@@ -16,7 +16,7 @@ from . import dp
 from .chain import Chain
 from .plan import SegmentKind, Spans
 
-__all__ = ["cheapest", "lowest_peak", "KINDS"]
+__all__ = ["KINDS", "cheapest", "lowest_peak"]
 
 KINDS: tuple[SegmentKind, ...] = ("plain", "selective", "recompute", "nested")
 

@@ -123,16 +123,26 @@ def render(r: MemoryReport) -> str:
     if r.layers:
         headers = ("Layer (type)", "Output Shape", "Param #", "Saved MiB", "FLOPs")
         rows = [
-            (f"{x.name} ({x.kind})", x.output_shape, _fmt_int(x.params), f"{mib(x.saved_bytes):.2f}", _fmt_flops(x.flops))
+            (
+                f"{x.name} ({x.kind})",
+                x.output_shape,
+                _fmt_int(x.params),
+                f"{mib(x.saved_bytes):.2f}",
+                _fmt_flops(x.flops),
+            )
             for x in r.layers
         ]
         widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
         width = sum(widths) + 2 * (len(widths) - 1)
         lines += [title, "=" * width]
-        lines.append("  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths))))
+        lines.append(
+            "  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths, strict=True)))
+        )
         lines.append("-" * width)
         for row in rows:
-            lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+            lines.append(
+                "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+            )
         lines.append("=" * width)
         total_flops = sum(x.flops for x in r.layers)
         lines.append(f"Forward FLOPs: {_fmt_flops(total_flops)}")

@@ -4,6 +4,7 @@ tradeoff between budget and recomputation."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ..errors import MemfitInputError
 from ..io.container import check_folder
@@ -14,7 +15,7 @@ from .tradeoff import Tradeoff
 __all__ = ["plot_plan", "plot_tradeoff"]
 
 
-def _pyplot():  # type: ignore[no-untyped-def]
+def _pyplot() -> Any:  # matplotlib.pyplot, an optional dependency
     """matplotlib's pyplot on the file-only backend, or the error that says how to install it."""
     try:
         import matplotlib
@@ -26,7 +27,7 @@ def _pyplot():  # type: ignore[no-untyped-def]
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:  # type: ignore[no-untyped-def]
+def _save(fig: Any, path: str | Path) -> Path:
     check_folder(str(path), "plot path")
     fig.tight_layout()
     out = Path(path)
@@ -43,7 +44,10 @@ def plot_plan(plan: Plan, path: str | Path) -> Path:
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    for label, levels, style in (("before (predicted)", plan.levels_before, "-"), ("after (predicted)", plan.levels_after, "-")):
+    for label, levels, style in (
+        ("before (predicted)", plan.levels_before, "-"),
+        ("after (predicted)", plan.levels_after, "-"),
+    ):
         if not levels:
             continue
         n = len(levels)
@@ -58,7 +62,8 @@ def plot_plan(plan: Plan, path: str | Path) -> Path:
         ax.axhline(mib(plan.budget_bytes), color="red", linestyle="--", linewidth=1, label="budget")
     ax.set_xlabel("progress through the training step")
     ax.set_ylabel("live tensor memory (MiB)")
-    ax.set_title(f"memfit plan ({plan.strategy}): peak {mib(plan.peak_before_bytes):.1f} -> {mib(plan.peak_after_bytes):.1f} MiB (predicted)")
+    peaks = f"{mib(plan.peak_before_bytes):.1f} -> {mib(plan.peak_after_bytes):.1f} MiB"
+    ax.set_title(f"memfit plan ({plan.strategy}): peak {peaks} (predicted)")
     ax.legend(loc="upper right")
     out = _save(fig, path)
     plt.close(fig)

@@ -41,7 +41,15 @@ class Tradeoff:
     points: list[TradeoffPoint]
 
     def __str__(self) -> str:
-        headers = ("Budget MiB", "Peak MiB (pred)", "Extra time ms (pred)", "% of step", "Extra FLOPs %", "Strategy", "Checkpointed")
+        headers = (
+            "Budget MiB",
+            "Peak MiB (pred)",
+            "Extra time ms (pred)",
+            "% of step",
+            "Extra FLOPs %",
+            "Strategy",
+            "Checkpointed",
+        )
         rows = [
             (
                 f"{p.budget_mb:.2f}",
@@ -55,7 +63,10 @@ class Tradeoff:
             for p in self.points
         ]
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-        line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))
+
+        def line(r: tuple[str, ...]) -> str:
+            return "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True))
+
         return "\n".join(
             [
                 (

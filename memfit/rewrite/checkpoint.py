@@ -27,7 +27,7 @@ import functools
 import operator
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import fx
@@ -85,18 +85,20 @@ def _buffers_replayed(buffers: list[BufferRef], before: list[torch.Tensor]) -> I
     left (running statistics move once per step)."""
     with torch.no_grad():
         after = [getattr(m, a).clone() for m, a in buffers]
-        for (m, a), value in zip(buffers, before):
+        for (m, a), value in zip(buffers, before, strict=True):
             getattr(m, a).copy_(value)
     try:
         yield
     finally:
         with torch.no_grad():
-            for (m, a), value in zip(buffers, after):
+            for (m, a), value in zip(buffers, after, strict=True):
                 getattr(m, a).copy_(value)
 
 
 @contextlib.contextmanager
-def _recomputing(inner: contextlib.AbstractContextManager, buffers: list[BufferRef], before: list[torch.Tensor]) -> Iterator[None]:
+def _recomputing(
+    inner: contextlib.AbstractContextManager, buffers: list[BufferRef], before: list[torch.Tensor]
+) -> Iterator[None]:
     """The context of a recomputation: the selective one if any, buffers replayed."""
     with _buffers_replayed(buffers, before), inner:  # the snapshots are not ops of the segment
         yield
@@ -111,6 +113,8 @@ class Checkpointed(torch.nn.Module):
         random: The segment draws random numbers: its recomputation replays the forward's RNG state.
         buffers: The buffers its forward writes in place, replayed around the recomputation.
     """
+
+    body: fx.GraphModule  # set with object.__setattr__, so nn.Module does not register it
 
     def __init__(
         self, body: fx.GraphModule, selective: bool = False, random: bool = True, buffers: list[BufferRef] | None = None
@@ -149,7 +153,9 @@ class Checkpointed(torch.nn.Module):
             # a partial made here, or none: one held in an attribute or a global reaches dynamo unresolved
             if self.selective:
                 context = functools.partial(create_selective_checkpoint_contexts, _keep_expensive)
-                return checkpoint(self._run, *args, use_reentrant=False, context_fn=context, preserve_rng_state=self.random)
+                return checkpoint(
+                    self._run, *args, use_reentrant=False, context_fn=context, preserve_rng_state=self.random
+                )
             return checkpoint(self._run, *args, use_reentrant=False, preserve_rng_state=self.random)
         with torch.no_grad():
             before = [getattr(m, a).clone() for m, a in self.written]
@@ -189,7 +195,8 @@ class PlannedModule(fx.GraphModule):
     report: Comparison
 
     def __deepcopy__(self, memo: dict[int, Any]) -> PlannedModule:
-        res = super().__deepcopy__(memo)
+        # GraphModule.__deepcopy__ builds a type(self), though torch annotates it as GraphModule
+        res = cast(PlannedModule, super().__deepcopy__(memo))
         _adopt(res, self, lambda x: copy.deepcopy(x, memo))
         for key in ("plan", "report"):
             if key in self.__dict__:
@@ -233,8 +240,8 @@ def rewrite(model: torch.nn.Module, gm: fx.GraphModule, plan: Plan, prefix: str 
         buffers = [_buffer_ref(model, b) for b in seg.buffers]
         wrappers[name] = Checkpointed(body, selective=seg.kind == "selective", random=seg.random, buffers=buffers)
         call = graph.call_module(name, tuple(env[x] for x in inputs))
-        for k, out in enumerate(outputs):
-            env[out] = graph.call_function(operator.getitem, (call, k))
+        for k, output in enumerate(outputs):
+            env[output] = graph.call_function(operator.getitem, (call, k))
     for n in gm.graph.nodes:
         if n.op == "output":
             graph.node_copy(n, lambda x: env[x])
@@ -302,7 +309,9 @@ def _adopt(dst: torch.nn.Module, src: torch.nn.Module, convert: Callable[[Any], 
             dst._non_persistent_buffers_set.add(name)
 
 
-def _extract(gm: fx.GraphModule, members: list[fx.Node], index: int) -> tuple[fx.GraphModule, list[fx.Node], list[fx.Node]]:
+def _extract(
+    gm: fx.GraphModule, members: list[fx.Node], index: int
+) -> tuple[fx.GraphModule, list[fx.Node], list[fx.Node]]:
     """The body GraphModule of one segment, the outer nodes it reads and the nodes it returns."""
     inside = set(members)
     inputs: list[fx.Node] = []

@@ -10,7 +10,8 @@ works for an unplanned model.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, cast
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 
@@ -20,7 +21,7 @@ from ..cost.parallel import Parallel
 from ..errors import MemfitInputError
 from ..planner import Plan
 
-__all__ = ["wrap", "measure", "same_plan"]
+__all__ = ["measure", "same_plan", "wrap"]
 
 
 def _leaves_with_parameters(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -52,7 +53,9 @@ def wrap(module: torch.nn.Module, parallel: Parallel, **kwargs: Any) -> torch.nn
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        raise MemfitInputError("torch.distributed is not initialised; call init_process_group first (torchrun sets it up)")
+        raise MemfitInputError(
+            "torch.distributed is not initialised; call init_process_group first (torchrun sets it up)"
+        )
     if dist.get_world_size() != parallel.world_size:
         raise MemfitInputError(
             f"memfit planned for {parallel.world_size} processes but the process group has {dist.get_world_size()}; "
