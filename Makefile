@@ -27,6 +27,7 @@ report: setup
 # Lint and type-check first (seconds), so that a finding fails CI before the tests run.
 test: setup
 	$(BIN)/ruff check memfit tests examples benchmarks
+	$(BIN)/ruff format --check memfit tests examples benchmarks
 	$(BIN)/mypy memfit
 	$(BIN)/python -m pytest -q -n 2 --durations=15
 

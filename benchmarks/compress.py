@@ -84,12 +84,23 @@ def storage(model: nn.Module, batch: torch.Tensor) -> Storage:
     with tempfile.TemporaryDirectory() as tmp:
         file_bytes = memfit.save(model, os.path.join(tmp, "model.memfit"))
     predicted = memfit.estimate(model, batch, optimizer="adam")
-    return Storage(table.parameter_ratio, table.covered_ratio, file_bytes, table.sparsity,
-                   predicted.peak_mb, predicted.parameters_mb)
+    return Storage(
+        table.parameter_ratio,
+        table.covered_ratio,
+        file_bytes,
+        table.sparsity,
+        predicted.peak_mb,
+        predicted.parameters_mb,
+    )
 
 
-def run_seed(args: argparse.Namespace, data: memfit.datasets.Split, seed: int, accuracy: dict[str, list[float]],
-             stored: dict[str, Storage]) -> None:
+def run_seed(
+    args: argparse.Namespace,
+    data: memfit.datasets.Split,
+    seed: int,
+    accuracy: dict[str, list[float]],
+    stored: dict[str, Storage],
+) -> None:
     """One seed: dense training, the reference, and every method under both loops; accuracies are
     appended to ``accuracy`` under ``"reference"`` and ``"method/loop"``."""
     torch.manual_seed(seed)
@@ -125,8 +136,10 @@ def accuracy_table(accuracy: dict[str, list[float]], methods: list[str]) -> list
     """Markdown rows: mean, standard deviation (n-1), worst seed, and the worst seed's gap below the
     reference's mean against the target."""
     ref_mean = statistics.fmean(accuracy["reference"])
-    lines = ["| method | loop | mean % (meas) | std (meas) | worst % (meas) | worst seed | worst vs reference mean |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | loop | mean % (meas) | std (meas) | worst % (meas) | worst seed | worst vs reference mean |",
+        "|---|---|---|---|---|---|---|",
+    ]
     keys = ["reference"] + [f"{m}/{loop}" for m in methods for loop in LOOPS]
     for key in keys:
         values = accuracy[key]
@@ -135,19 +148,27 @@ def accuracy_table(accuracy: dict[str, list[float]], methods: list[str]) -> list
         method, _, loop = key.partition("/")
         gap = worst - ref_mean
         verdict = "" if key == "reference" else (" ok" if gap >= -TARGET_POINTS else f" MISSES {TARGET_POINTS:g}")
-        lines.append(f"| {method} | {loop or 'plain'} | {statistics.fmean(values):.2f} | {std:.2f} | {worst:.2f} | "
-                     f"{values.index(worst)} | {gap:+.2f}{verdict} |")
+        lines.append(
+            f"| {method} | {loop or 'plain'} | {statistics.fmean(values):.2f} | {std:.2f} | {worst:.2f} | "
+            f"{values.index(worst)} | {gap:+.2f}{verdict} |"
+        )
     return lines
 
 
 def storage_lines(stored: dict[str, Storage], torch_save_bytes: int) -> list[str]:
-    lines = [("| method | weights x (comp) | layers x (comp) | file KiB (meas) | torch.save KiB (meas) | "
-              "zeros (comp) | train peak MiB (pred) | params MiB (pred) |"),
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| method | weights x (comp) | layers x (comp) | file KiB (meas) | torch.save KiB (meas) | "
+            "zeros (comp) | train peak MiB (pred) | params MiB (pred) |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, s in stored.items():
-        lines.append(f"| {name} | {s.weight_ratio:.1f}x | {s.covered_ratio:.1f}x | {s.file_bytes / 1024:.1f} | "
-                     f"{torch_save_bytes / 1024:.1f} | {s.sparsity:.1%} | {s.train_peak_mb:.1f} | "
-                     f"{s.train_params_mb:.2f} |")
+        lines.append(
+            f"| {name} | {s.weight_ratio:.1f}x | {s.covered_ratio:.1f}x | {s.file_bytes / 1024:.1f} | "
+            f"{torch_save_bytes / 1024:.1f} | {s.sparsity:.1%} | {s.train_peak_mb:.1f} | "
+            f"{s.train_params_mb:.2f} |"
+        )
     return lines
 
 
@@ -168,9 +189,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     data = memfit.datasets.cifar("cifar10", args.cifar10) if args.cifar10 else memfit.datasets.digits(args.size)
     dataset = "CIFAR-10" if args.cifar10 else f"digits {args.size}x{args.size}"
-    print(f"resnet18 (cifar stem, width {args.width}) on {dataset}, seeds 0-{args.seeds - 1}: {args.epochs} epochs "
-          f"dense, then {args.finetune} epochs compressed (reference: {args.finetune} more dense); Adam 1e-3, "
-          f"cosine, batch 64", flush=True)
+    print(
+        f"resnet18 (cifar stem, width {args.width}) on {dataset}, seeds 0-{args.seeds - 1}: {args.epochs} epochs "
+        f"dense, then {args.finetune} epochs compressed (reference: {args.finetune} more dense); Adam 1e-3, "
+        f"cosine, batch 64",
+        flush=True,
+    )
     started, cpu_started = time.perf_counter(), time.process_time()
     accuracy: dict[str, list[float]] = {}
     stored: dict[str, Storage] = {}
@@ -179,16 +203,24 @@ def main() -> None:
         print(f"  seed {seed} done at {time.perf_counter() - started:.0f} s", flush=True)
     dense = memfit.models.create("resnet18", stem="cifar", num_classes=data.num_classes, width=args.width)
     predicted = memfit.estimate(dense, data.x_train[: args.batch], optimizer="adam")
-    print(f"\nAccuracy on the {len(data.y_test)} test images; recipe: memfit.compressors.Recipe(teacher=dense), "
-          f"plain: the dense model's own loop after memfit.compress.\n")
+    print(
+        f"\nAccuracy on the {len(data.y_test)} test images; recipe: memfit.compressors.Recipe(teacher=dense), "
+        f"plain: the dense model's own loop after memfit.compress.\n"
+    )
     print("\n".join(accuracy_table(accuracy, args.methods)))
-    print(f"\nStorage and training memory (seed 0, recipe); uncompressed training step {predicted.peak_mb:.1f} MiB, "
-          f"parameters {predicted.parameters_mb:.2f} MiB at batch {args.batch} with Adam (pred).\n")
+    print(
+        f"\nStorage and training memory (seed 0, recipe); uncompressed training step {predicted.peak_mb:.1f} MiB, "
+        f"parameters {predicted.parameters_mb:.2f} MiB at batch {args.batch} with Adam (pred).\n"
+    )
     print("\n".join(storage_lines(stored, _torch_save_bytes(dense))))
-    print("\nweights x: fp32 weights over stored weights, whole model (uncompressed layers at fp32); layers x: over "
-          "the compressed layers only.")
-    print(f"\ntook {(time.perf_counter() - started) / 60:.1f} min wall, {(time.process_time() - cpu_started) / 60:.1f} "
-          f"min CPU (meas, {args.threads} thread; wall grows when other processes share the cores)")
+    print(
+        "\nweights x: fp32 weights over stored weights, whole model (uncompressed layers at fp32); layers x: over "
+        "the compressed layers only."
+    )
+    print(
+        f"\ntook {(time.perf_counter() - started) / 60:.1f} min wall, {(time.process_time() - cpu_started) / 60:.1f} "
+        f"min CPU (meas, {args.threads} thread; wall grows when other processes share the cores)"
+    )
 
 
 if __name__ == "__main__":

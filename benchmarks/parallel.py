@@ -55,8 +55,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                 predicted = unplanned
             else:
                 budget = lowest + fraction * (unplanned - lowest)
-                module = memfit.optimize(_model(args), budget, x, optimizer=args.optimizer, parallel=parallel,
-                                         strategy=args.strategy)
+                module = memfit.optimize(
+                    _model(args), budget, x, optimizer=args.optimizer, parallel=parallel, strategy=args.strategy
+                )
                 predicted = module.plan.peak_after_bytes / MiB
             wrapped = memfit.distributed.wrap(module, parallel)
             peak, phases = memfit.distributed.measure(wrapped, x, optimizer=args.optimizer)
@@ -64,30 +65,36 @@ def run(args: argparse.Namespace) -> list[dict]:
             dist.all_gather_object(measured, peak / MiB)
             forward = [0.0] * world
             dist.all_gather_object(forward, phases.get("forward", 0) / MiB)
-            rows.append({
-                "parallel": parallel.kind,
-                "units": "default" if parallel.units is None else f"{len(parallel.units)} blocks",
-                "world_size": world,
-                "fraction": fraction,
-                "budget_mb": budget,
-                "predicted_mb": predicted,
-                "measured_mb": max(measured),
-                "measured_forward_mb": max(forward),
-                "measured_per_rank_mb": measured,
-            })
+            rows.append(
+                {
+                    "parallel": parallel.kind,
+                    "units": "default" if parallel.units is None else f"{len(parallel.units)} blocks",
+                    "world_size": world,
+                    "fraction": fraction,
+                    "budget_mb": budget,
+                    "predicted_mb": predicted,
+                    "measured_mb": max(measured),
+                    "measured_forward_mb": max(forward),
+                    "measured_per_rank_mb": measured,
+                }
+            )
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'parallel':<9}{'units':<11}{'budget':>10}{'at':>6}{'peak MiB':>11}{'peak MiB':>11}{'fits':>6}\n"
-            f"{'':<9}{'':<11}{'MiB':>10}{'':>6}{'pred':>11}{'meas max':>11}{'':>6}")
+    head = (
+        f"{'parallel':<9}{'units':<11}{'budget':>10}{'at':>6}{'peak MiB':>11}{'peak MiB':>11}{'fits':>6}\n"
+        f"{'':<9}{'':<11}{'MiB':>10}{'':>6}{'pred':>11}{'meas max':>11}{'':>6}"
+    )
     lines = [head, "-" * 64]
     for r in rows:
         budget = "--" if r["budget_mb"] is None else f"{r['budget_mb']:.2f}"
         at = "--" if r["fraction"] is None else f"{r['fraction']:.0%}"
         fits = "--" if r["budget_mb"] is None else ("yes" if r["measured_mb"] <= r["budget_mb"] else "NO")
-        lines.append(f"{r['parallel']:<9}{r['units']:<11}{budget:>10}{at:>6}{r['predicted_mb']:>11.2f}"
-                     f"{r['measured_mb']:>11.2f}{fits:>6}")
+        lines.append(
+            f"{r['parallel']:<9}{r['units']:<11}{budget:>10}{at:>6}{r['predicted_mb']:>11.2f}"
+            f"{r['measured_mb']:>11.2f}{fits:>6}"
+        )
     return "\n".join(lines)
 
 
@@ -108,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = run(args)
         if dist.get_rank() == 0:
             width = f"width {args.width}, " if args.model.startswith("resnet") else ""
-            print(f"{args.model} ({width}CIFAR stem), batch {args.batch} per process, {args.size}x{args.size}, "
-                  f"{args.optimizer}, {dist.get_world_size()} processes (gloo); pred = memfit, meas = profiler")
+            print(
+                f"{args.model} ({width}CIFAR stem), batch {args.batch} per process, {args.size}x{args.size}, "
+                f"{args.optimizer}, {dist.get_world_size()} processes (gloo); pred = memfit, meas = profiler"
+            )
             print(table(rows))
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=2))

@@ -1,6 +1,6 @@
 """Predict, then measure, the memory of one training step of a zoo model.
 
-    .venv/bin/python examples/report.py
+.venv/bin/python examples/report.py
 """
 
 from __future__ import annotations

@@ -49,8 +49,10 @@ def main() -> None:
         print(f"epoch {epoch + 1}: loss {loss.item():.4f}, test accuracy {100 * accuracy:.2f}%")
 
     measured = memfit.measure(planned, batch, optimizer=make_optimizer)
-    print(f"Peak of a training step: {planned.plan.peak_after_bytes / 2**20:.2f} MiB predicted, "
-          f"{measured.peak_mb:.2f} MiB measured (budget {args.budget})")
+    print(
+        f"Peak of a training step: {planned.plan.peak_after_bytes / 2**20:.2f} MiB predicted, "
+        f"{measured.peak_mb:.2f} MiB measured (budget {args.budget})"
+    )
 
 
 if __name__ == "__main__":

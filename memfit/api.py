@@ -20,6 +20,7 @@ from .report.memory import MemoryReport
 
 __all__ = ["estimate", "measure"]
 
+
 def _config(
     optimizer: OptimizerSpec, amp: str | None, loss_fn: Callable[[Any], torch.Tensor] | None, accumulate: bool
 ) -> StepConfig:

@@ -118,8 +118,12 @@ def _step_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--measure", action="store_true", help="also run one real step and measure it")
     p.add_argument("--parallel", choices=list(KINDS), help="figures per data-parallel process (DDP or FSDP)")
     p.add_argument("--world-size", type=_positive, default=1, help="data-parallel processes (FSDP shards over them)")
-    p.add_argument("--fsdp-unit", action="append", metavar="MODULE",
-                   help="FSDP: a module sharded as one unit (repeat it); default: the model's children")
+    p.add_argument(
+        "--fsdp-unit",
+        action="append",
+        metavar="MODULE",
+        help="FSDP: a module sharded as one unit (repeat it); default: the model's children",
+    )
 
 
 def _parallel(args: argparse.Namespace) -> Parallel | None:
@@ -147,11 +151,17 @@ def _parser() -> argparse.ArgumentParser:
     _step_arguments(pl)
     what = pl.add_mutually_exclusive_group(required=True)
     what.add_argument(
-        "--budget-mb", type=_budget, metavar="MIB|SIZE|PCT%",
+        "--budget-mb",
+        type=_budget,
+        metavar="MIB|SIZE|PCT%",
         help="peak budget of the step: MiB (300), a size (1.5GiB) or a percentage of the unplanned peak (85%%)",
     )
     what.add_argument(
-        "--curve", type=int, nargs="?", const=8, metavar="POINTS",
+        "--curve",
+        type=int,
+        nargs="?",
+        const=8,
+        metavar="POINTS",
         help="no plan: the tradeoff from the feasible minimum to the unplanned peak at POINTS budgets (default 8)",
     )
     pl.add_argument("--strategy", default="auto", choices=["auto", *sorted(STRATEGIES)])
@@ -183,14 +193,27 @@ def _budget(text: str) -> Budget:
 
 def _plan(model: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace, optimizer: str | None) -> None:
     if args.curve is not None:
-        curve = tradeoff(model, x, points=args.curve, optimizer=optimizer, amp=args.amp, strategy=args.strategy,
-                         parallel=_parallel(args))
+        curve = tradeoff(
+            model,
+            x,
+            points=args.curve,
+            optimizer=optimizer,
+            amp=args.amp,
+            strategy=args.strategy,
+            parallel=_parallel(args),
+        )
         print(curve)
         if args.plot:
             print(f"Plot written to {plot_tradeoff(curve, args.plot)}")
         return
     planned = optimize(
-        model, args.budget_mb, x, optimizer=optimizer, amp=args.amp, strategy=args.strategy, compress=args.compress,
+        model,
+        args.budget_mb,
+        x,
+        optimizer=optimizer,
+        amp=args.amp,
+        strategy=args.strategy,
+        compress=args.compress,
         parallel=_parallel(args),
     )
     print(planned.plan)
@@ -233,8 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _plan(model, x, args, optimizer)
             return 0
         t0 = time.perf_counter()
-        report = estimate(model, x, optimizer=optimizer, amp=args.amp, calibrate=not args.no_calibrate,
-                          parallel=_parallel(args))
+        report = estimate(
+            model, x, optimizer=optimizer, amp=args.amp, calibrate=not args.no_calibrate, parallel=_parallel(args)
+        )
         elapsed = time.perf_counter() - t0
         if args.summary:
             report.layers = []

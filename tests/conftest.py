@@ -11,10 +11,10 @@ import torch
 
 import memfit
 
-from .foreign import install_torchvision_shim
+from .torchvision_shim import install_torchvision_shim
 
 # PyPI's torchvision (the `models` extra) cannot import beside the CPU torch without it; it must run
-# before anything imports torchvision, timm or a transformers model class (see tests/foreign.py).
+# before anything imports torchvision, timm or a transformers model class (see tests/torchvision_shim.py).
 install_torchvision_shim()
 
 # pytest runs two workers on two cores: a second intra-op thread per worker only oversubscribes them,

@@ -17,9 +17,7 @@ def _snapshot(model: nn.Module) -> dict:
         "ptrs": {k: v.data_ptr() for k, v in model.state_dict().items()},
         "training": [m.training for m in model.modules()],
         "grads": [p.grad for p in model.parameters()],
-        "hooks": [
-            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()
-        ],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()],
     }
 
 
@@ -228,4 +226,3 @@ def test_estimates_in_two_threads_equal_the_ones_in_sequence(small_cnn: nn.Modul
     for t in threads:
         t.join()
     assert [got[0], got[1]] == sequential
-

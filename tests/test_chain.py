@@ -37,15 +37,45 @@ from memfit.rewrite.checkpoint import rewrite
 BASELINE = {0: (8, "input"), 1: (10, "parameter"), 2: (5, "parameter"), 3: (16, "buffer")}
 NODES = [
     NodeInfo("x", "placeholder", "x", out_sids=(0,)),
-    NodeInfo("a", "call_module", "conv", module_path="conv", out_bytes=400, out_sids=(10,), params=("a.weight",),
-             fwd_flops=1000),
+    NodeInfo(
+        "a",
+        "call_module",
+        "conv",
+        module_path="conv",
+        out_bytes=400,
+        out_sids=(10,),
+        params=("a.weight",),
+        fwd_flops=1000,
+    ),
     NodeInfo("b", "call_module", "bn", module_path="bn", out_bytes=200, out_sids=(11,), saved_sids=(10,), writes=(3,)),
-    NodeInfo("c", "call_module", "fc", module_path="fc", out_bytes=300, out_sids=(12,), saved_sids=(11,),
-             params=("c.weight",), fwd_flops=500),
+    NodeInfo(
+        "c",
+        "call_module",
+        "fc",
+        module_path="fc",
+        out_bytes=300,
+        out_sids=(12,),
+        saved_sids=(11,),
+        params=("c.weight",),
+        fwd_flops=500,
+    ),
     NodeInfo("d", "call_function", "dropout", out_bytes=8, out_sids=(13,), random=True, workspace_bwd=1000),
 ]
-SIZES = {10: 400, 11: 200, 12: 300, 13: 8, 14: 4, 15: 8, 16: 300, 17: 5, 18: 200, 19: 400, 20: 10, 21: 15,
-         22: 5000}  # 22: a forward scratch, in one test's events only
+SIZES = {
+    10: 400,
+    11: 200,
+    12: 300,
+    13: 8,
+    14: 4,
+    15: 8,
+    16: 300,
+    17: 5,
+    18: 200,
+    19: 400,
+    20: 10,
+    21: 15,
+    22: 5000,
+}  # 22: a forward scratch, in one test's events only
 CATEGORIES = {10: "activation", 11: "activation", 17: "gradient", 20: "gradient"}  # the rest: temporary
 EVENTS = [
     Event(10, 400, "forward", "a"),
@@ -81,9 +111,16 @@ def step(changes: dict[str, dict[str, Any]] | None = None, events: list[Event] =
     dag.add_edges_from([("x", "a"), ("a", "b"), ("b", "c"), ("c", "d")])
     sizes = {sid: nbytes for sid, (nbytes, _) in BASELINE.items()} | SIZES
     built = MemGraph(
-        dag=dag, order=[i.name for i in NODES], baseline=dict(BASELINE),
-        categories={sid: CATEGORIES.get(sid, "temporary") for sid in SIZES}, storage_bytes=sizes, events=events,
-        batch_size=1, device="cpu", description="hand-built", buffer_names={3: "bn.running_mean"},
+        dag=dag,
+        order=[i.name for i in NODES],
+        baseline=dict(BASELINE),
+        categories={sid: CATEGORIES.get(sid, "temporary") for sid in SIZES},
+        storage_bytes=sizes,
+        events=events,
+        batch_size=1,
+        device="cpu",
+        description="hand-built",
+        buffer_names={3: "bn.running_mean"},
     )
     return dataclasses.replace(built, **graph)
 
@@ -214,16 +251,25 @@ def test_no_boundary_separates_an_in_place_write_from_what_it_mutates() -> None:
 
 def test_plan_segments_name_their_nodes_layers_buffers_and_randomness() -> None:
     first, second = Chain(step()).to_segments([(0, 2, "recompute"), (2, 4, "plain")])
-    assert first == Segment(("a", "b"), "recompute", kept_bytes=200, recomputed_bytes=600, recomputed_flops=1000,
-                            buffers=("bn.running_mean",), layers=("conv", "bn"))
+    assert first == Segment(
+        ("a", "b"),
+        "recompute",
+        kept_bytes=200,
+        recomputed_bytes=600,
+        recomputed_flops=1000,
+        buffers=("bn.running_mean",),
+        layers=("conv", "bn"),
+    )
     assert second == Segment(("c", "d"), "plain", random=True, layers=("fc", "d"))
 
 
 def test_a_nested_segment_is_cut_into_recomputed_parts() -> None:
     [nested, _] = Chain(step()).to_segments([(0, 2, "nested"), (2, 4, "plain")])
     assert nested.kind == "nested" and nested.recomputed_flops == 2000
-    assert [(p.nodes, p.kind, p.kept_bytes) for p in nested.inner] == [(("a",), "recompute", 400),
-                                                                         (("b",), "recompute", 200)]
+    assert [(p.nodes, p.kind, p.kept_bytes) for p in nested.inner] == [
+        (("a",), "recompute", 400),
+        (("b",), "recompute", 200),
+    ]
 
 
 TIMES = {
@@ -235,8 +281,9 @@ TIMES = {
 
 
 def test_a_timed_chain_prices_recomputation_in_nanoseconds_until_the_last_saved_tensor() -> None:
-    chain = Chain(step(TIMES, checkpoint_cost=CheckpointCost(segment=1e-5, per_operator=1e-7,
-                                                             selective_per_operator=2e-7)))
+    chain = Chain(
+        step(TIMES, checkpoint_cost=CheckpointCost(segment=1e-5, per_operator=1e-7, selective_per_operator=2e-7))
+    )
     assert chain.timed
     assert chain.step_seconds == pytest.approx(3 * 6.5e-6)  # unmeasured backwards take twice the forward
     # per node recomputed: forward + 100 ns an operator; a segment: 10 us. The recomputation of

@@ -12,8 +12,23 @@ from memfit.cli import main
 
 
 def test_report_of_a_zoo_model_with_measurement(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["report", "resnet18", "--stem", "cifar", "--batch", "2", "--input", "3x32x32",
-                 "--optimizer", "adam", "--measure", "--num-classes", "10"])
+    code = main(
+        [
+            "report",
+            "resnet18",
+            "--stem",
+            "cifar",
+            "--batch",
+            "2",
+            "--input",
+            "3x32x32",
+            "--optimizer",
+            "adam",
+            "--measure",
+            "--num-classes",
+            "10",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "memfit memory report (predicted): ResNet, batch 2, optimizer=adam" in out
@@ -35,8 +50,25 @@ def test_report_of_a_language_model_takes_token_ids(capsys: pytest.CaptureFixtur
 
 
 def test_report_and_plan_per_data_parallel_process(capsys: pytest.CaptureFixture[str]) -> None:
-    common = ["resnet18", "--stem", "cifar", "--batch", "2", "--input", "3x32x32", "--optimizer", "adam",
-              "--parallel", "fsdp", "--world-size", "4", "--fsdp-unit", "layer1", "--fsdp-unit", "layer2"]
+    common = [
+        "resnet18",
+        "--stem",
+        "cifar",
+        "--batch",
+        "2",
+        "--input",
+        "3x32x32",
+        "--optimizer",
+        "adam",
+        "--parallel",
+        "fsdp",
+        "--world-size",
+        "4",
+        "--fsdp-unit",
+        "layer1",
+        "--fsdp-unit",
+        "layer2",
+    ]
     assert main(["report", *common, "--summary", "--no-calibrate"]) == 0
     out = capsys.readouterr().out
     assert "FSDP, 4 processes, per process" in out

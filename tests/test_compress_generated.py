@@ -27,7 +27,6 @@ from memfit.compressors.quant import max_level, tanh_levels
 DEFAULT = {"base_in": 2, "base_out": 44, "basis_bits": 3, "coeff_in_bits": 6, "coeff_out_bits": 3}
 
 
-
 def _generator(shape: tuple[int, ...], seed: int = 0, **knobs: int) -> MLGGenerator:
     torch.manual_seed(seed)
     return MLGGenerator(shape, **{**DEFAULT, **knobs}).project_(torch.randn(shape) * 0.1)

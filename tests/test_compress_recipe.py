@@ -35,8 +35,15 @@ Y = torch.arange(12) % 5
 
 @pytest.mark.parametrize(
     ("knob", "value"),
-    [("lr", 0.0), ("temperature", -1.0), ("alpha", 1.5), ("orthonormality", float("nan")), ("freeze_epochs", -1),
-     ("recalibrate_batches", 2.0), ("freeze_epochs", True)],
+    [
+        ("lr", 0.0),
+        ("temperature", -1.0),
+        ("alpha", 1.5),
+        ("orthonormality", float("nan")),
+        ("freeze_epochs", -1),
+        ("recalibrate_batches", 2.0),
+        ("freeze_epochs", True),
+    ],
 )
 def test_rejects_bad_knobs_naming_them(knob: str, value: object) -> None:
     with pytest.raises(ValueError, match=knob):

@@ -106,7 +106,11 @@ def test_build_skips_reference_and_other_kernel_sizes_with_reasons() -> None:
     assert sorted(method.skipped) == ["stem", "wide"]
     assert "reference" in method.skipped["stem"] and "5x5" in method.skipped["wide"]
     assert {n: g.kind for n, g in generators.items()} == {
-        "conv": "kernel", "depthwise": "kernel", "point": "vector", "fc": "vector", "head": "vector"
+        "conv": "kernel",
+        "depthwise": "kernel",
+        "point": "vector",
+        "fc": "vector",
+        "head": "vector",
     }
     with pytest.raises(TypeError, match="SharedConfig"):
         method.build(model, LAYERS, CompressConfig())

@@ -14,8 +14,9 @@ from memfit import MemfitInputError
 from memfit.io.datasets import cifar, digits
 
 
-def _write_cifar10(root, *, n: int = 4, extra: object = None, first: dict | list | None = None,
-                   extracted: bool = False) -> None:
+def _write_cifar10(
+    root, *, n: int = 4, extra: object = None, first: dict | list | None = None, extracted: bool = False
+) -> None:
     """A tiny CIFAR-10 archive (or extracted folder); ``first`` replaces data_batch_1's contents."""
     rng = np.random.default_rng(0)
     members = {}

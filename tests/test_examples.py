@@ -45,8 +45,13 @@ def test_example_is_at_most_500_lines(path: Path) -> None:
 @pytest.mark.slow
 def test_train_minimal_plans_trains_and_measures_within_the_budget() -> None:
     script = Path(__file__).resolve().parents[1] / "examples" / "train_minimal.py"
-    proc = subprocess.run([sys.executable, str(script), "--epochs", "1", "--budget", "90%"], capture_output=True,
-                          text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(script), "--epochs", "1", "--budget", "90%"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     accuracy = float(re.search(r"test accuracy ([\d.]+)%", proc.stdout).group(1))
     predicted, measured = map(float, re.search(r"([\d.]+) MiB predicted, ([\d.]+) MiB measured", proc.stdout).groups())

@@ -102,6 +102,7 @@ def _set(path: list, value):
         for key in parents:
             content = content[key]
         content[last] = value
+
     return edit
 
 

@@ -109,7 +109,6 @@ def test_the_optimizer_walks_the_parameters_in_the_models_order() -> None:
     assert_counted_exactly(_CatBranches(), torch.randn(3, 4), optimizer="adam", loss_fn=_squares)
 
 
-
 def test_a_norm_over_an_input_needing_no_gradient_makes_none() -> None:
     # Seed 3: BatchNorm's backward on a model input computes only the weight and bias gradients
     # (its output_mask), where the meta kernel returns an input gradient too: 8 bytes high.
@@ -117,14 +116,16 @@ def test_a_norm_over_an_input_needing_no_gradient_makes_none() -> None:
     for norm, x in ((nn.BatchNorm1d(3), torch.randn(2, 3)), (nn.LayerNorm(3), torch.randn(2, 3))):
         assert_counted_exactly(nn.Sequential(norm, nn.Linear(3, 2)), x)
 
+
 class _HeldThroughAStatement(nn.Module):
     """The fuzzer's seed-2 network, shrunk: ``v1`` is a Python local until ``del v1``, so the eager
     forward holds it through both kernels of ``self.l1(v1)``; fx's code lets it go after the first."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(2),
-                                  nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, 1, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(2), nn.Flatten()
+        )
         self.l0 = nn.Linear(8, 1, bias=False).requires_grad_(False)
         self.l1 = nn.Sequential(nn.Linear(4, 1, bias=False), nn.SiLU()).requires_grad_(False)
         self.head = nn.Linear(4, 2)

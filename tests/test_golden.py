@@ -41,8 +41,13 @@ def predicted() -> MemoryReport:
         peak_bytes=6 * MiB + 54_321,
         tensor_peak_bytes=6 * MiB,
         peak_phase="backward",
-        peak_breakdown={"parameter": 1_234_567, "activation": 3 * MiB, "gradient": 0, "temporary": 500_000,
-                        "workspace": 54_321},
+        peak_breakdown={
+            "parameter": 1_234_567,
+            "activation": 3 * MiB,
+            "gradient": 0,
+            "temporary": 500_000,
+            "workspace": 54_321,
+        },
         phase_peaks={"forward": 5 * MiB, "backward": 6 * MiB + 54_321, "optimizer": 3 * MiB},
         layers=[
             LayerRow("features.0", "Conv2d", "[8, 16, 32, 32]", 448, MiB, 3_538_944),
@@ -101,14 +106,34 @@ def test_plan_with_every_kind_of_segment() -> None:
     parts = (Segment(("conv3", "bn3"), "recompute"), Segment(("relu3",), "recompute"))
     plan = Plan(
         segments=[
-            Segment(("conv1", "bn1", "relu1"), "recompute", kept_bytes=MiB, recomputed_bytes=3 * MiB,
-                    recomputed_flops=1_500_000_000, layers=("features.0", "features.1", "features.2"),
-                    recomputed_seconds=0.004),
+            Segment(
+                ("conv1", "bn1", "relu1"),
+                "recompute",
+                kept_bytes=MiB,
+                recomputed_bytes=3 * MiB,
+                recomputed_flops=1_500_000_000,
+                layers=("features.0", "features.1", "features.2"),
+                recomputed_seconds=0.004,
+            ),
             Segment(("pool",), "plain", layers=("features.3",)),
-            Segment(("conv2", "bn2"), "selective", kept_bytes=2 * MiB + 1, recomputed_bytes=512 * KiB,
-                    recomputed_flops=2_000_000, recomputed_seconds=0.0005),
-            Segment(("conv3", "bn3", "relu3"), "nested", kept_bytes=256 * KiB, recomputed_bytes=6 * MiB,
-                    recomputed_flops=12_000_000_000, inner=parts, layers=("block",), recomputed_seconds=0.0125),
+            Segment(
+                ("conv2", "bn2"),
+                "selective",
+                kept_bytes=2 * MiB + 1,
+                recomputed_bytes=512 * KiB,
+                recomputed_flops=2_000_000,
+                recomputed_seconds=0.0005,
+            ),
+            Segment(
+                ("conv3", "bn3", "relu3"),
+                "nested",
+                kept_bytes=256 * KiB,
+                recomputed_bytes=6 * MiB,
+                recomputed_flops=12_000_000_000,
+                inner=parts,
+                layers=("block",),
+                recomputed_seconds=0.0125,
+            ),
             Segment(("fc",), "plain"),
         ],
         strategy="dp",
@@ -126,9 +151,16 @@ def test_plan_with_every_kind_of_segment() -> None:
 
 
 def test_plan_that_recomputes_nothing() -> None:
-    plan = Plan(segments=[Segment(("conv1", "fc"), "plain")], strategy="none", peak_before_bytes=3 * MiB,
-                peak_after_bytes=3 * MiB, activations_before_bytes=MiB, activations_after_bytes=MiB,
-                forward_flops=1_000_000, planning_seconds=0.05)
+    plan = Plan(
+        segments=[Segment(("conv1", "fc"), "plain")],
+        strategy="none",
+        peak_before_bytes=3 * MiB,
+        peak_after_bytes=3 * MiB,
+        activations_before_bytes=MiB,
+        activations_after_bytes=MiB,
+        forward_flops=1_000_000,
+        planning_seconds=0.05,
+    )
     assert_golden("plan_unplanned", str(plan))
 
 
@@ -149,10 +181,30 @@ def test_tradeoff_curve() -> None:
 def test_storage_table_of_a_compressed_model() -> None:
     report = StorageReport(
         layers=[
-            LayerStorage("features.0", "ternary", (16, 3, 3, 3), 13_824, 1_248, {"codes": 864, "scales": 384},
-                         0.625, mults=100_000, adds=200_000, dense_macs=442_368),
-            LayerStorage("classifier", "codebook", (10, 16384), 5_242_880, 330_000,
-                         {"indices": 327_680, "codebook": 2_320}, 1.0, mults=160, adds=163_840, dense_macs=163_840),
+            LayerStorage(
+                "features.0",
+                "ternary",
+                (16, 3, 3, 3),
+                13_824,
+                1_248,
+                {"codes": 864, "scales": 384},
+                0.625,
+                mults=100_000,
+                adds=200_000,
+                dense_macs=442_368,
+            ),
+            LayerStorage(
+                "classifier",
+                "codebook",
+                (10, 16384),
+                5_242_880,
+                330_000,
+                {"indices": 327_680, "codebook": 2_320},
+                1.0,
+                mults=160,
+                adds=163_840,
+                dense_macs=163_840,
+            ),
         ],
         other_parameter_bytes=2_048,
         buffer_bytes=256,

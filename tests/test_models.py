@@ -186,9 +186,7 @@ def test_densenet_closed_form_matches_published() -> None:
 
 
 def test_densenet_bc_100_count() -> None:
-    expected = densenet_closed_form(
-        (16, 16, 16), growth=12, init=24, num_classes=10, stem_kernel=3, stem_bn=False
-    )
+    expected = densenet_closed_form((16, 16, 16), growth=12, init=24, num_classes=10, stem_kernel=3, stem_bn=False)
     assert 0.77 <= round(expected / 1e6, 2) <= 0.80
     model = create("densenet_bc_100")
     assert n_params(model) == expected

@@ -28,9 +28,7 @@ def _mlp() -> nn.Module:
 
 
 def _sharded_bytes(model: nn.Module, world: int) -> int:
-    return sum(
-        math.ceil(p.shape[0] / world) * (p.numel() // p.shape[0]) * p.element_size() for p in model.parameters()
-    )
+    return sum(math.ceil(p.shape[0] / world) * (p.numel() // p.shape[0]) * p.element_size() for p in model.parameters())
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -97,9 +95,19 @@ def test_a_real_two_process_job_stays_within_the_prediction_and_the_budget(tmp_p
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
 
     def job() -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}",
-               str(ROOT / "benchmarks" / "parallel.py"), "--fractions", "0.5", "--json", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            str(ROOT / "benchmarks" / "parallel.py"),
+            "--fractions",
+            "0.5",
+            "--json",
+            str(out),
+        ]
         return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
 
     proc = job()

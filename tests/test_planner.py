@@ -21,11 +21,24 @@ from .conftest import zoo_case
 
 STRATEGY_NAMES = sorted(set(STRATEGIES) - {"milp"})  # milp: tests/test_milp.py
 # CI runs one model of each family at small shapes (gpt has dropout and tied embeddings); DenseNet-BC-
-# 100 is the slowest of them to plan, so CI runs the two strategies made for it. The rest of the
-# zoo, every strategy, is the `zoo` matrix: about half an hour on two cores (make test-zoo).
+# 100 is the slowest of them to plan, so CI runs the two strategies made for it, and the
+# hand-written policies run on a CNN and the transformer (their blocks are found the same way in
+# every model). The rest of the zoo, every strategy, is the `zoo` matrix: about half an hour on two
+# cores (make test-zoo).
 CI_MODELS = ("resnet18", "densenet_bc_100", "mobilenet_v2", "vgg11_bn", "gpt")
+CI_ONLY = {"densenet_bc_100": ("dp", "selective"), "handwritten": ("resnet18", "gpt")}
+
+
+def _in_ci(model: str, strategy: str) -> bool:
+    if model not in CI_MODELS:
+        return False
+    if strategy == "handwritten":
+        return model in CI_ONLY["handwritten"]
+    return strategy in CI_ONLY.get(model, (strategy,))
+
+
 CASES = [
-    pytest.param(n, s, marks=() if n in CI_MODELS and (n, s) != ("densenet_bc_100", "chen") else pytest.mark.zoo)
+    pytest.param(n, s, marks=() if _in_ci(n, s) else pytest.mark.zoo)
     for n in memfit.models.list_models()
     for s in STRATEGY_NAMES
     if not (s == "handwritten" and n.startswith("vgg"))  # no repeated block: nothing to write by hand
@@ -199,8 +212,15 @@ def test_the_plan_prints_a_table_and_says_what_is_predicted(small_cnn: nn.Module
     x = torch.randn(4, 3, 16, 16)
     planned = memfit.optimize(small_cnn, memfit.minimum(small_cnn, x, strategy="chen") * 1.001, x, strategy="chen")
     text = str(planned.plan)
-    for needle in ("Segment", "Kept MiB", "Recomputed MiB", "Recomputed FLOPs", "Peak before -> after (MiB, predicted)",
-                   "Extra FLOPs (predicted)", "Planning time (s, measured)"):
+    for needle in (
+        "Segment",
+        "Kept MiB",
+        "Recomputed MiB",
+        "Recomputed FLOPs",
+        "Peak before -> after (MiB, predicted)",
+        "Extra FLOPs (predicted)",
+        "Planning time (s, measured)",
+    ):
         assert needle in text
     assert "before" in str(planned.report) and "after" in str(planned.report)
 

@@ -49,10 +49,12 @@ def plan(kind: SegmentKind, random: bool = True, buffers: tuple[str, ...] = BN) 
     first = Segment(FIRST, kind, buffers=buffers)
     second = Segment(SECOND, kind, random=random)
     if kind == "nested":
-        first = dataclasses.replace(first, inner=(Segment(FIRST[:2], "recompute", buffers=buffers),
-                                                  Segment(FIRST[2:], "recompute")))
-        second = dataclasses.replace(second, inner=(Segment(SECOND[:2], "recompute", random=random),
-                                                    Segment(SECOND[2:], "recompute")))
+        first = dataclasses.replace(
+            first, inner=(Segment(FIRST[:2], "recompute", buffers=buffers), Segment(FIRST[2:], "recompute"))
+        )
+        second = dataclasses.replace(
+            second, inner=(Segment(SECOND[:2], "recompute", random=random), Segment(SECOND[2:], "recompute"))
+        )
     return Plan([first, second, Segment(("add", "fc3"), "plain")], strategy="test")
 
 
@@ -197,8 +199,11 @@ def test_a_recomputation_sees_the_buffers_the_forward_saw_and_leaves_what_it_lef
     # The first segment's recomputation reruns the counter, which must count from 0 again for
     # Tanh to save what it saved; the second's stops once its Linear has packed its input, before
     # the counter runs again, so the count must be set back to what the forward left.
-    segments = [Segment(("_0", "_1", "_2"), "recompute", buffers=("1.calls",)),
-                Segment(("_3", "_4"), "recompute", buffers=("4.calls",)), Segment(("_5",), "plain")]
+    segments = [
+        Segment(("_0", "_1", "_2"), "recompute", buffers=("1.calls",)),
+        Segment(("_3", "_4"), "recompute", buffers=("4.calls",)),
+        Segment(("_5",), "plain"),
+    ]
     planned = rewrite(work, trace(work, [Calls]), Plan(segments, strategy="test"))
     x = torch.randn(4, 8)
     torch.testing.assert_close(train_step(planned, x), train_step(reference, x), rtol=0, atol=0)

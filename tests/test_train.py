@@ -31,11 +31,39 @@ SCRIPT = ROOT / "examples" / "train.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # ResNet-18 (CIFAR stem) at width 4 on 8x8 synthetic images: a couple of seconds a run.
-SYNTHETIC = ["--data", "synthetic", "--synthetic-size", "96", "--image-size", "8", "--width", "4",
-             "--batch-size", "16", "--epochs", "2", "--progress", "lines"]
+SYNTHETIC = [
+    "--data",
+    "synthetic",
+    "--synthetic-size",
+    "96",
+    "--image-size",
+    "8",
+    "--width",
+    "4",
+    "--batch-size",
+    "16",
+    "--epochs",
+    "2",
+    "--progress",
+    "lines",
+]
 # A four-layer CNN given as package.module:factory (fast to plan and to compress).
-TINY = ["--model", "tests.test_train:tiny_net", "--data", "synthetic", "--synthetic-size", "64", "--image-size", "16",
-        "--batch-size", "16", "--epochs", "2", "--progress", "none"]
+TINY = [
+    "--model",
+    "tests.test_train:tiny_net",
+    "--data",
+    "synthetic",
+    "--synthetic-size",
+    "64",
+    "--image-size",
+    "16",
+    "--batch-size",
+    "16",
+    "--epochs",
+    "2",
+    "--progress",
+    "none",
+]
 
 
 def tiny_net(num_classes: int = 10) -> nn.Module:
@@ -44,8 +72,9 @@ def tiny_net(num_classes: int = 10) -> nn.Module:
     def block(cin: int, cout: int) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
-    return nn.Sequential(*block(3, 16), *block(16, 16), *block(16, 32), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(32, num_classes))
+    return nn.Sequential(
+        *block(3, 16), *block(16, 16), *block(16, 32), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +87,7 @@ def train():
         sys.path.remove(str(SCRIPT.parent))
         for name in [n for n in sys.modules if n == "trainer" or n.startswith("trainer.")]:
             del sys.modules[name]
+
 
 def metrics(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
@@ -97,8 +127,24 @@ def _feasible_minimum_mb(train, argv: list[str]) -> float:
 def test_planned_resnet_on_digits_matches_the_unplanned_one(train, tmp_path, capsys):
     """Same seed, same math: a planned ResNet (CIFAR stem) trains to the unplanned test accuracy
     and to the same parameters; the plan is printed, the plots and the checkpoint are usable."""
-    common = ["--data", "digits", "--image-size", "8", "--width", "4", "--batch-size", "64", "--epochs", "2",
-              "--optimizer", "adam", "--lr", "0.01", "--progress", "none"]
+    common = [
+        "--data",
+        "digits",
+        "--image-size",
+        "8",
+        "--width",
+        "4",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "2",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.01",
+        "--progress",
+        "none",
+    ]
     assert train.main([*common, "--out", str(tmp_path / "plain")]) == 0
     plain = metrics(tmp_path / "plain")
     budget = 0.5 * (plain["memory"]["predicted_peak_mb"] + _feasible_minimum_mb(train, common))
@@ -241,8 +287,9 @@ def test_inconsistent_options_are_refused(train, tmp_path, capsys):
         train.main(["--budget-mb", "lots"])
 
 
-@pytest.mark.parametrize("case", ["out is a file", "out under a file", "init a packed file", "device tpu",
-                                  "negative batch"])
+@pytest.mark.parametrize(
+    "case", ["out is a file", "out under a file", "init a packed file", "device tpu", "negative batch"]
+)
 def test_bad_options_name_the_flag_and_exit_2(train, tmp_path, capsys, case):
     (tmp_path / "file").write_text("")
     memfit.save(tiny_net(), tmp_path / "x.memfit")
@@ -275,16 +322,31 @@ def test_a_flipped_bit_in_a_checkpoint_is_refused_by_resume_and_init(train, tmp_
 # ----------------------------------------------------------------------------------------- DDP
 
 
-
 def test_ddp_two_gloo_processes_end_with_equal_replicas(tmp_path):
     """torchrun --nproc_per_node=2 on CPU (gloo, 127.0.0.1): a planned model, a DistributedSampler
     shard each; rank 0 gathers every replica's parameter digest, and they are equal."""
     out = tmp_path / "ddp"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(SCRIPT),
-           *TINY, "--budget-mb", "90%", "--out", str(out)]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+        GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(SCRIPT),
+        *TINY,
+        "--budget-mb",
+        "90%",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "gradient_as_bucket_view" in proc.stdout and "Replicas' parameters: equal" in proc.stdout
@@ -308,8 +370,24 @@ def tiny_net_without_batchnorm(num_classes: int = 10) -> nn.Module:
 
 
 def test_accumulating_four_micro_batches_trains_like_the_whole_batch_within_budget(train, tmp_path, capsys):
-    args = ["--model", "tests.test_train:tiny_net_without_batchnorm", "--data", "synthetic", "--synthetic-size", "64",
-            "--image-size", "16", "--batch-size", "16", "--epochs", "1", "--progress", "none", "--optimizer", "sgd"]
+    args = [
+        "--model",
+        "tests.test_train:tiny_net_without_batchnorm",
+        "--data",
+        "synthetic",
+        "--synthetic-size",
+        "64",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "1",
+        "--progress",
+        "none",
+        "--optimizer",
+        "sgd",
+    ]
     assert train.main([*args, "--out", str(tmp_path / "whole")]) == 0
     capsys.readouterr()
     assert train.main([*args, "--accumulate", "4", "--budget-mb", "97%", "--out", str(tmp_path / "micro")]) == 0

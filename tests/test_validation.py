@@ -91,8 +91,12 @@ def test_the_default_loss_of_an_output_without_gradient_says_so(entry: str) -> N
 
 
 def test_a_good_custom_loss_and_factory_still_run() -> None:
-    report = memfit.measure(_net(), torch.randn(4, 8), loss_fn=lambda out: out.pow(2).mean(),
-                            optimizer=lambda ps: torch.optim.RMSprop(ps, lr=1e-3))
+    report = memfit.measure(
+        _net(),
+        torch.randn(4, 8),
+        loss_fn=lambda out: out.pow(2).mean(),
+        optimizer=lambda ps: torch.optim.RMSprop(ps, lr=1e-3),
+    )
     assert report.optimizer_bytes > 0  # RMSprop's square averages
 
 

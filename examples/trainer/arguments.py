@@ -38,32 +38,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model")
     g.add_argument("--model", default="resnet18", help="zoo name (`memfit models`) or package.module:factory")
-    g.add_argument("--width", type=int,
-                   help="zoo ResNets: channels of the first stage (default here 16; 64 is the published network)")
+    g.add_argument(
+        "--width",
+        type=int,
+        help="zoo ResNets: channels of the first stage (default here 16; 64 is the published network)",
+    )
     g.add_argument("--stem", choices=["cifar", "imagenet"], help="zoo image models: input stem (default cifar)")
-    g.add_argument("--init", metavar="PATH",
-                   help="start from these weights: a checkpoint.pt of an uncompressed run or a state dict")
+    g.add_argument(
+        "--init",
+        metavar="PATH",
+        help="start from these weights: a checkpoint.pt of an uncompressed run or a state dict",
+    )
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="digits", choices=["synthetic", "digits", "cifar10", "cifar100"],
-                   help="digits: scikit-learn's bundled digits; cifar10/100: the python archive in --data-root")
+    g.add_argument(
+        "--data",
+        default="digits",
+        choices=["synthetic", "digits", "cifar10", "cifar100"],
+        help="digits: scikit-learn's bundled digits; cifar10/100: the python archive in --data-root",
+    )
     g.add_argument("--data-root", default="data", help="directory holding the CIFAR python archive")
     g.add_argument("--image-size", type=int, default=16, help="digits and synthetic: image side in pixels")
-    g.add_argument("--synthetic-size", type=int, default=1024,
-                   help="synthetic: training images (a quarter as many test images)")
+    g.add_argument(
+        "--synthetic-size", type=int, default=1024, help="synthetic: training images (a quarter as many test images)"
+    )
     g.add_argument("--num-classes", type=int, help="synthetic: classes (default 10)")
     g = p.add_argument_group("memory")
-    g.add_argument("--budget-mb", type=_budget, metavar="MIB|PCT%",
-                   help="peak of one training step per process, MiB, or a percentage of the unplanned predicted peak")
-    g.add_argument("--strategy", default="auto", choices=["auto", *memfit.list_strategies()],
-                   help="memfit.optimize's planner")
-    g.add_argument("--compress", choices=["auto", *memfit.compressors.list_methods()],
-                   help="compress the model's layers with this method (auto: only what the budget needs)")
-    g.add_argument("--recalibrate-bn", type=int, metavar="BATCHES",
-                   help="before each evaluation, re-estimate BatchNorm statistics over this many training batches "
-                        "(default 16 for compressed models, whose weights move far from the statistics, else 0)")
-    g.add_argument("--freeze-epochs", type=int,
-                   help="ternary: train the last N epochs with the codes frozen (EC2T phase 2; default 1 when "
-                        "--epochs >= 2)")
+    g.add_argument(
+        "--budget-mb",
+        type=_budget,
+        metavar="MIB|PCT%",
+        help="peak of one training step per process, MiB, or a percentage of the unplanned predicted peak",
+    )
+    g.add_argument(
+        "--strategy", default="auto", choices=["auto", *memfit.list_strategies()], help="memfit.optimize's planner"
+    )
+    g.add_argument(
+        "--compress",
+        choices=["auto", *memfit.compressors.list_methods()],
+        help="compress the model's layers with this method (auto: only what the budget needs)",
+    )
+    g.add_argument(
+        "--recalibrate-bn",
+        type=int,
+        metavar="BATCHES",
+        help="before each evaluation, re-estimate BatchNorm statistics over this many training batches "
+        "(default 16 for compressed models, whose weights move far from the statistics, else 0)",
+    )
+    g.add_argument(
+        "--freeze-epochs",
+        type=int,
+        help="ternary: train the last N epochs with the codes frozen (EC2T phase 2; default 1 when --epochs >= 2)",
+    )
     g = p.add_argument_group("training")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"], help="sgd has momentum")
     g.add_argument("--lr", type=float, help="learning rate (default 0.05 for sgd, 1e-3 for adam/adamw)")
@@ -72,21 +97,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="learning rate over the run")
     g.add_argument("--epochs", type=int, default=3, help="passes over the training set")
     g.add_argument("--batch-size", type=int, default=64, help="per process")
-    g.add_argument("--accumulate", type=int, default=1, metavar="N",
-                   help="gradient accumulation: each batch runs as N micro-batches, one optimizer step; memfit plans "
-                        "the micro-batch with the gradients held (accumulate=True)")
+    g.add_argument(
+        "--accumulate",
+        type=int,
+        default=1,
+        metavar="N",
+        help="gradient accumulation: each batch runs as N micro-batches, one optimizer step; memfit plans "
+        "the micro-batch with the gradients held (accumulate=True)",
+    )
     g.add_argument("--amp", choices=["bf16", "fp16"], help="torch.autocast precision (fp16 uses a gradient scaler)")
     g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
-    g.add_argument("--threads", type=int,
-                   help="CPU threads for torch's kernels (default: torch's choice; 1 is often faster for small "
-                        "models on a busy machine)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch's kernels (default: torch's choice; 1 is often faster for small "
+        "models on a busy machine)",
+    )
     g.add_argument("--seed", type=int, default=0, help="initialisation, data order and dropout")
     g.add_argument("--max-steps", type=int, help="stop (and save) once the run has made this many optimizer steps")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="runs/train", help="directory for the checkpoint, metrics and plots")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    g.add_argument("--progress", default="auto", choices=["auto", "bar", "lines", "none"],
-                   help="auto: a tqdm bar on a terminal, plain lines otherwise")
+    g.add_argument(
+        "--progress",
+        default="auto",
+        choices=["auto", "bar", "lines", "none"],
+        help="auto: a tqdm bar on a terminal, plain lines otherwise",
+    )
     return p
 
 

@@ -41,9 +41,28 @@ FORMAT = "memfit-train"
 # Arguments that change what a run computes: a resumed run that differs in one will not reproduce
 # an uninterrupted run (structural ones fail outright when the state is loaded).
 RESUME_KEYS = (
-    "model", "width", "stem", "data", "image_size", "synthetic_size", "num_classes", "budget_mb",
-    "strategy", "compress", "recalibrate_bn", "freeze_epochs", "optimizer", "lr", "momentum", "weight_decay",
-    "schedule", "epochs", "batch_size", "accumulate", "amp", "seed",
+    "model",
+    "width",
+    "stem",
+    "data",
+    "image_size",
+    "synthetic_size",
+    "num_classes",
+    "budget_mb",
+    "strategy",
+    "compress",
+    "recalibrate_bn",
+    "freeze_epochs",
+    "optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "schedule",
+    "epochs",
+    "batch_size",
+    "accumulate",
+    "amp",
+    "seed",
 )
 
 
@@ -88,8 +107,17 @@ def set_rng_state(state: dict[str, Any], ctx: Context) -> None:
         torch.cuda.set_rng_state(state["cuda"], ctx.device)
 
 
-def save(out: Path, module: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, progress: Progress,
-         args: argparse.Namespace, ctx: Context, rng: list[dict[str, Any]]) -> list[Path]:
+def save(
+    out: Path,
+    module: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+    progress: Progress,
+    args: argparse.Namespace,
+    ctx: Context,
+    rng: list[dict[str, Any]],
+) -> list[Path]:
     """Write the checkpoint (rank 0); returns the files written."""
     payload = {
         "format": FORMAT,
@@ -118,8 +146,10 @@ def load(out: Path, is_compressed: bool, device: torch.device) -> dict[str, Any]
     path = out / (TRAIN_STATE if is_compressed else CHECKPOINT)
     if not path.exists():
         kind = "compressed" if is_compressed else "plain"
-        raise memfit.MemfitInputError(f"--resume: no {path.name} in {out} (a {kind} run writes it after its first "
-                                      "epoch, at --max-steps or when interrupted)")
+        raise memfit.MemfitInputError(
+            f"--resume: no {path.name} in {out} (a {kind} run writes it after its first "
+            "epoch, at --max-steps or when interrupted)"
+        )
     try:
         payload = memfit.checkpoint.load(path, map_location=device)
     except memfit.MemfitFileError as e:
@@ -131,8 +161,12 @@ def load(out: Path, is_compressed: bool, device: torch.device) -> dict[str, Any]
 
 def load_init(model: nn.Module, path: str) -> None:
     """Weights from an earlier run's checkpoint.pt (digest checked) or a plain state dict (``--init``)."""
-    hint = ("; a .memfit file is a packed model (memfit.load reads it): start from the checkpoint.pt of an "
-            "uncompressed run instead" if path.endswith(".memfit") else "")
+    hint = (
+        "; a .memfit file is a packed model (memfit.load reads it): start from the checkpoint.pt of an "
+        "uncompressed run instead"
+        if path.endswith(".memfit")
+        else ""
+    )
     try:
         state = memfit.checkpoint.load(path, map_location="cpu", plain=True)
     except FileNotFoundError:

@@ -64,8 +64,17 @@ def prepare(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, ctx: Co
         compress = "auto" if args.compress == "auto" else None
         # planning draws no random numbers of the run's: a planned and an unplanned run train alike
         with torch.random.fork_rng(devices=[ctx.device.index] if ctx.device.type == "cuda" else []):
-            return memfit.optimize(net, budget, x, optimizer=factory, amp=args.amp, strategy=strategy,
-                                   compress=compress, parallel=parallel, accumulate=args.accumulate > 1)
+            return memfit.optimize(
+                net,
+                budget,
+                x,
+                optimizer=factory,
+                amp=args.amp,
+                strategy=strategy,
+                compress=compress,
+                parallel=parallel,
+                accumulate=args.accumulate > 1,
+            )
 
     if args.budget_mb is None:
         unplanned = plan(UNBOUNDED_MB, "auto")

@@ -54,8 +54,12 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         if self.ctx.main:
-            print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+            print(
+                f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+                "(Ctrl-C again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def agreed(self) -> bool:
         """Whether any process was asked to stop (all stop at the same step)."""
@@ -78,8 +82,14 @@ class Bar:
             except ImportError:
                 tqdm = None
             if tqdm is not None:
-                self.tqdm = tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
-                                 dynamic_ncols=True, leave=True)
+                self.tqdm = tqdm(
+                    total=total,
+                    initial=done,
+                    desc=f"epoch {epoch + 1}/{epochs}",
+                    unit="step",
+                    dynamic_ncols=True,
+                    leave=True,
+                )
 
     def update(self, step: int, loss: float, acc: float, rate: float) -> None:
         """Show step ``step`` of the epoch with the running loss, accuracy and samples/s."""
@@ -89,8 +99,11 @@ class Bar:
             self.tqdm.set_postfix(loss=f"{loss:.4f}", acc=f"{100 * acc:.1f}%", samples_s=f"{rate:.0f}", refresh=False)
             self.tqdm.update(1)
         elif step % self.every == 0 or step == self.total:
-            print(f"epoch {self.epoch + 1}/{self.epochs} step {step}/{self.total}  loss {loss:.4f}  "
-                  f"acc {100 * acc:.1f}%  {rate:.0f} samples/s", flush=True)
+            print(
+                f"epoch {self.epoch + 1}/{self.epochs} step {step}/{self.total}  loss {loss:.4f}  "
+                f"acc {100 * acc:.1f}%  {rate:.0f} samples/s",
+                flush=True,
+            )
 
     def close(self) -> None:
         """End the bar's line."""

@@ -13,8 +13,16 @@ from .distributed import Context, all_sum
 __all__ = ["apply_update", "autocast", "evaluate", "recalibrate_bn", "train_step"]
 
 
-def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, xb: torch.Tensor,
-               yb: torch.Tensor, amp: str | None, device: torch.device, micro: int = 1) -> tuple[float, int]:
+def train_step(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    amp: str | None,
+    device: torch.device,
+    micro: int = 1,
+) -> tuple[float, int]:
     """Forward and backward of one step, as memfit's step model has it (gradients None at the
     start), in ``micro`` micro-batches whose gradients add up to the whole batch's (each loss
     weighted by its share: the mean over the batch); returns the loss and the number of correct
@@ -31,8 +39,9 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.a
     return total, correct
 
 
-def apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+def apply_update(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, scheduler: torch.optim.lr_scheduler.LRScheduler
+) -> None:
     """The optimizer step (through the gradient scaler under fp16) and the learning-rate schedule."""
     scaler.step(optimizer)
     scaler.update()
@@ -65,8 +74,9 @@ def evaluate(net: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: Context, amp
 
 
 @torch.no_grad()
-def recalibrate_bn(net: nn.Module, x: torch.Tensor, batches: int, batch_size: int, ctx: Context,
-                   amp: str | None) -> int:
+def recalibrate_bn(
+    net: nn.Module, x: torch.Tensor, batches: int, batch_size: int, ctx: Context, amp: str | None
+) -> int:
     """Re-estimate every BatchNorm's running statistics as the plain average over the first
     ``batches`` training batches (the same on every process); returns the batches used.
 

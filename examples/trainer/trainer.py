@@ -32,29 +32,37 @@ class Trainer:
         self.args, self.ctx = args, ctx
         self.started = time.perf_counter()
         self.out = Path(args.out)
-        if args.resume and not any((self.out / name).exists() for name in (checkpoints.CHECKPOINT,
-                                                                             checkpoints.TRAIN_STATE)):
-            raise memfit.MemfitInputError(f"--resume: no {checkpoints.CHECKPOINT} or {checkpoints.TRAIN_STATE} in "
-                                          f"{self.out} (a run writes one after its first epoch, at --max-steps or "
-                                          "when interrupted)")
+        if args.resume and not any(
+            (self.out / name).exists() for name in (checkpoints.CHECKPOINT, checkpoints.TRAIN_STATE)
+        ):
+            raise memfit.MemfitInputError(
+                f"--resume: no {checkpoints.CHECKPOINT} or {checkpoints.TRAIN_STATE} in "
+                f"{self.out} (a run writes one after its first epoch, at --max-steps or "
+                "when interrupted)"
+            )
         if ctx.main:
             checkpoints.output_folder(self.out)
         self.data = data = load_data(args)
         self.n_train = len(data.y_train)
         if self.n_train // ctx.world < args.batch_size:
-            raise memfit.MemfitInputError(f"--batch-size {args.batch_size} is larger than a process's share of the "
-                                          f"{self.n_train} training images")
+            raise memfit.MemfitInputError(
+                f"--batch-size {args.batch_size} is larger than a process's share of the {self.n_train} training images"
+            )
         model = create_model(args, data.num_classes)
         if args.init:
             checkpoints.load_init(model, args.init)
         self.n_params = sum(p.numel() for p in model.parameters())
         # what memfit plans and measures: one micro-batch (the whole batch without accumulation)
         self.x_example = data.x_train[: args.batch_size // args.accumulate].to(ctx.device)
-        ctx.log(f"model {args.model} ({self.n_params / 1e6:.3f} M parameters), data {args.data}: {self.n_train} "
-                f"train / {len(data.y_test)} test images {list(data.x_train.shape[1:])}, {data.num_classes} classes")
-        ctx.log(f"device {ctx.device}, {ctx.world} process{'es' if ctx.distributed else ''}, batch {args.batch_size} "
-                f"per process ({args.batch_size * ctx.world} in all), {args.optimizer} lr {args.lr:g}, "
-                f"precision {args.amp or 'fp32'}")
+        ctx.log(
+            f"model {args.model} ({self.n_params / 1e6:.3f} M parameters), data {args.data}: {self.n_train} "
+            f"train / {len(data.y_test)} test images {list(data.x_train.shape[1:])}, {data.num_classes} classes"
+        )
+        ctx.log(
+            f"device {ctx.device}, {ctx.world} process{'es' if ctx.distributed else ''}, batch {args.batch_size} "
+            f"per process ({args.batch_size * ctx.world} in all), {args.optimizer} lr {args.lr:g}, "
+            f"precision {args.amp or 'fp32'}"
+        )
 
         self.prep = prepare(args, model, self.x_example, ctx)
         self.module = self.prep.module
@@ -81,8 +89,10 @@ class Trainer:
         if prep.planned and memfit.Budget.parse(args.budget_mb).fraction is not None:
             ctx.log(f"Budget {args.budget_mb} of the unplanned predicted peak: {prep.budget_mb:.2f} MiB")
         if ctx.distributed:
-            ctx.log(f"DDP, {ctx.world} processes: figures are per process; gradients are views into DDP's buckets "
-                    f"(gradient_as_bucket_view=True), which the predicted peak holds for the whole step")
+            ctx.log(
+                f"DDP, {ctx.world} processes: figures are per process; gradients are views into DDP's buckets "
+                f"(gradient_as_bucket_view=True), which the predicted peak holds for the whole step"
+            )
         if ctx.main:
             memfit.plot_plan(prep.plan, self.out / MEMORY_PNG)
 
@@ -97,11 +107,15 @@ class Trainer:
             now = getattr(args, key)
             now = list(now) if isinstance(now, tuple) else now
             if key in saved_args and saved_args[key] != now:
-                ctx.log(f"warning: --{key.replace('_', '-')} is {now!r}, the checkpoint's run had "
-                        f"{saved_args[key]!r}: the result will differ from an uninterrupted run")
+                ctx.log(
+                    f"warning: --{key.replace('_', '-')} is {now!r}, the checkpoint's run had "
+                    f"{saved_args[key]!r}: the result will differ from an uninterrupted run"
+                )
         if payload.get("world_size") != ctx.world:
-            ctx.log(f"warning: the checkpoint was written by {payload.get('world_size')} processes, this run has "
-                    f"{ctx.world}: the data order differs from an uninterrupted run")
+            ctx.log(
+                f"warning: the checkpoint was written by {payload.get('world_size')} processes, this run has "
+                f"{ctx.world}: the data order differs from an uninterrupted run"
+            )
         try:
             self.module.load_state_dict(payload["model"])
             self.optimizer.load_state_dict(payload["optimizer"])
@@ -113,15 +127,26 @@ class Trainer:
         rng = payload.get("rng") or []
         if ctx.rank < len(rng):
             checkpoints.set_rng_state(rng[ctx.rank], ctx)
-        ctx.log(f"resumed from {self.out}: epoch {self.progress.epoch + 1}, step {self.progress.step} "
-                f"({self.progress.step_in_epoch} of the epoch's batches done)")
+        ctx.log(
+            f"resumed from {self.out}: epoch {self.progress.epoch + 1}, step {self.progress.step} "
+            f"({self.progress.step_in_epoch} of the epoch's batches done)"
+        )
 
     def checkpoint(self, rng: list[dict[str, Any]] | None = None) -> None:
         """Save (rank 0), with every process's RNG state unless ``rng`` is given."""
         states = rng if rng is not None else gather(self.ctx, checkpoints.rng_state(self.ctx))
         if self.ctx.main:
-            checkpoints.save(self.out, self.module, self.optimizer, self.scheduler, self.scaler, self.progress,
-                             self.args, self.ctx, states)
+            checkpoints.save(
+                self.out,
+                self.module,
+                self.optimizer,
+                self.scheduler,
+                self.scaler,
+                self.progress,
+                self.args,
+                self.ctx,
+                states,
+            )
 
     # ---- training
 
@@ -135,8 +160,9 @@ class Trainer:
         progress = self.progress
         net: nn.Module = module
         if ctx.distributed:
-            net = memfit.distributed.wrap(module, self.prep.parallel,
-                                          device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+            net = memfit.distributed.wrap(
+                module, self.prep.parallel, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+            )
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
 
@@ -166,8 +192,9 @@ class Trainer:
                             break
                         xb = self.data.x_train[batches[k]].to(ctx.device, non_blocking=True)
                         yb = self.data.y_train[batches[k]].to(ctx.device, non_blocking=True)
-                        loss, correct = steps.train_step(net, self.optimizer, self.scaler, xb, yb, args.amp,
-                                                         ctx.device, args.accumulate)
+                        loss, correct = steps.train_step(
+                            net, self.optimizer, self.scaler, xb, yb, args.amp, ctx.device, args.accumulate
+                        )
                         in_update = True  # an interruption from here to the counters would tear the step
                         steps.apply_update(self.optimizer, self.scaler, self.scheduler)
                         progress.step_in_epoch, progress.step = k + 1, progress.step + 1
@@ -206,8 +233,9 @@ class Trainer:
         args = self.args
         if args.compress == "ternary" and args.freeze_epochs and epoch == max(0, args.epochs - args.freeze_epochs):
             frozen = memfit.compressors.ternary.freeze_assignment_(self.module)
-            self.ctx.log(f"EC2T phase 2: froze the ternary codes of {frozen} layers for the last "
-                         f"{args.freeze_epochs} epoch(s)")
+            self.ctx.log(
+                f"EC2T phase 2: froze the ternary codes of {frozen} layers for the last {args.freeze_epochs} epoch(s)"
+            )
 
     def _end_epoch(self, epoch: int) -> None:
         """Sum the epoch's training figures over the processes, evaluate, record."""
@@ -229,6 +257,8 @@ class Trainer:
         }
         progress.history.append(record)
         progress.epoch, progress.step_in_epoch = epoch + 1, 0
-        ctx.log(f"epoch {epoch + 1}/{args.epochs}: train loss {record['train_loss']:.4f} acc "
-                f"{100 * record['train_accuracy']:.2f}%, test loss {test_loss:.4f} acc {100 * test_acc:.2f}%, "
-                f"{record['samples_per_s']:.0f} samples/s, {progress.epoch_seconds:.1f} s")
+        ctx.log(
+            f"epoch {epoch + 1}/{args.epochs}: train loss {record['train_loss']:.4f} acc "
+            f"{100 * record['train_accuracy']:.2f}%, test loss {test_loss:.4f} acc {100 * test_acc:.2f}%, "
+            f"{record['samples_per_s']:.0f} samples/s, {progress.epoch_seconds:.1f} s"
+        )

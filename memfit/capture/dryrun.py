@@ -63,9 +63,7 @@ class _CountingTracker(StorageTracker):
 
 # Ops that update running statistics without saying so in their schema: (running_mean,
 # running_var, training) argument positions.
-_UNDECLARED_WRITES = {
-    name: (3, 4, 5) for name in ("native_batch_norm", "cudnn_batch_norm", "miopen_batch_norm")
-}
+_UNDECLARED_WRITES = {name: (3, 4, 5) for name in ("native_batch_norm", "cudnn_batch_norm", "miopen_batch_norm")}
 
 
 def _written(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -105,8 +103,6 @@ def _on_fake(gm: fx.GraphModule, fmodel: torch.nn.Module, mode: FakeTensorMode) 
     out.meta.update(gm.meta)
     out.train()
     return out
-
-
 
 
 _M = TypeVar("_M", bound=torch.nn.Module)

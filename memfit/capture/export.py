@@ -405,8 +405,6 @@ def _root_for(model: torch.nn.Module, unlifted: fx.GraphModule, attrs: dict[str,
     return root
 
 
-
-
 _VALUE_FIX = "make it value-independent (torch.where, masks of fixed shape)"
 _CONSTRUCTS = (  # (markers in the error, the construct, the fix)
     (

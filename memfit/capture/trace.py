@@ -47,6 +47,7 @@ def serialized(fn: Callable[_P, _R]) -> Callable[_P, _R]:
 
     return run
 
+
 LeafSpec = Iterable["type[torch.nn.Module] | str"]
 
 
@@ -238,10 +239,6 @@ def _attributes_of(graph: fx.Graph, model: torch.nn.Module, twin: torch.nn.Modul
             own = lookup(model, target)
             found[target] = own if own is not None else lookup(twin, target)
     return found
-
-
-
-
 
 
 def graph_of(model: torch.nn.Module, leaf_modules: LeafSpec = (), inputs: Any = None) -> fx.GraphModule:

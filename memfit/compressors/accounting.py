@@ -140,8 +140,10 @@ class StorageReport:
             mults = sum(x.mults for x in self.layers) + self.dense_macs
             adds = sum(x.adds for x in self.layers) + self.dense_macs
             dense = sum(x.dense_macs for x in self.layers) + self.dense_macs
-            lines.append(f"Operations per sample: {mults / 1e6:.2f} M mults, {adds / 1e6:.2f} M adds "
-                         f"(uncompressed: {dense / 1e6:.2f} M multiply-accumulates)")
+            lines.append(
+                f"Operations per sample: {mults / 1e6:.2f} M mults, {adds / 1e6:.2f} M adds "
+                f"(uncompressed: {dense / 1e6:.2f} M multiply-accumulates)"
+            )
         lines += self.notes
         lines.append("All figures are exact counts of the stored form (computed, not measured).")
         return "\n".join(lines)
@@ -155,6 +157,7 @@ def _macs_per_sample(model: nn.Module, example_inputs: Any) -> dict[str, tuple[i
     hooks = []
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, GeneratedConv2d, nn.Linear, GeneratedLinear)):
+
             def hook(mod: nn.Module, args: Any, out: torch.Tensor, name: str = name) -> None:
                 if isinstance(mod, (GeneratedConv2d, GeneratedLinear)):
                     w_shape = mod.generator.shape
@@ -165,6 +168,7 @@ def _macs_per_sample(model: nn.Module, example_inputs: Any) -> dict[str, tuple[i
                 outputs = out.numel() // batch
                 macs, n = found.get(name, (0, 0))
                 found[name] = (macs + outputs * per_output, n + outputs)
+
             hooks.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad():

@@ -55,6 +55,7 @@ __all__ = [
     "unfreeze_assignment_",
 ]
 
+
 @dataclass(frozen=True)
 class TernaryConfig(CompressConfig):
     """Knobs of the ternary method.

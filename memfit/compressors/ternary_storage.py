@@ -103,4 +103,3 @@ def decode(fmt: str, shape: tuple[int, ...], nnz: int, tensors: dict[str, torch.
     codes = torch.zeros(rows, cols, dtype=torch.int64)
     codes[row_index, col_index] = values
     return codes.to(torch.int8).reshape(shape)
-

@@ -51,8 +51,10 @@ def _what_it_is(path: str, raw: bytes) -> str | None:
                 return f"is a torch.save file, not a memfit file: load it with torch.load({path!r}, weights_only=True)"
         return "is a zip archive, not a memfit file (memfit.save writes safetensors files)"
     if raw.startswith(_PICKLE):
-        return (f"is a pickle (torch.save's legacy format?), not a memfit file: load it with "
-                f"torch.load({path!r}, weights_only=True)")
+        return (
+            f"is a pickle (torch.save's legacy format?), not a memfit file: load it with "
+            f"torch.load({path!r}, weights_only=True)"
+        )
     return None
 
 
@@ -69,8 +71,9 @@ def read(path: str) -> tuple[dict[str, str], torch.Tensor]:
     except FileNotFoundError:
         raise MemfitFileError(f"{path}: no such file; check the path (memfit.save writes these files)") from None
     except IsADirectoryError:
-        raise MemfitFileError(f"{path} is a directory, not a memfit file: pass the path of a file memfit.save "
-                              "wrote") from None
+        raise MemfitFileError(
+            f"{path} is a directory, not a memfit file: pass the path of a file memfit.save wrote"
+        ) from None
     except OSError as e:
         raise MemfitFileError(f"{path} cannot be read ({e.strerror}): check the path and its permissions") from e
 
@@ -90,13 +93,17 @@ def _parse(path: str, f: io.BufferedIOBase, size: int) -> tuple[dict[str, str], 
         raise MemfitFileError(f"{path} {kind}")
     n = int.from_bytes(start, "little")
     if size < 8 or 8 + n > size:
-        raise MemfitFileError(f"{path} is not a readable memfit file: it holds {size} bytes, fewer than the header it "
-                              "starts with announces (truncated, or not a safetensors file)")
+        raise MemfitFileError(
+            f"{path} is not a readable memfit file: it holds {size} bytes, fewer than the header it "
+            "starts with announces (truncated, or not a safetensors file)"
+        )
     try:
         head = json.loads(_read_exactly(f, n).decode("utf-8"))
     except (ValueError, RecursionError) as e:
-        raise MemfitFileError(f"{path} is not a readable memfit file: its safetensors header is not JSON ({e}); "
-                              "the file is corrupted or of another kind") from e
+        raise MemfitFileError(
+            f"{path} is not a readable memfit file: its safetensors header is not JSON ({e}); "
+            "the file is corrupted or of another kind"
+        ) from e
     metadata = head.pop("__metadata__", None) if isinstance(head, dict) else None
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise MemfitFileError(f"{path} is a safetensors file but not one memfit wrote (no string metadata)")
@@ -105,18 +112,26 @@ def _parse(path: str, f: io.BufferedIOBase, size: int) -> tuple[dict[str, str], 
         entry = head.get(_TENSOR)
         end = entry.get("data_offsets", [0, 0])[-1] if isinstance(entry, dict) else 0
         if isinstance(end, int) and end > m:
-            raise MemfitFileError(f"{path} is truncated: it holds {size} bytes, its header needs {8 + n + end}; "
-                                  "the write or copy did not finish: save the model again")
-        raise MemfitFileError(f"{path} is corrupted or not one memfit wrote: its safetensors header does not "
-                              f"describe one uint8 tensor {_TENSOR!r} of the {m} bytes after it")
+            raise MemfitFileError(
+                f"{path} is truncated: it holds {size} bytes, its header needs {8 + n + end}; "
+                "the write or copy did not finish: save the model again"
+            )
+        raise MemfitFileError(
+            f"{path} is corrupted or not one memfit wrote: its safetensors header does not "
+            f"describe one uint8 tensor {_TENSOR!r} of the {m} bytes after it"
+        )
     data = torch.frombuffer(_read_exactly(f, m), dtype=torch.uint8) if m else torch.zeros(0, dtype=torch.uint8)
     return metadata, data
 
 
 def _encode(metadata: dict[str, str], data: torch.Tensor) -> bytes:
-    head = json.dumps({"__metadata__": metadata, _TENSOR: {"dtype": "U8", "shape": [data.numel()],
-                                                           "data_offsets": [0, data.numel()]}},
-                      separators=(",", ":")).encode()
+    head = json.dumps(
+        {
+            "__metadata__": metadata,
+            _TENSOR: {"dtype": "U8", "shape": [data.numel()], "data_offsets": [0, data.numel()]},
+        },
+        separators=(",", ":"),
+    ).encode()
     head += b" " * (-len(head) % _ALIGN)
     return len(head).to_bytes(8, "little") + head
 
@@ -138,8 +153,10 @@ def check_folder(path: str, caller: str) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
-        raise MemfitFileError(f"{caller}: cannot write {path}: the folder {folder} {what}; create it first "
-                              "(os.makedirs) or choose another path")
+        raise MemfitFileError(
+            f"{caller}: cannot write {path}: the folder {folder} {what}; create it first "
+            "(os.makedirs) or choose another path"
+        )
     return folder
 
 
@@ -166,8 +183,9 @@ def write_atomically(path: str, chunks: Iterable[Any], caller: str) -> int:
         except FileExistsError:
             continue
         except OSError as e:
-            raise MemfitFileError(f"{caller}: cannot write {path} ({e.strerror}): choose a folder you can "
-                                  "write to") from e
+            raise MemfitFileError(
+                f"{caller}: cannot write {path} ({e.strerror}): choose a folder you can write to"
+            ) from e
     else:
         raise MemfitFileError(f"{caller}: cannot write {path}: {_TRIES} temporary names beside it are taken")
     try:
@@ -181,7 +199,9 @@ def write_atomically(path: str, chunks: Iterable[Any], caller: str) -> int:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(e, OSError):
-            raise MemfitFileError(f"{caller}: writing {path} failed ({e.strerror}); nothing was written: free "
-                                  "space or choose another path") from e
+            raise MemfitFileError(
+                f"{caller}: writing {path} failed ({e.strerror}); nothing was written: free "
+                "space or choose another path"
+            ) from e
         raise
     return os.path.getsize(path)

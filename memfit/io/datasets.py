@@ -24,8 +24,14 @@ from ..errors import MemfitInputError
 __all__ = ["Split", "cifar", "digits"]
 
 _CIFAR = {
-    "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
-                b"labels", 10),
+    "cifar10": (
+        "cifar-10-python.tar.gz",
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        "test_batch",
+        b"labels",
+        10,
+    ),
     "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python", ["train"], "test", b"fine_labels", 100),
 }
 _PIXELS = 3 * 32 * 32
@@ -105,11 +111,13 @@ def _check_batch(
         got = f"{data.dtype} {list(data.shape)}" if isinstance(data, np.ndarray) else type(data).__name__
         raise MemfitInputError(f"{source}: its images should be uint8 [N, {_PIXELS}] (32x32 RGB), got {got}; {where}")
     if labels.shape != (len(data),) or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
-        raise MemfitInputError(f"{source} holds {len(data)} images but {labels.size} labels of type {labels.dtype}; "
-                               f"{where}")
+        raise MemfitInputError(
+            f"{source} holds {len(data)} images but {labels.size} labels of type {labels.dtype}; {where}"
+        )
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise MemfitInputError(f"{source}: labels should lie in 0..{num_classes - 1}, found {labels.min()}.."
-                               f"{labels.max()}; {where}")
+        raise MemfitInputError(
+            f"{source}: labels should lie in 0..{num_classes - 1}, found {labels.min()}..{labels.max()}; {where}"
+        )
     return data, labels
 
 

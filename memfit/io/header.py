@@ -35,8 +35,9 @@ def check_header(header: Any, path: str) -> None:
     if not isinstance(header, dict) or not {"architecture", "layers", "tensors"} <= set(header):
         raise _fail(path, "top level", "an object with architecture, layers and tensors", header)
     arch = header["architecture"]
-    if arch is not None and not (isinstance(arch, dict) and isinstance(arch.get("name"), str)
-                                 and isinstance(arch.get("options"), dict)):
+    if arch is not None and not (
+        isinstance(arch, dict) and isinstance(arch.get("name"), str) and isinstance(arch.get("options"), dict)
+    ):
         raise _fail(path, "architecture", "null or {name: str, options: object}", arch)
     layers = header["layers"]
     if not isinstance(layers, dict):
@@ -50,8 +51,14 @@ def check_header(header: Any, path: str) -> None:
     if not isinstance(index, list):
         raise _fail(path, "tensors", "a list", index)
     for item in index:
-        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) and isinstance(item[1], str)
-                and isinstance(item[2], list) and all(_is_size(d) for d in item[2])):
+        if not (
+            isinstance(item, list)
+            and len(item) == 3
+            and isinstance(item[0], str)
+            and isinstance(item[1], str)
+            and isinstance(item[2], list)
+            and all(_is_size(d) for d in item[2])
+        ):
             raise _fail(path, "tensor entry", "[name, dtype, [sizes >= 0]]", item)
     if len({item[0] for item in index}) != len(index):
         raise _fail(path, "tensors", "distinct names", [item[0] for item in index])
@@ -78,11 +85,15 @@ def check_layers_fit(
         except AttributeError:
             mod = None
         if not isinstance(mod, (nn.Conv2d, nn.Linear)):
-            raise MemfitFileError(f"{path} compresses layer {layer!r}, which {source} has no Conv2d/Linear for: "
-                                  "the file belongs to another architecture")
+            raise MemfitFileError(
+                f"{path} compresses layer {layer!r}, which {source} has no Conv2d/Linear for: "
+                "the file belongs to another architecture"
+            )
         if entry["meta"].get("shape") != list(mod.weight.shape):
-            raise MemfitFileError(f"{path}: layer {layer} was saved with weight shape {entry['meta'].get('shape')}, "
-                                  f"{source} has {list(mod.weight.shape)}")
+            raise MemfitFileError(
+                f"{path}: layer {layer} was saved with weight shape {entry['meta'].get('shape')}, "
+                f"{source} has {list(mod.weight.shape)}"
+            )
     allowed_missing = {f"{layer}.weight" for layer in layers}
     missing = set(expected) - set(state) - allowed_missing
     unexpected = set(state) - set(expected)
@@ -96,6 +107,8 @@ def check_layers_fit(
         raise MemfitFileError(f"{path} was saved from a different architecture than {source} ({detail})")
     need, have = sum(t.numel() * t.element_size() for t in expected.values()), _memory_bytes()
     if need > have:
-        raise MemfitFileError(f"{path}: the architecture its header names needs {need / 2**30:.1f} GiB of weights, "
-                              f"more than this machine's {have / 2**30:.1f} GiB of memory; the header is corrupted "
-                              "or was edited")
+        raise MemfitFileError(
+            f"{path}: the architecture its header names needs {need / 2**30:.1f} GiB of weights, "
+            f"more than this machine's {have / 2**30:.1f} GiB of memory; the header is corrupted "
+            "or was edited"
+        )

@@ -75,8 +75,10 @@ def _unflatten(data: torch.Tensor, index: list[list[Any]], path: str) -> dict[st
             raise MemfitFileError(f"{path}: tensor {name} has unknown dtype {dtype_name!r}; the file is corrupted")
         nbytes = math.prod(shape) * dtype.itemsize
         if offset + nbytes > data.numel():
-            raise MemfitFileError(f"{path}: its index needs more data than the file holds (tensor {name} "
-                                  f"{dtype_name}{shape}); the file is corrupted")
+            raise MemfitFileError(
+                f"{path}: its index needs more data than the file holds (tensor {name} "
+                f"{dtype_name}{shape}); the file is corrupted"
+            )
         try:
             tensors[name] = data[offset : offset + nbytes].clone().view(dtype).reshape(shape)
         except RuntimeError as e:
@@ -136,8 +138,12 @@ def save(model: nn.Module, path: str | os.PathLike) -> int:
     data, index = _flatten(tensors)
     header = {"architecture": architecture_of(model), "layers": layers, "tensors": index}
     packed_header = base64.b64encode(zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)).decode()
-    metadata = {"format": FORMAT, "version": str(FORMAT_VERSION), "header": packed_header,
-                "sha256": _digest(packed_header, data)}
+    metadata = {
+        "format": FORMAT,
+        "version": str(FORMAT_VERSION),
+        "header": packed_header,
+        "sha256": _digest(packed_header, data),
+    }
     return container.write(path, metadata, data)
 
 
@@ -160,20 +166,23 @@ def _read(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise MemfitFileError(f"{path} is a safetensors file but not one memfit wrote (no '{FORMAT}' format tag)")
     version = meta.get("version", "")
     if version.isdecimal() and int(version) > FORMAT_VERSION:
-        raise MemfitFileError(f"{path} is format version {version}; this memfit reads up to {FORMAT_VERSION}: "
-                              "upgrade memfit")
+        raise MemfitFileError(
+            f"{path} is format version {version}; this memfit reads up to {FORMAT_VERSION}: upgrade memfit"
+        )
     if version == str(FORMAT_VERSION):
         if set(meta) != _KEYS or meta["sha256"] != _digest(meta["header"], data):
-            raise MemfitFileError(f"{path} is corrupted: its header and data do not match the SHA-256 digest "
-                                  "stored with them")
+            raise MemfitFileError(
+                f"{path} is corrupted: its header and data do not match the SHA-256 digest stored with them"
+            )
         header = _unpack_header(meta["header"], path)
     elif version == "1" and isinstance(meta.get("header"), str):
         header = _unpack_header(meta["header"], path)
         if not isinstance(header, dict) or header.get("sha256") != hashlib.sha256(data.numpy().data).hexdigest():
             raise MemfitFileError(f"{path} is corrupted: its data does not match the SHA-256 digest stored with it")
     else:
-        raise MemfitFileError(f"{path} is corrupted: its format version {version!r} and header are not what memfit "
-                              "writes")
+        raise MemfitFileError(
+            f"{path} is corrupted: its format version {version!r} and header are not what memfit writes"
+        )
     check_header(header, path)
     tensors = _unflatten(data, header["tensors"], path)
     stray = [k for k in tensors if not k.startswith((_STATE, *(f"{_PACKED}{layer}/" for layer in header["layers"])))]
@@ -203,10 +212,14 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """
     path = container.check_path(path, "memfit.load: path")
     if model is not None and not isinstance(model, nn.Module):
-        hint = (f"an instance, e.g. {model.__name__}(...)" if isinstance(model, type) else
-                "an instance of the original architecture (for zoo models, pass nothing: the file names them)")
-        raise MemfitInputError(f"memfit.load: model must be an nn.Module or None, got {type(model).__name__} "
-                               f"{model!r:.80}; pass {hint}")
+        hint = (
+            f"an instance, e.g. {model.__name__}(...)"
+            if isinstance(model, type)
+            else "an instance of the original architecture (for zoo models, pass nothing: the file names them)"
+        )
+        raise MemfitInputError(
+            f"memfit.load: model must be an nn.Module or None, got {type(model).__name__} {model!r:.80}; pass {hint}"
+        )
     header, tensors = _read(path)
     arch, layers = header["architecture"], header["layers"]
     state = {k.removeprefix(_STATE): v for k, v in tensors.items() if k.startswith(_STATE)}
@@ -229,8 +242,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         try:  # each method checks its own fields, each in its own way
             gen = get_method(entry["method"]).generator_type.unpack(entry["meta"], packed, skeleton)
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError) as e:
-            raise MemfitFileError(f"{path}: layer {layer} ({entry['method']}) cannot be unpacked: "
-                                  f"{type(e).__name__}: {e}; the file is corrupted") from e
+            raise MemfitFileError(
+                f"{path}: layer {layer} ({entry['method']}) cannot be unpacked: "
+                f"{type(e).__name__}: {e}; the file is corrupted"
+            ) from e
         skeleton.set_submodule(layer, generated_layer(skeleton.get_submodule(layer), gen))
     if not layers:
         return skeleton.train()
@@ -244,5 +259,7 @@ def _build(arch: dict[str, Any], path: str) -> nn.Module:
     try:
         return create(arch["name"], **arch["options"])
     except (TypeError, ValueError, RuntimeError, OverflowError) as e:
-        raise MemfitFileError(f"{path}: its header's architecture ({arch['name']} with options {arch['options']}) "
-                              f"cannot be built: {e}; the file is corrupted or from another memfit") from e
+        raise MemfitFileError(
+            f"{path}: its header's architecture ({arch['name']} with options {arch['options']}) "
+            f"cannot be built: {e}; the file is corrupted or from another memfit"
+        ) from e

@@ -62,9 +62,7 @@ class DenseLayer(nn.Module):
 class DenseBlock(nn.ModuleDict):
     """A stack of :class:`DenseLayer` whose outputs are all concatenated."""
 
-    def __init__(
-        self, num_layers: int, in_ch: int, growth_rate: int, bn_size: int, drop_rate: float
-    ) -> None:
+    def __init__(self, num_layers: int, in_ch: int, growth_rate: int, bn_size: int, drop_rate: float) -> None:
         """Build the block.
 
         Args:
@@ -76,9 +74,7 @@ class DenseBlock(nn.ModuleDict):
         """
         super().__init__()
         for i in range(num_layers):
-            self[f"denselayer{i + 1}"] = DenseLayer(
-                in_ch + i * growth_rate, growth_rate, bn_size, drop_rate
-            )
+            self[f"denselayer{i + 1}"] = DenseLayer(in_ch + i * growth_rate, growth_rate, bn_size, drop_rate)
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply every layer and return the concatenation of input and all new features."""
@@ -147,13 +143,9 @@ class DenseNet(nn.Module):
 
         self.features = nn.Sequential()
         if stem == "imagenet":
-            self.features.add_module(
-                "conv0", nn.Conv2d(3, num_init_features, 7, stride=2, padding=3, bias=False)
-            )
+            self.features.add_module("conv0", nn.Conv2d(3, num_init_features, 7, stride=2, padding=3, bias=False))
         else:
-            self.features.add_module(
-                "conv0", nn.Conv2d(3, num_init_features, 3, stride=1, padding=1, bias=False)
-            )
+            self.features.add_module("conv0", nn.Conv2d(3, num_init_features, 3, stride=1, padding=1, bias=False))
         if stem is not None:
             self.features.add_module("norm0", nn.BatchNorm2d(num_init_features))
             self.features.add_module("relu0", nn.ReLU())
@@ -162,9 +154,7 @@ class DenseNet(nn.Module):
 
         ch = num_init_features
         for i, num_layers in enumerate(block_config):
-            self.features.add_module(
-                f"denseblock{i + 1}", DenseBlock(num_layers, ch, growth_rate, bn_size, drop_rate)
-            )
+            self.features.add_module(f"denseblock{i + 1}", DenseBlock(num_layers, ch, growth_rate, bn_size, drop_rate))
             ch += num_layers * growth_rate
             if i != len(block_config) - 1:
                 out_ch = int(ch * compression)
@@ -207,9 +197,7 @@ def _imagenet_densenet(
 
 
 @register_model
-def densenet121(
-    *, num_classes: int = 1000, stem: Stem = "imagenet", drop_rate: float = 0.0
-) -> DenseNet:
+def densenet121(*, num_classes: int = 1000, stem: Stem = "imagenet", drop_rate: float = 0.0) -> DenseNet:
     """DenseNet-121 (k=32, blocks [6, 12, 24, 16]); 7,978,856 params at ImageNet defaults.
 
     Args:
@@ -224,9 +212,7 @@ def densenet121(
 
 
 @register_model
-def densenet169(
-    *, num_classes: int = 1000, stem: Stem = "imagenet", drop_rate: float = 0.0
-) -> DenseNet:
+def densenet169(*, num_classes: int = 1000, stem: Stem = "imagenet", drop_rate: float = 0.0) -> DenseNet:
     """DenseNet-169 (k=32, blocks [6, 12, 32, 32]); 14,149,480 params at ImageNet defaults.
 
     Args:
@@ -241,9 +227,7 @@ def densenet169(
 
 
 @register_model
-def densenet201(
-    *, num_classes: int = 1000, stem: Stem = "imagenet", drop_rate: float = 0.0
-) -> DenseNet:
+def densenet201(*, num_classes: int = 1000, stem: Stem = "imagenet", drop_rate: float = 0.0) -> DenseNet:
     """DenseNet-201 (k=32, blocks [6, 12, 48, 32]); 20,013,928 params at ImageNet defaults.
 
     Args:
@@ -258,9 +242,7 @@ def densenet201(
 
 
 @register_model
-def densenet264(
-    *, num_classes: int = 1000, stem: Stem = "imagenet", drop_rate: float = 0.0
-) -> DenseNet:
+def densenet264(*, num_classes: int = 1000, stem: Stem = "imagenet", drop_rate: float = 0.0) -> DenseNet:
     """DenseNet-264 (k=32, blocks [6, 12, 64, 48]); 33,337,704 params at ImageNet defaults.
 
     Args:

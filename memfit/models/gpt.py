@@ -121,9 +121,7 @@ class CausalSelfAttention(nn.Module):
         # [B, T, 3C] -> [B, T, 3, H, D] -> [3, B, H, T, D]; no Python-side sizes needed.
         qkv = self.c_attn(x).unflatten(-1, (3, self.n_head, self.head_dim)).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).flatten(2)  # [B, T, C]
         return self.resid_dropout(self.c_proj(y))
 
@@ -219,9 +217,7 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-def _build(
-    n_layer: int, n_embd: int, n_head: int, block_size: int, vocab_size: int, dropout: float
-) -> GPT:
+def _build(n_layer: int, n_embd: int, n_head: int, block_size: int, vocab_size: int, dropout: float) -> GPT:
     return GPT(
         GPTConfig(
             n_layer=n_layer,

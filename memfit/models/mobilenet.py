@@ -49,9 +49,7 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
 class ConvBNReLU6(nn.Sequential):
     """Conv2d (no bias) -> BatchNorm2d -> ReLU6."""
 
-    def __init__(
-        self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1, groups: int = 1
-    ) -> None:
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1, groups: int = 1) -> None:
         """Build the unit.
 
         Args:

@@ -339,4 +339,3 @@ def _copy_trace_attributes(gm: fx.GraphModule, root: torch.nn.Module, graph: fx.
     for n in graph.nodes:
         if n.op == "get_attr" and lookup(root, str(n.target)) is None:
             setattr(root, str(n.target), getattr(gm, str(n.target)))
-
