@@ -99,7 +99,8 @@ class _ConvNeXtBlock(nn.Module):
 # (channels, side, batch): contiguous-input calibration was 40% low on both; the second batch is
 # extrapolated from smaller ones, so the layouts must carry over to other batch sizes
 @pytest.mark.parametrize("dim, side, batch", [(64, 8, 4), (128, 4, 16)])
-def test_convnext_blocks_priced_with_their_layouts(fresh_cache, dim, side, batch):
+def test_convnext_blocks_priced_with_their_layouts(fresh_cache, monkeypatch, dim, side, batch):
+    monkeypatch.setattr(workspace, "CALIBRATION_BYTES", 1)  # batches above 8 extrapolated from 4 and 8
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, dim, 1),
@@ -233,3 +234,23 @@ def test_saved_statistics_of_mixed_precision_norms_are_sized_as_the_kernel_makes
         sizes.append(sorted(tracker.nbytes.values()))
     real, dry_run = sizes
     assert dry_run == real
+
+
+def test_a_layer_runs_at_the_steps_batch_while_its_inputs_fit_the_calibration_bytes(fresh_cache, monkeypatch):
+    # oneDNN picks other kernels at other batches: the line through batches 2 and 4 put the zoo's
+    # ResNet-50 at batch 64 0.43% low. Within CALIBRATION_BYTES the step's own batch is measured;
+    # beyond, the two largest powers of two within them (at least 4 and 8).
+    conv, x = nn.Conv2d(8, 8, 3), torch.randn(32, 8, 8, 8)
+    monkeypatch.setenv(workspace.CACHE_ENV, "off")  # each call measures afresh
+
+    def calibrated_batches() -> set[int]:
+        workspace._cache.clear()
+        graph = capture(conv, x, StepConfig())
+        workspace.calibrate(graph, conv, (x,), StepConfig())
+        return {int(k.rsplit(", ", 3)[1]) for k in workspace._cache}
+
+    assert calibrated_batches() == {32}
+    monkeypatch.setattr(workspace, "CALIBRATION_BYTES", 16 * 8 * 8 * 8 * 4)  # 16 samples of the input
+    assert calibrated_batches() == {8, 16}
+    monkeypatch.setattr(workspace, "CALIBRATION_BYTES", 1)
+    assert calibrated_batches() == {4, 8}

@@ -4,9 +4,10 @@ Convolution on CPU (oneDNN) reorders weights and writes through a scratch output
 kernels make their incoming gradient contiguous; these buffers never appear as tensors, yet they
 count towards the real peak. memfit measures them per distinct layer: the layer runs forward and
 backward on small real inputs under both the storage tracker and the allocator's profiler, and
-the difference of the two peaks is its workspace. Layers are deduplicated by signature, inputs are
-at most ``CALIBRATION_BATCH`` deep, and larger batches are extrapolated linearly from two small
-ones (buffers scale with the batch or not at all). Each input has the strides, dtype and
+the difference of the two peaks is its workspace. Layers are deduplicated by signature and run at
+the step's batch while their inputs stay within ``CALIBRATION_BYTES``; larger batches are
+extrapolated linearly from the two largest that do (buffers scale with the batch or not at all).
+Each input has the strides, dtype and
 requires_grad it has in the step: kernels make hidden contiguous copies of channels-last or
 permuted inputs (ConvNeXt's LayerNorm between permutes), and a layer priced on contiguous inputs
 misses them. A layer that cannot be run alone is logged and named in its node's
@@ -18,6 +19,7 @@ in a JSON file per machine and torch build (``$MEMFIT_CACHE_DIR``, default ``~/.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,11 +32,17 @@ from ..capture.trainstep import StepConfig
 from .layers import CACHE_ENV, DiskCache, LayerRun, LayerSpec, Noise, backward, calibrate_layers, extrapolate
 from .measurement import event_bytes, memory_profile, profile_events
 
-__all__ = ["CACHE_ENV", "CALIBRATION_BATCH", "calibrate", "uncalibrated"]
+__all__ = ["CACHE_ENV", "CALIBRATION_BATCH", "CALIBRATION_BYTES", "calibrate", "uncalibrated"]
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_BATCH = 8
+# A layer is calibrated at the step's own batch while its batch-scaled inputs stay within these
+# bytes: oneDNN picks other kernels, with other scratch, at other batches (the zoo's ResNet-50 at
+# batch 64 takes 8 MiB more than the line through batches 2 and 4 says, 0.43% of its step).
+# Beyond, the workspace is extrapolated from the largest batches within them, so that predicting
+# a step never allocates its activations.
+CALIBRATION_BYTES = 64 * 2**20
 # the name changes with the method: entries measured another way would be read as this one's
 _cache = DiskCache("workspace-2", lambda v: (int(v[0]), int(v[1])))
 
@@ -81,9 +89,14 @@ def uncalibrated(graph: MemGraph) -> dict[str, str]:
 def _workspace_for(spec: LayerSpec, batch: int, config: StepConfig, device: str, noise: Noise) -> tuple[int, int]:
     if not spec.scaled or batch <= CALIBRATION_BATCH:
         return _measured(spec, batch, config, device, noise)
-    # Batches 2 and 4 fix the line as well as 4 and 8 at half the cost; batch 1 does not (some
-    # kernels have a special single-sample path).
-    lo, hi = CALIBRATION_BATCH // 4, CALIBRATION_BATCH // 2
+    per_sample = sum(math.prod(m.shape[1:]) * m.dtype.itemsize for m in spec.metas if m.scales)
+    largest = CALIBRATION_BYTES // max(per_sample, 1)
+    if batch <= largest:
+        return _measured(spec, batch, config, device, noise)
+    # the line through the two largest powers of two within the bytes; never below batch 4 and 8
+    # (batch 1 has special single-sample kernels)
+    hi = max(CALIBRATION_BATCH, 1 << max(largest.bit_length() - 1, 0))
+    lo = hi // 2
     f_lo, b_lo = _measured(spec, lo, config, device, noise)
     f_hi, b_hi = _measured(spec, hi, config, device, noise)
     return round(extrapolate(batch, lo, hi, f_lo, f_hi)), round(extrapolate(batch, lo, hi, b_lo, b_hi))
