@@ -65,8 +65,12 @@ class BasicBlock(nn.Module):
         """Apply the block to ``x`` of shape [B, C, H, W]."""
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu2(out + identity)
+        # Python locals go as the traced graph's values do (after their last use), so that this
+        # eager forward peaks where memfit predicts: nothing saves BatchNorm's output or the
+        # shortcut for backward, and held through the last ReLU they were a block's output high
+        out = self.bn2(self.conv2(out)) + identity
+        del identity
+        return self.relu2(out)
 
 
 class Bottleneck(nn.Module):
@@ -100,8 +104,9 @@ class Bottleneck(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.relu2(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu3(out + identity)
+        out = self.bn3(self.conv3(out)) + identity  # locals go after their last use, as above
+        del identity
+        return self.relu3(out)
 
 
 Block = type[BasicBlock] | type[Bottleneck]
