@@ -41,8 +41,9 @@ CALIBRATION_BATCH = 8
 # bytes: oneDNN picks other kernels, with other scratch, at other batches (the zoo's ResNet-50 at
 # batch 64 takes 8 MiB more than the line through batches 2 and 4 says, 0.43% of its step).
 # Beyond, the workspace is extrapolated from the largest batches within them, so that predicting
-# a step never allocates its activations.
-CALIBRATION_BYTES = 64 * 2**20
+# a step never allocates its activations (64 MiB took ResNet-50's estimate at batch 256 and 224 px
+# past 2 GiB of resident memory: a layer's outputs and gradients are many times its inputs).
+CALIBRATION_BYTES = 8 * 2**20
 # the name changes with the method: entries measured another way would be read as this one's
 _cache = DiskCache("workspace-2", lambda v: (int(v[0]), int(v[1])))
 
