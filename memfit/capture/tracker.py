@@ -9,6 +9,7 @@ internally never reach the dispatcher: :mod:`memfit.cost.workspace` accounts for
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -143,9 +144,16 @@ def _not_computed(func: Any, args: tuple, kwargs: dict) -> frozenset[int]:
     """Outputs a backward kernel leaves undefined where its ``output_mask`` says so (BatchNorm's
     input gradient when the input needs none): the real kernel returns None there, a meta kernel
     a tensor all the same, which a dry run would count."""
-    names = [a.name for a in func._schema.arguments]
-    if "output_mask" not in names:
+    i = _output_mask_position(func)
+    if i is None:
         return frozenset()
-    i = names.index("output_mask")
     mask = args[i] if i < len(args) else kwargs.get("output_mask")
     return frozenset(k for k, wanted in enumerate(mask or ()) if not wanted)
+
+
+@functools.cache
+def _output_mask_position(func: Any) -> int | None:
+    """Where ``func`` takes its ``output_mask``, if it takes one: read from the schema once per
+    operator, not on every dispatch."""
+    names = [a.name for a in func._schema.arguments]
+    return names.index("output_mask") if "output_mask" in names else None
