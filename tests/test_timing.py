@@ -5,6 +5,7 @@ times is between operations thousands of times apart."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ def fresh_cache(tmp_path, monkeypatch):
     """An empty cache directory and no entries in memory, as in a new process; timing on."""
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     monkeypatch.setenv(timing.TIMING_ENV, "on")
-    monkeypatch.setattr(timing, "_cache", DiskCache("timing", timing._cache.decode))
+    monkeypatch.setattr(timing, "_cache", DiskCache(timing._cache.kind, timing._cache.decode))
     return tmp_path
 
 
@@ -227,3 +228,24 @@ def test_calibration_leaves_rng_and_model_alone(small_cnn, fresh_cache):
     timing.calibrate_times(graph, small_cnn, (x,), StepConfig())
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(state[k], v) for k, v in small_cnn.state_dict().items())
+
+
+def test_cpu_layers_are_timed_on_one_thread_by_its_cpu_clock(small_cnn, fresh_cache, monkeypatch):
+    """Wall time with the step's threads measured the neighbours' load (cached for good); layers
+    are timed on one intra-op thread by that thread's CPU time, and the caller's count is back."""
+    seen = []
+    run_layer = timing._run_layer
+
+    def spy(*args, **kwargs):
+        seen.append((torch.get_num_threads(), timing._clock()))
+        return run_layer(*args, **kwargs)
+
+    monkeypatch.setattr(timing, "_run_layer", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _timed(small_cnn, torch.randn(4, 3, 16, 16))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and set(seen) == {(1, time.thread_time)}

@@ -4,9 +4,12 @@ FLOPs misprice recomputation: BatchNorm, activations and concatenation are memor
 plan that recomputes them instead of a convolution can cost more time for fewer FLOPs (ResNet-18's
 ``selective`` plan measured +48% against ``chen``'s +35%). So every distinct layer of a graph runs
 alone (the machinery of :mod:`memfit.cost.layers`, as workspace calibration does) on inputs
-shaped like the step's, and its forward and backward are timed. Timing is CPU time of the calling
-thread when torch runs one intra-op thread (other processes' load barely moves it), wall time
-otherwise; the forward is the median of a few repeats, the backward of fewer. A layer whose
+shaped like the step's, and its forward and backward are timed. On CPU, calibration runs torch on
+one intra-op thread and times the CPU time of the calling thread, whatever the step's thread count:
+wall time with several threads measures the neighbours' load as much as the layer (a MobileNetV2
+calibrated beside a test run cached BatchNorms at 35 ms that take 0.4), while one thread's CPU time
+barely moves with it, and a plan is ranked by ratios of these times. The forward is the median of
+a few repeats, the backward of fewer. A layer whose
 forward would take long is timed at two smaller batches and extrapolated linearly to the step's.
 One more forward runs under a dispatch mode that times each operator: the share of the operators
 the FLOP counter does not count is what a selective segment recomputes (attention on CPU with
@@ -23,13 +26,14 @@ planners fall back to the FLOP proxy alone.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -76,7 +80,8 @@ _CHAIN_LENGTHS, _CHAIN_RUNS, _CHAIN_NUMEL = (1, 8), 15, 2**17
 
 _OPS = ("placeholder", "get_attr")
 # (forward, backward, cheap forward seconds, operators) per layer and batch; checkpoint costs
-_cache = DiskCache("timing", lambda v: _entry(*v))
+# ("timing" held wall times taken with the step's threads: entries of a loaded machine, kept for good)
+_cache = DiskCache("timing-2", lambda v: _entry(*v))
 
 
 def _entry(*values: float) -> tuple[float, ...]:
@@ -107,7 +112,17 @@ def calibrate_times(
     """
     if not enabled():
         return
+    with _one_thread(graph.device):
+        _calibrate(graph, model, inputs, config, leaf_modules)
 
+
+def _calibrate(
+    graph: MemGraph,
+    model: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    config: StepConfig,
+    leaf_modules: LeafSpec,
+) -> None:
     def measure(info: NodeInfo, spec: LayerSpec, noise: Noise) -> tuple[float, ...]:
         return _times_for(spec, info, graph.batch_size, config, graph.device, noise)
 
@@ -169,9 +184,21 @@ def node_times(infos: list[NodeInfo]) -> NodeTimes | None:
     return NodeTimes(f, b, cheap, ops)
 
 
+@contextlib.contextmanager
+def _one_thread(device: str) -> Iterator[None]:
+    """Torch on one intra-op thread while CPU layers are timed (see the module's docstring)."""
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _clock(device: str = "cpu") -> Callable[[], float]:
-    """CPU time of this thread when torch computes on it alone (robust to other processes' load),
-    else wall time; on an accelerator, wall time once its queued kernels have finished."""
+    """CPU time of this thread on CPU (torch computes on it alone under :func:`_one_thread`); on an
+    accelerator, wall time once its queued kernels have finished."""
     if device != "cpu":
         module = getattr(torch, device)
 
@@ -180,7 +207,7 @@ def _clock(device: str = "cpu") -> Callable[[], float]:
             return time.perf_counter()
 
         return synchronized
-    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    return time.thread_time
 
 
 def _times_for(
