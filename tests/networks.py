@@ -76,6 +76,7 @@ class Net(nn.Module):
             xs = [values[i] for i in op.args]
             _drop(values, last, k)
             values.extend(self.apply(op, xs))
+            xs.clear()  # the last op's inputs would otherwise live on into the heads
         outs = [self.layers[f"head{i}"](values[v]) for i, v in enumerate(self.outputs)]
         if self.returns == "tensor":
             return outs[0]
