@@ -9,6 +9,7 @@ tightened and planned again.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -22,6 +23,7 @@ from .capture.trace import check_model, serialized
 from .capture.trainstep import OptimizerSpec, StepConfig
 from .compressors import list_methods
 from .compressors.apply import META_KEY
+from .cost.measurement import measure_wrapped_step
 from .cost.parallel import Parallel
 from .errors import MemfitBudgetError, MemfitInputError
 from .io.serialize import architecture_of
@@ -37,6 +39,8 @@ __all__ = ["AUTO_ORDER", "MARGIN", "minimum", "optimize", "tradeoff"]
 AUTO_ORDER = ("selective", "dp", "chen", "handwritten")
 # Budgets of a tradeoff curve, from the feasible minimum to the unplanned peak.
 CURVE_POINTS = 8
+# optimize(compile=...): compiled steps measured (each a compilation) before giving up.
+COMPILE_ROUNDS = 6
 
 LeafSpec = Iterable[type[torch.nn.Module] | str]
 
@@ -56,6 +60,7 @@ def optimize(
     compress: str | None = None,
     parallel: Parallel | None = None,
     accumulate: bool = False,
+    compile: bool | dict[str, Any] = False,  # torch's own word for it (nn.Module.compile)
 ) -> PlannedModule:
     """A module that trains like ``model`` and whose training step peaks at most ``budget_mb``.
 
@@ -85,6 +90,12 @@ def optimize(
             ``example_inputs`` one process's batch; wrap the result as the Parallel says.
         accumulate: Gradient accumulation (``example_inputs`` one micro-batch): the budget holds
             for every micro-batch, whose gradients of the earlier ones exist through its forward.
+        compile: True, or ``torch.compile``'s keyword arguments: the result is compiled
+            (``nn.Module.compile``) and the budget holds for the compiled step. Inductor saves,
+            fuses and frees otherwise than the eager step that memfit predicts, so the compiled
+            step of a copy is measured (real tensors: compilation, then a few steps) and, while it
+            exceeds the budget, planned again for the budget less the excess, up to
+            ``COMPILE_ROUNDS`` times. The plan's notes give the measured peak.
 
     Returns:
         A :class:`~memfit.rewrite.checkpoint.PlannedModule` (an ``fx.GraphModule``) with ``.plan``
@@ -116,13 +127,18 @@ def optimize(
         budget_bytes = budget.resolve(search.unplanned.peak_bytes)
         return search.finish(search.cheapest(budget_bytes, names, started + time_limit_s), budget_bytes)
 
-    try:
-        planned = plan_for(model, spec)
-    except MemfitBudgetError as err:
-        if compress is None:
-            raise
-        config = StepConfig(optimizer=optimizer, amp=amp, loss_fn=loss_fn, accumulate=accumulate)
-        planned = _compressed_fit(model, err, compress, config, list(leaf_modules), plan_for)
+    options = _compile_options(compile, parallel)
+    config = StepConfig(optimizer=optimizer, amp=amp, loss_fn=loss_fn, accumulate=accumulate)
+
+    def fit(budget: Budget) -> PlannedModule:
+        try:
+            return plan_for(model, budget)
+        except MemfitBudgetError as err:
+            if compress is None:
+                raise
+            return _compressed_fit(model, err, compress, config, list(leaf_modules), plan_for)
+
+    planned = fit(spec) if options is None else _compiled_fit(fit, spec, options, example_inputs, config)
     planned.meta[META_KEY] = {"architecture": architecture_of(model)}
     planned.plan.planning_seconds = time.perf_counter() - started
     return planned
@@ -296,6 +312,95 @@ def _compressed_fit(
         )
         planned.plan.compressed = chosen
         return planned
+
+
+def _compile_options(value: object, parallel: Parallel | None) -> dict[str, Any] | None:
+    """``torch.compile``'s keyword arguments for ``optimize(compile=value)``; None: no compiling."""
+    if value is False:
+        return None
+    if value is not True and not isinstance(value, dict):
+        raise MemfitInputError(f"compile={value!r}: give True, False or a dict of torch.compile's keyword arguments")
+    if parallel is not None:
+        raise MemfitInputError(
+            "compile=...: not with parallel= (a compiled step is measured, and that needs the process group); "
+            "plan with compile=False, wrap the result, then torch.compile the wrapped module"
+        )
+    return {} if value is True else dict(value)
+
+
+def _compiled_fit(
+    fit: Callable[[Budget], PlannedModule],
+    budget: Budget,
+    options: dict[str, Any],
+    example_inputs: Any,
+    config: StepConfig,
+) -> PlannedModule:
+    """A plan whose compiled step, measured, fits ``budget``; compiled.
+
+    The compiled peak of the plan for an eager target is erratic in the target: inductor's
+    partitioner saves more around some checkpoint regions and less around others (a small GPT:
+    its tightest eager plans compile 0.5 MiB above the selective plans of a looser target). So
+    after the plan for the budget itself, the eager target moves by multiples of its excess, the
+    looser side first (a looser plan recomputes less), within the feasible minimum and the
+    unplanned peak, and the first plan whose compiled step fits is returned.
+    """
+    planned = fit(budget)
+    plan = planned.plan
+    assert plan.budget_bytes is not None  # every plan optimize makes has its budget
+    limit = plan.budget_bytes
+    tried: dict[tuple, int] = {}  # compiled peak per distinct plan
+    made_for, peak = limit, _compiled_peak(planned, example_inputs, config, options)
+    tried[_signature(planned)] = peak
+    floor, excess = 1, max(peak - limit, 1)
+    probes = (limit + k * excess * sign for k in range(1, COMPILE_ROUNDS) for sign in (1, -1))
+    while peak > limit and len(tried) < COMPILE_ROUNDS:
+        target = next((t for t in probes if floor <= t <= plan.peak_before_bytes + excess), None)
+        if target is None:
+            break
+        try:
+            candidate = fit(Budget(nbytes=target))
+        except MemfitBudgetError as err:  # below the feasible minimum: the tightest plan instead
+            floor = round(err.minimum_mb * MiB)
+            target, candidate = floor, fit(Budget(nbytes=floor))
+        key = _signature(candidate)
+        if key not in tried:
+            tried[key] = _compiled_peak(candidate, example_inputs, config, options)
+            if tried[key] <= limit:
+                planned, peak, made_for = candidate, tried[key], target
+    if peak > limit:
+        measured = ", ".join(f"{p / MiB:.2f}" for p in tried.values())
+        raise MemfitBudgetError(
+            f"budget {limit / MiB:.2f} MiB: compiled, the steps of {len(tried)} plans measured {measured} MiB "
+            "(meas), none within it; raise the budget (compiled peaks do not follow the eager plan's, so the "
+            "least of these is a guide, not a bound) or plan with compile=False (the eager step keeps it)",
+            minimum_mb=min(tried.values()) / MiB,
+            budget_mb=limit / MiB,
+        )
+    planned.plan.budget_bytes = limit
+    others = [p for k, p in tried.items() if k != _signature(planned)]
+    planned.plan.notes.append(
+        f"Compiled (torch.compile): the step measured {peak / MiB:.2f} MiB (meas, on a copy) for a budget of "
+        f"{limit / MiB:.2f} MiB, the eager plan made for {made_for / MiB:.2f} MiB"
+        + (f"; other plans compiled to {', '.join(f'{p / MiB:.2f}' for p in others)} MiB." if others else ".")
+    )
+    planned.compile(**options)
+    return planned
+
+
+def _signature(planned: PlannedModule) -> tuple:
+    """What makes two plans the same: their segments and how each is treated."""
+    return tuple((s.nodes, s.kind, tuple(i.nodes for i in s.inner)) for s in planned.plan.segments)
+
+
+def _compiled_peak(planned: PlannedModule, example_inputs: Any, config: StepConfig, options: dict[str, Any]) -> int:
+    """The measured peak of a compiled copy of ``planned``'s step: the model's parameters, buffers
+    and gradients, and the global RNG streams, are left as they were."""
+    work = copy.deepcopy(planned)
+    work.compile(**options)
+    cuda = sorted({p.device.index or 0 for p in work.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        peak, _ = measure_wrapped_step(work, example_inputs, config)
+    return peak
 
 
 def _strategy_names(strategy: str) -> Sequence[str]:

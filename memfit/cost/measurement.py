@@ -256,11 +256,14 @@ def measure_wrapped_step(
     *,
     warmup: int = 3,
 ) -> tuple[int, dict[str, int]]:
-    """The allocator-level peak of one process's step of a DDP- or FSDP-wrapped module (CPU).
+    """The allocator-level peak of one process's step of a DDP- or FSDP-wrapped module, or of a
+    ``torch.compile``d one.
 
     Unlike :func:`measure_step` this trains ``module`` itself (``warmup`` steps, then the
-    measured one; DDP rebuilds its buckets on the second), since a wrapped module cannot be
-    copied. Gradients are set to None after every step, as ``zero_grad()`` does.
+    measured one; DDP rebuilds its buckets on the second, compile compiles on the first), since a
+    wrapped module cannot be copied and a dispatch-mode tracker would not see compiled code.
+    Gradients are set to None after every step, as ``zero_grad()`` does. On CUDA the peak is
+    ``torch.cuda.max_memory_allocated`` and there are no per-phase peaks.
 
     Returns:
         The peak and the peak per phase, in bytes: what was alive before the step (this
@@ -287,6 +290,14 @@ def measure_wrapped_step(
     logging_data = getattr(module, "_get_ddp_logging_data", None)
     if logging_data is not None:
         start += sum(int(b) for b in re.findall(r"\d+", str(logging_data().get("rebuilt_bucket_sizes", ""))))
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with _collector_paused():
+            step(lambda phase, node: None)
+        torch.cuda.synchronize()
+        return start + torch.cuda.max_memory_allocated() - before, {}
     with _collector_paused(), memory_profile() as prof:
         step(lambda phase, node: _mark_phase(phase))
         if torch.distributed.is_initialized():
