@@ -2,12 +2,14 @@
 
 For each model: torch.compile(model) (inductor) with torch._functorch.config.activation_memory_budget
 at each of --ratios (1 is compile's default: its own min-cut, no extra recomputation); then, at
-each such compiled step's measured peak as the budget, memfit.optimize's plan, eager and under
-torch.compile. Peaks are measured on the module itself after warm-up steps (memfit.distributed.measure,
-made for wrapped modules: a compiled one cannot be copied either, and its first steps compile);
-the unplanned eager step is measured both ways as a check. Step time: CPU time on one intra-op thread, median over
-interleaved rounds of the ratio to the unplanned eager step. Every compiled variant runs in its
-own process with a time limit, so that compile caches, a crash or a hung compiler stay there.
+each such compiled step's measured peak as the budget, memfit.optimize's plan, eager and with
+compile=True (compiled plans measured until one keeps the budget; "warm s" then excludes that
+search, which is planning time). Peaks are measured on the module itself after warm-up steps
+(memfit.distributed.measure, made for wrapped modules: a compiled one cannot be copied either, and
+its first steps compile); the unplanned eager step is measured both ways as a check. Step time: CPU
+time on one intra-op thread, median over interleaved rounds of the ratio to the unplanned eager
+step. Every compiled variant runs in its own process with a time limit, so that compile caches, a
+crash or a hung compiler stay there.
 
     .venv/bin/python benchmarks/compiled.py --quick                # GPT, ratio 0.5: several minutes
     .venv/bin/python benchmarks/compiled.py                        # gpt and resnet18, ratios 1 0.5 0.2
@@ -39,9 +41,10 @@ def worker(job: dict) -> dict:
     batch, shape, options = MODELS[job["model"]]
     case = build_case(job["model"], batch, shape, **options)
     functorch_config.activation_memory_budget = job.get("ratio", 1.0)
-    module = case.model if job["budget"] is None else memfit.optimize(case.model, job["budget"], case.x)
-    if job["compile"]:
-        module = torch.compile(module)
+    if job["budget"] is None:
+        module = torch.compile(case.model) if job["compile"] else case.model
+    else:  # compile=True: memfit measures compiled plans until one keeps the budget
+        module = memfit.optimize(case.model, job["budget"], case.x, compile=job["compile"])
     started = time.perf_counter()
     peak = memfit.distributed.measure(module, case.x)[0] / MiB  # its warm-up steps compile
     warm_s = time.perf_counter() - started
@@ -97,7 +100,7 @@ def compare(name: str, ratios: list[float], rounds: int, timeout_s: float, table
         table.row(name, label, "--", fmt(got["peak"]), percent(got["ratio"]), fmt(got["warm_s"], 0))
         for compiled in (False, True):
             mine = in_process({**job, "budget": got["peak"], "compile": compiled}, timeout_s)
-            label = "  compile(memfit)" if compiled else "  memfit, eager"
+            label = "  memfit compile=True" if compiled else "  memfit, eager"
             if "error" in mine:
                 table.row(name, label, fmt(got["peak"]), note=f"n/a: {mine['error']}")
                 continue
