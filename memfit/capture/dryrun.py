@@ -9,6 +9,7 @@ allocated and freed, what autograd saves, and the FLOPs, exactly as a real step 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from typing import Any, TypeVar
 
@@ -230,6 +231,16 @@ class _Recorder(fx.Interpreter):
         info.param_numel = sum(p.numel() for p in params)
         info.param_bytes = sum(p.numel() * p.element_size() for p in params)
         self.infos[n.name] = info
+        for k, t in enumerate(tensors):
+            if t.grad_fn is not None:
+                t.grad_fn.register_prehook(functools.partial(_note_grad_layout, info, k, t.output_nr))
+
+
+def _note_grad_layout(info: NodeInfo, k: int, nr: int, grads: tuple[torch.Tensor | None, ...]) -> None:
+    """Record the layout of the gradient output ``k`` of ``info``'s node receives, if not its own."""
+    grad = grads[nr] if nr < len(grads) else None
+    if grad is not None and k < len(info.output_strides) and tuple(grad.stride()) != info.output_strides[k]:
+        info.grad_strides[k] = tuple(grad.stride())
 
 
 def _is_parameter(gm: torch.nn.Module, n: fx.Node) -> bool:

@@ -33,6 +33,9 @@ class NodeInfo:
             allocate internally).
         output_requires_grad: Whether each requires grad (a layer whose input needs no gradient
             runs a cheaper backward).
+        grad_strides: Per output, the strides of the gradient its backward received, where they
+            differ from the output's own (a slice of a concatenation's gradient): kernels copy a
+            non-contiguous gradient below the dispatcher.
         out_bytes: Bytes of new storages the node returns (views cost nothing).
         out_sids: Every storage its outputs refer to, views of earlier storages included.
         saved_bytes: Bytes of non-parameter storages its autograd nodes save for backward.
@@ -67,6 +70,7 @@ class NodeInfo:
     output_dtypes: list[str] = field(default_factory=list)
     output_strides: list[tuple[int, ...]] = field(default_factory=list)
     output_requires_grad: list[bool] = field(default_factory=list)
+    grad_strides: dict[int, tuple[int, ...]] = field(default_factory=dict)
     out_bytes: int = 0
     out_sids: tuple[int, ...] = ()
     saved_bytes: int = 0

@@ -70,10 +70,18 @@ class DiskCache(dict):
         )
         return Path(root) / f"{self.kind}-{hashlib.sha1(tag.encode()).hexdigest()[:16]}.json"
 
-    def layer(self, spec: LayerSpec, batch: int, config: StepConfig, device: str, measure: Callable[[], Any]) -> Any:
-        """The entry of one layer at one batch size, precision and device; ``measure`` makes it
-        when it is missing."""
-        key = repr((spec.key, batch, config.amp, device))
+    def layer(
+        self,
+        spec: LayerSpec,
+        batch: int,
+        config: StepConfig,
+        device: str,
+        measure: Callable[[], Any],
+        variant: str = "",
+    ) -> Any:
+        """The entry of one layer at one batch size, precision and device (and ``variant`` of the
+        measurement, if any); ``measure`` makes it when it is missing."""
+        key = repr((spec.key, batch, config.amp, device, variant) if variant else (spec.key, batch, config.amp, device))
         if key not in self:
             self[key] = measure()
         return self[key]
@@ -143,9 +151,21 @@ class LayerSpec:
     """One layer to calibrate: a callable, its tensor inputs, whether it writes into them, and its
     signature ``key`` (equal keys behave alike)."""
 
-    def __init__(self, fn: Any, args: Any, kwargs: Any, metas: list[Meta], key: tuple, inplace: bool) -> None:
+    def __init__(
+        self,
+        fn: Any,
+        args: Any,
+        kwargs: Any,
+        metas: list[Meta],
+        key: tuple,
+        inplace: bool,
+        grads: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
+    ) -> None:
         self.fn, self.args, self.kwargs, self.metas, self.key = fn, args, kwargs, metas, key
         self.inplace = inplace
+        # output index -> (its shape, the strides of the gradient it receives) in the step, where
+        # those are not the output's own layout
+        self.grads = grads or {}
 
     @property
     def scaled(self) -> bool:
@@ -252,8 +272,12 @@ def _layer_spec(
         fn, what = str(node.target), (str(node.target),)
     else:
         fn, what = node.target, (getattr(node.target, "__qualname__", str(node.target)),)
-    key = (what, repr(args), repr(kwargs), tuple(metas))  # strides included: layout is part of a layer
-    return LayerSpec(fn, args, kwargs, metas, key, graph.info(node.name).inplace)
+    info = graph.info(node.name)
+    grads = {k: (tuple(info.output_shapes[k]), strides) for k, strides in sorted(info.grad_strides.items())}
+    key: tuple = (what, repr(args), repr(kwargs), tuple(metas))  # strides included: layout is part of a layer
+    if grads:  # and the layout of the gradients it receives
+        key = (*key, tuple(grads.items()))
+    return LayerSpec(fn, args, kwargs, metas, key, info.inplace, grads)
 
 
 class _Skip(Exception):
@@ -335,11 +359,19 @@ class LayerRun:
             return fn(*args, **kwargs)
 
     def gradients(self, out: Any) -> list[torch.Tensor]:
-        """Incoming gradients for the outputs that require grad, laid out as the outputs are
-        (empty_like's rule), as a following layer's backward returns them: a channels-last output
-        gets a channels-last gradient."""
-        layouts = [torch.empty_like(t, device="meta") for t in tensors_in(out) if t.requires_grad]
-        return [self.noise.like(g.shape, g.stride(), g.dtype, self.device, writable=False) for g in layouts]
+        """Incoming gradients for the outputs that require grad, laid out as in the step: as the
+        outputs are (empty_like's rule: a channels-last output gets a channels-last gradient), or
+        as the step's gradient was where that differed (a slice of a concatenation's gradient)."""
+        grads = []
+        for k, t in enumerate(tensors_in(out)):
+            if not t.requires_grad:
+                continue
+            strides = tuple(torch.empty_like(t, device="meta").stride())
+            if k in self.spec.grads:
+                shape, step_strides = self.spec.grads[k]
+                strides = restride(shape, step_strides, tuple(t.shape))
+            grads.append(self.noise.like(tuple(t.shape), strides, t.dtype, self.device, writable=False))
+        return grads
 
     def clear_grads(self) -> None:
         """Drop the gradients a backward left on the inputs and parameters."""

@@ -164,7 +164,14 @@ class _Handover(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, _: torch.Tensor) -> tuple[Any, ...]:
         given = iter(ctx.grads)
-        return (None, *(next(given).clone() if wanted else None for wanted in ctx.wanted))
+        return (None, *(_owned(next(given)) if wanted else None for wanted in ctx.wanted))
+
+
+def _owned(grad: torch.Tensor) -> torch.Tensor:
+    """A copy of ``grad`` laid out as it is: ``clone`` makes a slice of a larger gradient (a
+    concatenation's) contiguous, and the layer's kernel would then skip the contiguous copy of it
+    that it makes in the step."""
+    return torch.empty_strided(grad.shape, grad.stride(), dtype=grad.dtype, device=grad.device).copy_(grad)
 
 
 def _rise(deltas: Iterable[int]) -> int:
