@@ -254,6 +254,9 @@ def _mutates_input(n: fx.Node) -> bool:
     """Whether a function or method node writes into its first argument."""
     if n.kwargs.get("inplace") is True:
         return True
+    if isinstance(n.target, torch._ops.OpOverload):  # an exported graph's op: its schema says
+        first = n.target._schema.arguments[:1]
+        return bool(first) and first[0].alias_info is not None and first[0].alias_info.is_write
     name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
     if n.op == "call_method":
         return name.endswith("_") and not name.endswith("__")
