@@ -273,20 +273,20 @@ def test_a_nested_segment_is_cut_into_recomputed_parts() -> None:
 
 
 TIMES = {
-    "a": {"fwd_seconds": 2e-6, "cheap_seconds": 1e-7, "operators": 2},
-    "b": {"fwd_seconds": 1e-6, "operators": 1},
-    "c": {"fwd_seconds": 3e-6, "cheap_seconds": 2e-7, "operators": 3},
-    "d": {"fwd_seconds": 5e-7, "operators": 1},
+    "a": {"fwd_seconds": 2e-6, "cheap_seconds": 1e-7, "operators": 2, "saved_tensors": 2},
+    "b": {"fwd_seconds": 1e-6, "operators": 1, "saved_tensors": 1},
+    "c": {"fwd_seconds": 3e-6, "cheap_seconds": 2e-7, "operators": 3, "saved_tensors": 3},
+    "d": {"fwd_seconds": 5e-7, "operators": 1, "saved_tensors": 1},
 }
 
 
 def test_a_timed_chain_prices_recomputation_in_nanoseconds_until_the_last_saved_tensor() -> None:
     chain = Chain(
-        step(TIMES, checkpoint_cost=CheckpointCost(segment=1e-5, per_operator=1e-7, selective_per_operator=2e-7))
+        step(TIMES, checkpoint_cost=CheckpointCost(segment=1e-5, per_saved_tensor=1e-7, selective_per_operator=2e-7))
     )
     assert chain.timed
     assert chain.step_seconds == pytest.approx(3 * 6.5e-6)  # unmeasured backwards take twice the forward
-    # per node recomputed: forward + 100 ns an operator; a segment: 10 us. The recomputation of
+    # per node recomputed: forward + 100 ns a saved tensor; a segment: 10 us. The recomputation of
     # [a, b) stops once b has packed its input (a's output): b itself is not run again.
     assert chain.recomputed_nodes(0, 2) == ["a"]
     assert figures(chain, 0, 2, "recompute")[2] == 2200 + 10_000
@@ -295,7 +295,7 @@ def test_a_timed_chain_prices_recomputation_in_nanoseconds_until_the_last_saved_
     assert chain.recomputed_nodes(0, 4) == ["a", "b"]
     assert figures(chain, 0, 4, "recompute")[2] == 2200 + 1100 + 10_000
     assert chain.recomputed_nodes(2, 4) == [] and figures(chain, 2, 4, "recompute")[2] == 10_000
-    # selective: a's cheap part alone, at 300 ns an operator
+    # selective: a's cheap part alone, with 100 ns a saved tensor and 200 ns an operator
     assert figures(chain, 0, 2, "selective")[2] == 700 + 10_000
     assert chain.cost([(0, 2, "plain"), (2, 4, "plain")]) == 0
 

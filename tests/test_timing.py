@@ -160,12 +160,13 @@ def test_plan_cost_is_the_sum_of_its_recomputed_nodes(fresh_cache, extra):
         for a, b, kind in spans:
             if kind == "plain":
                 continue
-            per_op = extra.per_operator + (extra.selective_per_operator if kind == "selective" else 0.0)
+            per_op = extra.selective_per_operator if kind == "selective" else 0.0
             segment = _ns(extra.segment)
             for name in chain.recomputed_nodes(a, b):
                 info = graph.info(name)
                 kept = kind == "selective" and name in expensive
-                segment += _ns((info.cheap_seconds if kept else info.fwd_seconds) + per_op * info.operators)
+                own = info.cheap_seconds if kept else info.fwd_seconds
+                segment += _ns(own + extra.per_saved_tensor * info.saved_tensors + per_op * info.operators)
             expected += 2 * segment if kind == "nested" else segment  # nested: recomputed twice
         assert chain.cost(spans) == expected
         plan = Plan(segments=chain.to_segments(spans), strategy="dp", step_seconds=chain.step_seconds)
@@ -249,3 +250,28 @@ def test_cpu_layers_are_timed_on_one_thread_by_its_cpu_clock(small_cnn, fresh_ca
     finally:
         torch.set_num_threads(threads)
     assert seen and set(seen) == {(1, time.thread_time)}
+
+
+def test_the_dry_run_counts_the_tensors_each_node_saves(fresh_cache):
+    """Checkpointing pays per saved tensor (it packs each, and stores each again when it
+    recomputes), so the dry run counts what a real step's saved-tensor hooks see, per node."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2)), torch.randn(4, 6)
+    graph = capture(model, x, StepConfig())
+    real: dict[int, int] = {}
+    current = [0]
+
+    def pack(t):
+        real[current[0]] = real.get(current[0], 0) + 1
+        return t
+
+    def count(module, args):
+        current[0] = list(model).index(module)
+
+    hooks = [m.register_forward_pre_hook(count) for m in model]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    for h in hooks:
+        h.remove()
+    counted = [i.saved_tensors for i in graph.nodes if i.op == "call_module"]
+    assert counted == [real.get(k, 0) for k in range(len(model))] and counted[1] > counted[2] > 0

@@ -139,6 +139,7 @@ class _Recorder(fx.Interpreter):
         self.tracker = tracker
         self.infos: dict[str, NodeInfo] = {}
         self.saved: dict[str, set[int]] = {}
+        self.packed: dict[str, int] = {}  # tensors saved for backward, per node
         self.fwd_flops: dict[str, int] = {}
         self.bwd_flops: dict[str, int] = {}
         self._flops_seen = 0
@@ -379,6 +380,7 @@ def capture(
         rec = _Recorder(gm, tracker)
 
         def pack(t: torch.Tensor) -> torch.Tensor:
+            rec.packed[tracker.node] = rec.packed.get(tracker.node, 0) + 1
             sid = tracker.sid_of(t)
             if sid is not None:
                 rec.saved.setdefault(tracker.node, set()).add(sid)
@@ -466,6 +468,7 @@ def _assemble(
         own = sorted(s for s in rec.saved.get(n.name, ()) if categories.get(s) == "activation")
         info.saved_sids = tuple(own)
         info.saved_bytes = sum(tracker.nbytes[s] for s in own)
+        info.saved_tensors = rec.packed.get(n.name, 0)
         info.random = n.name in tracker.random_nodes
         info.writes = tuple(sorted(tracker.writes.get(n.name, ())))
         info.fwd_flops = rec.fwd_flops.get(n.name, 0)

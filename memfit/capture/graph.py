@@ -40,6 +40,8 @@ class NodeInfo:
         out_sids: Every storage its outputs refer to, views of earlier storages included.
         saved_bytes: Bytes of non-parameter storages its autograd nodes save for backward.
         saved_sids: The storage ids behind ``saved_bytes``.
+        saved_tensors: How many tensors its autograd nodes save, parameters and buffers included
+            (what checkpointing handles one by one).
         inplace: Whether it mutates one of its inputs (``ReLU(inplace=True)``, ``x.add_(y)``).
         random: Whether its forward draws random numbers (dropout): a recomputation must replay them.
         writes: Storages its forward writes in place (seen at the dispatcher, so also inside leaf
@@ -75,6 +77,7 @@ class NodeInfo:
     out_sids: tuple[int, ...] = ()
     saved_bytes: int = 0
     saved_sids: tuple[int, ...] = ()
+    saved_tensors: int = 0
     inplace: bool = False
     random: bool = False
     writes: tuple[int, ...] = ()
@@ -100,13 +103,16 @@ class CheckpointCost:
 
     Attributes:
         segment: Per checkpointed segment (the call, RNG state, the recomputation's set-up).
-        per_operator: Per operator of a checkpointed segment's forward (saved-tensor hooks).
+        per_saved_tensor: Per tensor a recomputed node saves for backward: non-reentrant
+            checkpointing packs each in the forward and stores it again in the recomputation,
+            about 15 us a tensor on this project's CPU, where a small BatchNorm (six saved) runs its
+            forward in 23 us: the price of recomputing cheap layers is mostly this.
         selective_per_operator: More per operator of a selective segment (its dispatch mode runs
             in the forward and again in the recomputation).
     """
 
     segment: float
-    per_operator: float
+    per_saved_tensor: float
     selective_per_operator: float
 
 

@@ -75,7 +75,8 @@ TARGET_SECONDS = 0.01
 MIN_REPEATS, MAX_REPEATS = 3, 9
 # Checkpoint cost calibration: a chain of operators, at two lengths, this many runs each, on
 # tensors the size of the step's typical activation, up to _CHAIN_NUMEL elements. What
-# checkpointing adds per operator grows with the tensors: 5 us at 64 elements, 60-90 at 2**17.
+# checkpointing adds per saved tensor grows with the tensors (5 us per operator at 64 elements,
+# 60-90 at 2**17, when it was priced per operator).
 _CHAIN_LENGTHS, _CHAIN_RUNS, _CHAIN_NUMEL = (1, 8), 15, 2**17
 
 _OPS = ("placeholder", "get_attr")
@@ -296,16 +297,17 @@ def _typical_numel(graph: MemGraph) -> int:
 def _checkpoint_cost(numel: int) -> CheckpointCost:
     """What checkpointing adds beyond recomputation on this machine for tensors of ``numel``
     elements, measured once and cached."""
-    key = repr(("checkpoint", numel))
+    key = repr(("checkpoint-per-saved", numel))  # "checkpoint" entries priced per operator
     if key not in _cache:
         _cache[key] = _checkpoint_overheads(numel)
     return CheckpointCost(*_cache[key])
 
 
 def _checkpoint_overheads(numel: int) -> tuple[float, float, float]:
-    """(per segment, per operator, more per operator when selective): chains of operators at two
-    lengths, plain and checkpointed each way; what checkpointing adds beyond one more forward,
-    fitted as a line in the number of operators."""
+    """(per segment, per saved tensor, more per operator when selective): chains of operators at
+    two lengths, plain and checkpointed each way; what checkpointing adds beyond one more forward,
+    fitted as a line in the tensors the chain saves for backward (counted, not assumed) and, for
+    the selective policy, in its operators."""
     x = torch.randn(numel, generator=torch.Generator().manual_seed(0)).requires_grad_()
     clock = _clock()
 
@@ -329,6 +331,17 @@ def _checkpoint_overheads(numel: int) -> tuple[float, float, float]:
             samples.append(clock() - start)
         return min(samples)
 
+    def saved_by(n: int) -> int:
+        packed: list[torch.Tensor] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            packed.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            body(x, n)
+        return len(packed)
+
     contexts = functools.partial(create_selective_checkpoint_contexts, recompute_all)
     added: dict[str, list[float]] = {"checkpoint": [], "selective": []}
     for n in _CHAIN_LENGTHS:
@@ -338,8 +351,9 @@ def _checkpoint_overheads(numel: int) -> tuple[float, float, float]:
         selective = fastest(functools.partial(checkpoint, body, x, n, use_reentrant=False, context_fn=contexts))
         added["checkpoint"].append(plain - base - again)
         added["selective"].append(selective - base - again)
+    saved = [saved_by(n) for n in _CHAIN_LENGTHS]
     ops = [2 * n for n in _CHAIN_LENGTHS]
-    slope = {k: (v[1] - v[0]) / (ops[1] - ops[0]) for k, v in added.items()}
-    per_op = max(0.0, slope["checkpoint"])
-    segment = max(0.0, added["checkpoint"][0] - per_op * ops[0])
-    return segment, per_op, max(0.0, slope["selective"] - per_op)
+    per_saved = max(0.0, (added["checkpoint"][1] - added["checkpoint"][0]) / max(saved[1] - saved[0], 1))
+    segment = max(0.0, added["checkpoint"][0] - per_saved * saved[0])
+    more = (added["selective"][1] - added["selective"][0]) - (added["checkpoint"][1] - added["checkpoint"][0])
+    return segment, per_saved, max(0.0, more / (ops[1] - ops[0]))

@@ -134,8 +134,9 @@ class Chain:
         self.forward_seconds, self.backward_seconds = float(times.forward.sum()), float(times.backward.sum())
         extra = self.graph.checkpoint_cost or CheckpointCost(0.0, 0.0, 0.0)
         kept = np.where(expensive, times.cheap, times.forward)
-        recompute = times.forward + extra.per_operator * times.operators
-        selective = kept + (extra.per_operator + extra.selective_per_operator) * times.operators
+        saved = np.array([i.saved_tensors for i in infos], dtype=np.float64)
+        recompute = times.forward + extra.per_saved_tensor * saved
+        selective = kept + extra.per_saved_tensor * saved + extra.selective_per_operator * times.operators
         self._cost, self._cost_sel = _prefix(_ns(recompute)), _prefix(_ns(selective))
         self._segment_ns = int(_ns(extra.segment))
         # torch stops a recomputation once the segment's last saved tensor is packed again: the
