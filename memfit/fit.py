@@ -350,7 +350,8 @@ def _compiled_fit(
     limit = plan.budget_bytes
     tried: dict[tuple, int] = {}  # compiled peak per distinct plan
     made_for, peak = limit, _compiled_peak(planned, example_inputs, config, options)
-    tried[_signature(planned)] = peak
+    chosen = _signature(planned)
+    tried[chosen] = peak
     floor, excess = 1, max(peak - limit, 1)
     probes = (limit + k * excess * sign for k in range(1, COMPILE_ROUNDS) for sign in (1, -1))
     while peak > limit and len(tried) < COMPILE_ROUNDS:
@@ -366,7 +367,7 @@ def _compiled_fit(
         if key not in tried:
             tried[key] = _compiled_peak(candidate, example_inputs, config, options)
             if tried[key] <= limit:
-                planned, peak, made_for = candidate, tried[key], target
+                planned, peak, made_for, chosen = candidate, tried[key], target, key
     if peak > limit:
         measured = ", ".join(f"{p / MiB:.2f}" for p in tried.values())
         raise MemfitBudgetError(
@@ -377,7 +378,7 @@ def _compiled_fit(
             budget_mb=limit / MiB,
         )
     planned.plan.budget_bytes = limit
-    others = [p for k, p in tried.items() if k != _signature(planned)]
+    others = [p for k, p in tried.items() if k != chosen]
     planned.plan.notes.append(
         f"Compiled (torch.compile): the step measured {peak / MiB:.2f} MiB (meas, on a copy) for a budget of "
         f"{limit / MiB:.2f} MiB, the eager plan made for {made_for / MiB:.2f} MiB"
