@@ -170,8 +170,13 @@ class _Handover(torch.autograd.Function):
 def _owned(grad: torch.Tensor) -> torch.Tensor:
     """A copy of ``grad`` laid out as it is: ``clone`` makes a slice of a larger gradient (a
     concatenation's) contiguous, and the layer's kernel would then skip the contiguous copy of it
-    that it makes in the step."""
-    return torch.empty_strided(grad.shape, grad.stride(), dtype=grad.dtype, device=grad.device).copy_(grad)
+    that it makes in the step. A broadcast gradient (stride 0: a sum's, expanded from one value)
+    stays broadcast over a copy of the one slice it holds; copying into it would write one element
+    many times, which torch refuses."""
+    shape = [1 if s == 0 else n for n, s in zip(grad.shape, grad.stride(), strict=True)]
+    held = grad[tuple(slice(0, n) for n in shape)]
+    base = torch.empty_strided(shape, grad.stride(), dtype=grad.dtype, device=grad.device).copy_(held)
+    return base.expand(grad.shape)
 
 
 def _rise(deltas: Iterable[int]) -> int:
