@@ -52,6 +52,27 @@ def test_cache_round_trip(small_cnn, fresh_cache, monkeypatch):
     assert _calibrated(small_cnn, x) == measured
 
 
+def test_cache_keeps_thread_counts_apart(fresh_cache, monkeypatch):
+    # a LayerNorm's backward takes a weight-gradient buffer per thread: the figure measured on one
+    # thread must not be read back after the process moved to two (the files are per thread count,
+    # the process's entries are one dict)
+    model, x = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16)), torch.randn(5, 4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with monkeypatch.context() as m:
+            m.setenv(workspace.CACHE_ENV, "off")
+            two = _calibrated(model, x)
+        workspace._cache.clear()
+        torch.set_num_threads(1)
+        one = _calibrated(model, x)
+        torch.set_num_threads(2)
+        assert _calibrated(model, x) == two
+    finally:
+        torch.set_num_threads(threads)
+    assert one != two, "a LayerNorm's backward buffer should grow with the threads"
+
+
 @pytest.mark.parametrize("content", ["{not json", '{"k": "x"}', "[1, 2]"])
 def test_unreadable_cache_is_remeasured(small_cnn, fresh_cache, content):
     x = torch.randn(4, 3, 16, 16)
@@ -247,7 +268,7 @@ def test_a_layer_runs_at_the_steps_batch_while_its_inputs_fit_the_calibration_by
         workspace._cache.clear()
         graph = capture(conv, x, StepConfig())
         workspace.calibrate(graph, conv, (x,), StepConfig())
-        return {int(k.rsplit(", ", 3)[1]) for k in workspace._cache}
+        return {int(k.rsplit(", ", 4)[1]) for k in workspace._cache}
 
     assert calibrated_batches() == {32}
     monkeypatch.setattr(workspace, "CALIBRATION_BYTES", 16 * 8 * 8 * 8 * 4)  # 16 samples of the input

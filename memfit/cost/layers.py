@@ -81,7 +81,10 @@ class DiskCache(dict):
     ) -> Any:
         """The entry of one layer at one batch size, precision and device (and ``variant`` of the
         measurement, if any); ``measure`` makes it when it is missing."""
-        key = repr((spec.key, batch, config.amp, device, variant) if variant else (spec.key, batch, config.amp, device))
+        # the thread count too, though the file is already per count: a process that changes it
+        # between calls keeps one dict (a LayerNorm's backward buffer is per thread)
+        where = (spec.key, batch, config.amp, device, torch.get_num_threads())
+        key = repr((*where, variant) if variant else where)
         if key not in self:
             self[key] = measure()
         return self[key]
@@ -267,7 +270,10 @@ def _layer_spec(
         mod = gm.get_submodule(str(node.target))
         fn: Any = mod
         kind = f"{type(mod).__module__}.{type(mod).__qualname__}"
-        what: tuple = (kind, repr(mod), tuple((n, tuple(p.shape), p.dtype) for n, p in mod.named_parameters()))
+        # a frozen weight skips its gradient and the kernel's buffers for it (a LayerNorm's
+        # per-thread dgamma/dbeta): the same layer trainable is another layer
+        params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in mod.named_parameters())
+        what: tuple = (kind, repr(mod), params)
     elif node.op == "call_method":
         fn, what = str(node.target), (str(node.target),)
     else:
