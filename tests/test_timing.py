@@ -91,7 +91,7 @@ def test_every_compute_node_is_timed_or_reported(fresh_cache):
             assert info.fwd_seconds is not None and info.fwd_seconds >= 0
             assert info.bwd_seconds is not None and 0 <= info.cheap_seconds <= info.fwd_seconds + 1e-12
             assert info.operators >= 0
-    assert graph.checkpoint_cost is not None
+    assert graph.checkpoint_cost is not None and graph.checkpoint_cost.per_buffer > 0
 
 
 def test_failed_layer_is_reported_and_priced_by_flops(fresh_cache, monkeypatch):
@@ -143,7 +143,7 @@ def _resnet_graph() -> MemGraph:
     return _timed(model, torch.randn(4, 3, 16, 16))
 
 
-@pytest.mark.parametrize("extra", [CheckpointCost(0.0, 0.0, 0.0), CheckpointCost(1e-4, 2e-6, 3e-5)])
+@pytest.mark.parametrize("extra", [CheckpointCost(0.0, 0.0, 0.0), CheckpointCost(1e-4, 2e-6, 3e-5, 5e-6)])
 def test_plan_cost_is_the_sum_of_its_recomputed_nodes(fresh_cache, extra):
     graph = _resnet_graph()
     graph.checkpoint_cost = extra
@@ -162,6 +162,9 @@ def test_plan_cost_is_the_sum_of_its_recomputed_nodes(fresh_cache, extra):
                 continue
             per_op = extra.selective_per_operator if kind == "selective" else 0.0
             segment = _ns(extra.segment)
+            for name in chain.names[chain.cands[a] : chain.cands[b]]:  # replayed however early it stops
+                writes = graph.info(name).writes
+                segment += _ns(extra.per_buffer * sum(w in graph.buffer_names for w in writes))
             for name in chain.recomputed_nodes(a, b):
                 info = graph.info(name)
                 kept = kind == "selective" and name in expensive

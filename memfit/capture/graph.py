@@ -109,11 +109,15 @@ class CheckpointCost:
             forward in 23 us: the price of recomputing cheap layers is mostly this.
         selective_per_operator: More per operator of a selective segment (its dispatch mode runs
             in the forward and again in the recomputation).
+        per_buffer: Per buffer a segment writes in place (BatchNorm's running statistics): the
+            rewrite snapshots it in the forward and sets it back around the recomputation, four
+            small copies whatever the recomputation runs of the segment.
     """
 
     segment: float
     per_saved_tensor: float
     selective_per_operator: float
+    per_buffer: float = 0.0
 
 
 @dataclass

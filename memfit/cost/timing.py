@@ -86,7 +86,8 @@ _cache = DiskCache("timing-2", lambda v: _entry(*v))
 
 
 def _entry(*values: float) -> tuple[float, ...]:
-    """A cache entry as read back: four figures of a layer, or three of checkpointing."""
+    """A cache entry as read back: four figures of a layer or of checkpointing (three in files
+    from before buffers were priced)."""
     if len(values) not in (3, 4):
         raise ValueError(f"a timing entry has 3 or 4 figures, not {len(values)}")
     return tuple(float(v) for v in values)
@@ -297,10 +298,29 @@ def _typical_numel(graph: MemGraph) -> int:
 def _checkpoint_cost(numel: int) -> CheckpointCost:
     """What checkpointing adds beyond recomputation on this machine for tensors of ``numel``
     elements, measured once and cached."""
-    key = repr(("checkpoint-per-saved", numel))  # "checkpoint" entries priced per operator
+    # "checkpoint" entries priced per operator, "checkpoint-per-saved" had no buffer figure
+    key = repr(("checkpoint-per-buffer", numel))
     if key not in _cache:
-        _cache[key] = _checkpoint_overheads(numel)
+        _cache[key] = (*_checkpoint_overheads(numel), _buffer_replay())
     return CheckpointCost(*_cache[key])
+
+
+def _buffer_replay() -> float:
+    """Seconds per buffer of what the rewrite does to a buffer its segment writes: a snapshot in
+    the forward, and around the recomputation a snapshot, a restore and a restore (unpriced, they
+    put plans that recompute many BatchNorms low)."""
+    buffers = [torch.zeros(64), torch.ones(64), torch.zeros((), dtype=torch.long)]
+    clock = _clock()
+    samples = []
+    with torch.no_grad():
+        for _ in range(_CHAIN_RUNS):
+            start = clock()
+            for b in buffers:
+                before, after = b.clone(), b.clone()
+                b.copy_(before)
+                b.copy_(after)
+            samples.append(clock() - start)
+    return min(samples) / len(buffers)
 
 
 def _checkpoint_overheads(numel: int) -> tuple[float, float, float]:

@@ -130,6 +130,7 @@ class Chain:
             self.forward_seconds = self.backward_seconds = 0.0
             self._cost, self._cost_sel = _prefix(proxy), _prefix(np.where(expensive, 0, proxy))
             self._segment_ns = 0
+            self._buffers_ns = np.zeros(len(infos) + 1, dtype=np.int64)
             return
         self.forward_seconds, self.backward_seconds = float(times.forward.sum()), float(times.backward.sum())
         extra = self.graph.checkpoint_cost or CheckpointCost(0.0, 0.0, 0.0)
@@ -139,6 +140,9 @@ class Chain:
         selective = kept + extra.per_saved_tensor * saved + extra.selective_per_operator * times.operators
         self._cost, self._cost_sel = _prefix(_ns(recompute)), _prefix(_ns(selective))
         self._segment_ns = int(_ns(extra.segment))
+        # replayed around the whole recomputation, however early it stops
+        buffers = [sum(w in self.graph.buffer_names for w in i.writes) for i in infos]
+        self._buffers_ns = _prefix(_ns(extra.per_buffer * np.array(buffers, dtype=np.float64)))
         # torch stops a recomputation once the segment's last saved tensor is packed again: the
         # nodes after the last one that saves, and that one too when it saves only what came
         # before it (a Linear packs its input before its matmul runs; GPT's head is never rerun)
@@ -316,7 +320,8 @@ class Chain:
             zero = np.zeros_like(act)
             return SegmentTable(hold=act, local=local, cost=zero, flops=zero, recomputed=zero)
         held = self._cross + (self._inputs if after_plain else 0)
-        cost, flops = self._until_stop(self._cost, c) + self._segment_ns, _span(self._flops, c)
+        fixed = self._segment_ns + _span(self._buffers_ns, c)
+        cost, flops = self._until_stop(self._cost, c) + fixed, _span(self._flops, c)
         if kind == "recompute":
             return SegmentTable(hold=held, local=local, cost=cost, flops=flops, recomputed=act)
         if kind == "nested":  # every part recomputed twice: in the segment's backward and its own
@@ -327,7 +332,7 @@ class Chain:
         return SegmentTable(
             hold=held + _span(self._cached, c) - self._cross_cached,
             local=local,
-            cost=self._until_stop(self._cost_sel, c) + self._segment_ns,
+            cost=self._until_stop(self._cost_sel, c) + fixed,
             flops=flops - _span(self._flops_exp, c),
             recomputed=act - _span(self._act_exp, c),
         )
