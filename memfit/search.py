@@ -229,7 +229,7 @@ class PlanSearch:
         found, gave_up = self._best_first(names, room, deadline)
         if found is None or gave_up:
             # where the chain misprices the plans near the budget: bisect what was not tried, so
-            # that a looser budget never gets a costlier plan than a tighter one did
+            # that a looser budget does not fall back to the least-peak plan
             between = self._between([n for n in names if found is None or n in gave_up], room)
             if between is not None and (found is None or between.cost < found.cost):
                 found = between
