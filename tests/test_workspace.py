@@ -29,11 +29,16 @@ def _calibrated(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[int, int]
     return [(i.workspace_fwd, i.workspace_bwd) for i in graph.nodes]
 
 
+def _new_process(monkeypatch, cache_dir) -> None:
+    """An empty cache directory and no entries in memory, as in a new process."""
+    monkeypatch.setenv(workspace.CACHE_ENV, str(cache_dir))
+    monkeypatch.setattr(workspace, "_cache", DiskCache(workspace._cache.kind, workspace._cache.decode))
+
+
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
     """An empty cache directory and no entries in memory, as in a new process."""
-    monkeypatch.setenv(workspace.CACHE_ENV, str(tmp_path))
-    monkeypatch.setattr(workspace, "_cache", DiskCache(workspace._cache.kind, workspace._cache.decode))
+    _new_process(monkeypatch, tmp_path)
     return tmp_path
 
 
@@ -71,6 +76,24 @@ def test_cache_keeps_thread_counts_apart(fresh_cache, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert one != two, "a LayerNorm's backward buffer should grow with the threads"
+
+
+def test_a_frozen_layer_is_not_priced_as_its_trainable_twin(tmp_path, monkeypatch) -> None:
+    # Seen in a replay of the N=2000 minimum property (tests/test_fuzz.py): a trainable LayerNorm
+    # read the workspace a frozen one of the same shape had cached earlier in the run (0 B for the
+    # 128 B its per-thread dgamma/dbeta buffer takes), and the stated minimum budget was 64 B short.
+    # The cache key left out whether the parameters need gradients.
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    trainable = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16))
+    frozen = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16))
+    frozen[1].requires_grad_(False)
+    _new_process(monkeypatch, tmp_path / "alone")
+    alone = _calibrated(trainable, x)
+    _new_process(monkeypatch, tmp_path / "after")
+    _calibrated(frozen, x)
+    assert _calibrated(trainable, x) == alone
+    assert alone[-1][1] > 0, "the trainable LayerNorm's backward should take a buffer for its weight gradients"
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"k": "x"}', "[1, 2]"])
