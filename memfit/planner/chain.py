@@ -404,6 +404,12 @@ class Chain:
             held += s.hold
         return max(self.baseline + worst, self.optimizer_peak)
 
+    def unplanned(self) -> list[tuple[int, int, SegmentKind]]:
+        """The step without recomputation as the chain prices it most closely: every candidate
+        interval its own plain segment (one plain span over the whole chain would price every
+        gradient alive beside every activation)."""
+        return [(k, k + 1, "plain") for k in range(self.m)]
+
     def to_segments(self, spans: list[tuple[int, int, SegmentKind]]) -> list[Segment]:
         """Plan segments (node names and predicted figures) from candidate spans."""
         out = []
