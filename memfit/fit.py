@@ -3,8 +3,9 @@ budget any plan fits, and the curve between them.
 
 Every plan is verified before it is returned (:mod:`memfit.search`): the rewritten module's whole
 training step is dry-run under FakeTensorMode with the storage tracker (nothing allocated) and the
-kernel workspaces of its nodes are added. A plan whose verified peak exceeds the budget is
-tightened and planned again.
+kernel workspaces of its nodes are added. A plan whose verified peak exceeds the budget gives way
+to the strategy's next cheapest, planned for a lower target of a ladder fixed per model, so a
+looser budget never gets a plan predicted costlier.
 """
 
 from __future__ import annotations

@@ -19,19 +19,21 @@ __all__ = ["STRATEGIES", "Chain", "Plan", "Segment", "Spans", "Strategy", "list_
 
 @dataclass(frozen=True)
 class Strategy:
-    """A planner: ``cheapest(chain, budget_bytes)`` and ``lowest_peak(chain)``."""
+    """A planner: ``cheapest(chain, budget_bytes)`` and ``lowest_peak(chain)``; ``candidates(chain)``
+    where its plans are a fixed list whatever the budget (``cheapest`` then picks among them)."""
 
     name: str
     cheapest: Callable[[Chain, int], Spans | None]
     lowest_peak: Callable[[Chain], Spans]
+    candidates: Callable[[Chain], list[Spans]] | None = None
 
 
 STRATEGIES: dict[str, Strategy] = {
-    "chen": Strategy("chen", chen.cheapest, chen.lowest_peak),
+    "chen": Strategy("chen", chen.cheapest, chen.lowest_peak, chen.plans),
     "dp": Strategy("dp", lambda c, b: dp.cheapest(c, b), lambda c: dp.lowest_peak(c)),
     "selective": Strategy("selective", selective.cheapest, selective.lowest_peak),
     "milp": Strategy("milp", lambda c, b: milp.cheapest(c, b), lambda c: milp.lowest_peak(c)),
-    "handwritten": Strategy("handwritten", handwritten.cheapest, handwritten.lowest_peak),
+    "handwritten": Strategy("handwritten", handwritten.cheapest, handwritten.lowest_peak, handwritten.policies),
 }
 
 

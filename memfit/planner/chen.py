@@ -18,7 +18,7 @@ import numpy as np
 from .chain import Chain
 from .plan import Spans
 
-__all__ = ["THRESHOLDS", "cheapest", "greedy", "lowest_peak"]
+__all__ = ["THRESHOLDS", "cheapest", "greedy", "lowest_peak", "plans"]
 
 THRESHOLDS = 48
 
@@ -35,7 +35,8 @@ def greedy(chain: Chain, threshold: float) -> Spans:
     return spans
 
 
-def _plans(chain: Chain) -> list[Spans]:
+def plans(chain: Chain) -> list[Spans]:
+    """memonger's plans for every threshold of the grid, and every interval recomputed alone."""
     total = max(1, chain.total_act)
     largest = max(chain.segment(i, i + 1, "recompute").recomputed for i in range(chain.m))
     guess = math.sqrt(total * max(1, largest))
@@ -45,7 +46,7 @@ def _plans(chain: Chain) -> list[Spans]:
 
 def cheapest(chain: Chain, budget: int) -> Spans | None:
     """The cheapest searched plan whose chain-model peak fits ``budget``; None if none does."""
-    fits = [p for p in _plans(chain) if chain.peak(p) <= budget]
+    fits = [p for p in plans(chain) if chain.peak(p) <= budget]
     if not fits:
         return None
     return min(fits, key=lambda p: (chain.cost(p), chain.peak(p)))
@@ -53,4 +54,4 @@ def cheapest(chain: Chain, budget: int) -> Spans | None:
 
 def lowest_peak(chain: Chain) -> Spans:
     """The searched plan with the least chain-model peak."""
-    return min(_plans(chain), key=chain.peak)
+    return min(plans(chain), key=chain.peak)
