@@ -109,6 +109,7 @@ class PlanSearch:
         self._floors: dict[tuple, Verified] = {}
         self._lists: dict[str, list] = {}  # per strategy: its fixed plans, or its chain targets
         self._rungs: dict[tuple[str, int], tuple[int, Spans] | None] = {}
+        self._lowests: dict[str, Spans] = {}
 
     # -- budgets --------------------------------------------------------------------------------
     @staticmethod
@@ -192,7 +193,7 @@ class PlanSearch:
     def least(self, names: Sequence[str], budget_bytes: int | None = None) -> Verified:
         """The verified plan of least peak among the strategies' least-peak plans (``budget_bytes``:
         the budget asked for, for the error when none can run)."""
-        results = [r for n in names if (r := self.verify(STRATEGIES[n].lowest_peak(self.chain), n)) is not None]
+        results = [r for n in names if (r := self.verify(self._lowest(n), n)) is not None]
         if not results:
             raise MemfitBudgetError(
                 f"no plan of strategies {', '.join(names)} could run: {'; '.join(self.failures)}. Try another "
@@ -251,7 +252,7 @@ class PlanSearch:
         # The least-peak plans are offered to every budget whatever the chain predicts, so that a
         # looser budget keeps any a tighter one fell back on.
         for name in names:
-            spans = STRATEGIES[name].lowest_peak(self.chain)
+            spans = self._lowest(name)
             if best is None or self.chain.cost(spans) < best.cost:
                 result = self.verify(spans, name)
                 if result is not None and result.peak_bytes <= room and (best is None or result.cost < best.cost):
@@ -259,6 +260,12 @@ class PlanSearch:
         if best is None:
             self.least(names, budget_bytes)  # raises where no plan of these strategies can run
         return best
+
+    def _lowest(self, name: str) -> Spans:
+        """A strategy's least-peak plan, solved once: every budget's search offers it."""
+        if name not in self._lowests:
+            self._lowests[name] = STRATEGIES[name].lowest_peak(self.chain)
+        return self._lowests[name]
 
     def _offers(self, name: str, room: int) -> Iterator[tuple[int, Spans]]:
         """A strategy's plans whose chain peak is within ``room`` (shifted), cheapest first.
@@ -279,7 +286,7 @@ class PlanSearch:
             yield from ((cost, p) for cost, peak, p in self._lists[name] if peak <= ceiling)
             return
         if name not in self._lists:
-            low, high = chain.peak(strategy.lowest_peak(chain)), chain.peak(chain.unplanned())
+            low, high = chain.peak(self._lowest(name)), chain.peak(chain.unplanned())
             self._lists[name] = [low + (high - low) * k // LADDER for k in range(LADDER + 1)]
         ladder = self._lists[name]
         # The lowest FLOOR_RUNGS are offered to every budget: near the least-peak plan the chain's
