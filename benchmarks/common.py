@@ -5,7 +5,9 @@ Only memfit's public API is used here and in the parts, as a user would use it.
 
 from __future__ import annotations
 
+import ctypes
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +23,34 @@ MiB = 2**20
 CACHE_ENV = "MEMFIT_CACHE_DIR"
 # A zoo CNN gets a CIFAR stem so that 32x32 inputs keep activations, not weights, dominant.
 CIFAR_STEM = ("resnet", "vgg", "mobilenet")
+# glibc's mallopt parameters, and the values that make it keep what a step frees.
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+# mallopt takes an int: 2 GiB is as far from trimming as it goes; 32 MiB is glibc's largest mmap threshold.
+NEVER_TRIM, TOP_PAD, MMAP_THRESHOLD = 2**31 - 1, 2**30, 2**25
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep the memory a step frees, as CUDA's caching allocator does; True if it did.
+
+    By default glibc hands large blocks back to the kernel and takes them again on the next
+    step, and the page faults of that cost system CPU time (a quarter of an unplanned GPT step
+    here, 35,556 minor faults a step) that follows the heap's history, not the step's work:
+    interleaved in one process, two policies that recompute the same two blocks measured +18.8%
+    and +9.7% (docs/benchmarks.md). With freed memory kept, a steady step faults no page. Peaks
+    are the allocator's accounting (the profiler's events) and do not change.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallopt"):
+        return False
+    settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, NEVER_TRIM), (M_TOP_PAD, TOP_PAD))
+    return all(libc.mallopt(param, value) == 1 for param, value in settings)
+
+
+MALLOC_KEPT = keep_freed_memory()
+# Untimed steps of every module before timing: the kept heap takes three steps to stop growing.
+WARMUP_STEPS = 3
 
 
 @dataclass
@@ -90,8 +120,9 @@ def time_ratios(
 
     Every round steps every module once, starting one further along the list each round, so all
     see the same load from the rest of the machine and none always runs first after another's
-    frees; a median of per-round ratios cancels slow spells that hit a whole round. Each module is
-    stepped once before timing (first-call allocations, oneDNN caches, compilation).
+    frees; a median of per-round ratios cancels slow spells that hit a whole round. Every module
+    steps WARMUP_STEPS times before timing (first-call allocations, oneDNN caches, compilation,
+    and the heap growing to where, kept by :func:`keep_freed_memory`, no step faults a page).
 
     Returns:
         The ratios (the reference's is 1) and the reference's median step in ms.
@@ -104,8 +135,9 @@ def time_ratios(
     # the cores with the neighbours' processes.
     torch.set_num_threads(1)
     try:
-        for step in steppers.values():
-            step()
+        for _ in range(WARMUP_STEPS):
+            for step in steppers.values():
+                step()
         for r in range(max(1, rounds)):
             for n in names[r % len(names) :] + names[: r % len(names)]:
                 t0 = time.process_time()
@@ -200,6 +232,13 @@ class Table:
         """Print one row; a note (an n/a reason) follows the cells it replaces."""
         text = self._fmt([str(c) for c in cells])
         print(f"{text}  {note}" if note else text, flush=True)
+
+
+def header(timed: str = "") -> None:
+    """The versions, the step, and for a timing benchmark ``timed`` (its threads, the load) and the heap."""
+    heap = "freed memory kept by malloc" if MALLOC_KEPT else "freed memory returned to the OS"
+    where = f", {timed}, {heap}" if timed else ""
+    print(f"memfit {memfit.__version__}, torch {torch.__version__}{where}; step: SGD, fp32")
 
 
 def footer(started: float) -> None:

@@ -27,7 +27,7 @@ import time
 
 import torch
 import torch._functorch.config as functorch_config
-from common import MiB, Table, build_case, first_line, fmt, footer, percent, section, time_ratios
+from common import MiB, Table, build_case, first_line, fmt, footer, header, percent, section, time_ratios
 
 import memfit
 
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     models, ratios, rounds = (["gpt"], [0.5], 3) if args.quick else (args.models, args.ratios, args.rounds)
     started = time.perf_counter()
-    print(f"memfit {memfit.__version__}, torch {torch.__version__}, step: SGD, fp32")
+    header("1 intra-op thread")
     section("torch.compile with activation_memory_budget, and memfit at the same measured peak")
     print("amb: torch._functorch.config.activation_memory_budget. budget: memfit's, the compiled step's peak.")
     print("time %: step time over the unplanned eager step's, minus 1. warm s: the warm-up steps (compiling).\n")

@@ -31,7 +31,19 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import Case, Table, build_case, first_line, fmt, footer, levels_between, percent, section, time_ratios
+from common import (
+    Case,
+    Table,
+    build_case,
+    first_line,
+    fmt,
+    footer,
+    header,
+    levels_between,
+    percent,
+    section,
+    time_ratios,
+)
 from torch import nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential, create_selective_checkpoint_contexts
 
@@ -227,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     names = args.models or (["gpt"] if args.quick else list(MODELS))
     rounds = 3 if args.quick else args.rounds
     started = time.perf_counter()
-    print(f"memfit {memfit.__version__}, torch {torch.__version__}, step: SGD, fp32")
+    header("1 intra-op thread")
     section("Hand-written policies (measured once) and memfit's plans at the budgets")
     rows = []
     for name in names:

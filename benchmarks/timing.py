@@ -33,6 +33,7 @@ from common import (
     build_case,
     fmt,
     footer,
+    header,
     level_cell,
     percent,
     plans_between,
@@ -153,10 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="memfit-timing-")
     torch.set_num_threads(1)  # the time model calibrates on the thread count it will be compared at
     started = time.perf_counter()
-    print(
-        f"memfit {memfit.__version__}, torch {torch.__version__}, 1 intra-op thread, {os.cpu_count()} CPUs, "
-        f"load {os.getloadavg()[0]:.2f}, step: SGD, fp32"
-    )
+    header(f"1 intra-op thread, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
     section("Extra step time of recomputation: the time model against the step")
     print("level: where the budget lies from the strategy's feasible minimum (0%) to the unplanned predicted peak")
     print("(100%). extra %: of the unplanned step, pred of its forward and backward, meas of the whole SGD step;")
