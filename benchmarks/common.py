@@ -48,7 +48,6 @@ def keep_freed_memory() -> bool:
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
-MALLOC_KEPT = keep_freed_memory()
 # Untimed steps of every module before timing: the kept heap takes three steps to stop growing.
 WARMUP_STEPS = 3
 
@@ -234,10 +233,14 @@ class Table:
         print(f"{text}  {note}" if note else text, flush=True)
 
 
-def header(timed: str = "") -> None:
-    """The versions, the step, and for a timing benchmark ``timed`` (its threads, the load) and the heap."""
-    heap = "freed memory kept by malloc" if MALLOC_KEPT else "freed memory returned to the OS"
-    where = f", {timed}, {heap}" if timed else ""
+def begin(timed: str = "") -> None:
+    """Begin a run: print the versions and the step. A timing run passes ``timed`` (its threads, the
+    load): glibc first keeps freed memory (:func:`keep_freed_memory`, before the run allocates),
+    and the line says whether it does."""
+    where = ""
+    if timed:
+        heap = "freed memory kept by malloc" if keep_freed_memory() else "freed memory returned to the OS"
+        where = f", {timed}, {heap}"
     print(f"memfit {memfit.__version__}, torch {torch.__version__}{where}; step: SGD, fp32")
 
 

@@ -27,7 +27,19 @@ import time
 
 import torch
 import torch._functorch.config as functorch_config
-from common import MiB, Table, build_case, first_line, fmt, footer, header, percent, section, time_ratios
+from common import (
+    MiB,
+    Table,
+    begin,
+    build_case,
+    first_line,
+    fmt,
+    footer,
+    keep_freed_memory,
+    percent,
+    section,
+    time_ratios,
+)
 
 import memfit
 
@@ -38,6 +50,7 @@ RATIOS = [1.0, 0.5, 0.2]
 
 def worker(job: dict) -> dict:
     """Build one variant, step it, and return its measured peak and time ratio (or the error)."""
+    keep_freed_memory()  # the worker times steps: its heap as begin() keeps the parent's
     batch, shape, options = MODELS[job["model"]]
     case = build_case(job["model"], batch, shape, **options)
     functorch_config.activation_memory_budget = job.get("ratio", 1.0)
@@ -135,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     models, ratios, rounds = (["gpt"], [0.5], 3) if args.quick else (args.models, args.ratios, args.rounds)
     started = time.perf_counter()
-    header("1 intra-op thread")
+    begin("1 intra-op thread")
     section("torch.compile with activation_memory_budget, and memfit at the same measured peak")
     print("amb: torch._functorch.config.activation_memory_budget. budget: memfit's, the compiled step's peak.")
     print("time %: step time over the unplanned eager step's, minus 1. warm s: the warm-up steps (compiling).\n")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import Table, build_case, first_line, fmt, footer, header, levels_between, section
+from common import Table, begin, build_case, first_line, fmt, footer, levels_between, section
 
 import memfit
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--levels", nargs="+", type=float, default=[25, 50, 75], help="budget levels in %%")
     args = p.parse_args(argv)
     started = time.perf_counter()
-    header()
+    begin()
     section("dp, chen and selective against milp (extra FLOPs, predicted)")
     table = Table(
         [("model", "", 17), ("level", "given", 7), ("budget", "MiB", 9), ("milp", "GFLOP", 10)]

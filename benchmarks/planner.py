@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import Case, MiB, Table, build_case, fmt, footer, header, level_cell, plans_between, section, time_ratios
+from common import Case, MiB, Table, begin, build_case, fmt, footer, level_cell, plans_between, section, time_ratios
 from torch import nn
 
 import memfit
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     levels = [v / 100 for v in (args.levels or ([50] if args.quick else [25, 50, 75]))]
     rounds = args.rounds or (2 if args.quick else 5)
     started = time.perf_counter()
-    header("1 intra-op thread")
+    begin("1 intra-op thread")
     section("Budgets between each strategy's feasible minimum and the unplanned peak")
     print("level: where the budget lies from the strategy's feasible minimum (0%) to the unplanned predicted")
     print(f"peak (100%). time x: planned / unplanned step time, median of {rounds} interleaved rounds after a")

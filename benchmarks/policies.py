@@ -34,11 +34,11 @@ import torch
 from common import (
     Case,
     Table,
+    begin,
     build_case,
     first_line,
     fmt,
     footer,
-    header,
     levels_between,
     percent,
     section,
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     names = args.models or (["gpt"] if args.quick else list(MODELS))
     rounds = 3 if args.quick else args.rounds
     started = time.perf_counter()
-    header("1 intra-op thread")
+    begin("1 intra-op thread")
     section("Hand-written policies (measured once) and memfit's plans at the budgets")
     rows = []
     for name in names:

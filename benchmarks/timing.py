@@ -30,10 +30,10 @@ from common import (
     Case,
     MiB,
     Table,
+    begin,
     build_case,
     fmt,
     footer,
-    header,
     level_cell,
     percent,
     plans_between,
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="memfit-timing-")
     torch.set_num_threads(1)  # the time model calibrates on the thread count it will be compared at
     started = time.perf_counter()
-    header(f"1 intra-op thread, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
+    begin(f"1 intra-op thread, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
     section("Extra step time of recomputation: the time model against the step")
     print("level: where the budget lies from the strategy's feasible minimum (0%) to the unplanned predicted peak")
     print("(100%). extra %: of the unplanned step, pred of its forward and backward, meas of the whole SGD step;")
