@@ -5,6 +5,7 @@ times is between operations thousands of times apart."""
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import numpy as np
@@ -50,7 +51,7 @@ def _ns(seconds: float) -> int:
 def test_cache_round_trip(small_cnn, fresh_cache, monkeypatch):
     x = torch.randn(4, 3, 16, 16)
     graph = _timed(small_cnn, x)
-    times = [(i.fwd_seconds, i.bwd_seconds, i.cheap_seconds, i.operators) for i in graph.nodes]
+    times = [(i.fwd_seconds, i.bwd_seconds, i.cheap_seconds, i.operators, i.checkpointed_seconds) for i in graph.nodes]
     (path,) = fresh_cache.glob("timing-*.json")
     assert json.loads(path.read_text())
 
@@ -61,7 +62,9 @@ def test_cache_round_trip(small_cnn, fresh_cache, monkeypatch):
     monkeypatch.setattr(timing, "_run_layer", no_runs)
     monkeypatch.setattr(timing, "_checkpoint_overheads", no_runs)
     again = _timed(small_cnn, x)
-    assert [(i.fwd_seconds, i.bwd_seconds, i.cheap_seconds, i.operators) for i in again.nodes] == times
+    assert [
+        (i.fwd_seconds, i.bwd_seconds, i.cheap_seconds, i.operators, i.checkpointed_seconds) for i in again.nodes
+    ] == times
     assert again.checkpoint_cost == graph.checkpoint_cost
 
 
@@ -91,7 +94,19 @@ def test_every_compute_node_is_timed_or_reported(fresh_cache):
             assert info.fwd_seconds is not None and info.fwd_seconds >= 0
             assert info.bwd_seconds is not None and 0 <= info.cheap_seconds <= info.fwd_seconds + 1e-12
             assert info.operators >= 0
+            assert info.checkpointed_seconds is not None and math.isfinite(info.checkpointed_seconds)
     assert graph.checkpoint_cost is not None and graph.checkpoint_cost.per_buffer > 0
+    assert graph.checkpoint_cost.segment > 0, "a checkpointed segment does more than a plain call"
+
+
+def test_a_layer_that_cannot_run_checkpointed_alone_is_priced_per_saved_tensor(fresh_cache):
+    # an in-place ReLU alone under checkpoint writes the input its recomputation reads: torch refuses
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 8))
+    graph = _timed(model, torch.randn(4, 8))
+    relu = next(i for i in graph.nodes if i.inplace)
+    assert relu.fwd_seconds is not None and relu.checkpointed_seconds is None
+    assert all(i.checkpointed_seconds is not None for i in graph.nodes if "_0" in i.name or "_2" in i.name)
+    assert np.isnan(timing.node_times([relu]).checkpointed).all()
 
 
 def test_failed_layer_is_reported_and_priced_by_flops(fresh_cache, monkeypatch):
@@ -147,6 +162,8 @@ def _resnet_graph() -> MemGraph:
 def test_plan_cost_is_the_sum_of_its_recomputed_nodes(fresh_cache, extra):
     graph = _resnet_graph()
     graph.checkpoint_cost = extra
+    for info in graph.nodes:  # priced per saved tensor (a measured figure: tests/test_chain.py)
+        info.checkpointed_seconds = None
     chain = Chain(graph)
     times = timing.node_times([graph.info(n) for n in chain.names])
     assert chain.timed and chain.step_seconds == pytest.approx(float(times.forward.sum() + times.backward.sum()))
@@ -161,15 +178,20 @@ def test_plan_cost_is_the_sum_of_its_recomputed_nodes(fresh_cache, extra):
             if kind == "plain":
                 continue
             per_op = extra.selective_per_operator if kind == "selective" else 0.0
-            segment = _ns(extra.segment)
+            segment = 0
             for name in chain.names[chain.cands[a] : chain.cands[b]]:  # replayed however early it stops
                 writes = graph.info(name).writes
                 segment += _ns(extra.per_buffer * sum(w in graph.buffer_names for w in writes))
-            for name in chain.recomputed_nodes(a, b):
-                info = graph.info(name)
-                kept = kind == "selective" and name in expensive
-                own = info.cheap_seconds if kept else info.fwd_seconds
-                segment += _ns(own + extra.per_saved_tensor * info.saved_tensors + per_op * info.operators)
+            rerun = [graph.info(name) for name in chain.recomputed_nodes(a, b)]
+            for info in rerun:
+                kept = kind == "selective" and info.name in expensive
+                segment += _ns((info.cheap_seconds if kept else info.fwd_seconds) + per_op * info.operators)
+            # once per segment: its fixed cost, and per tensor its costliest packed node saves (the
+            # node where it stops packs without running)
+            stop = chain.cands[a] + len(rerun)
+            packed = rerun + ([graph.info(chain.names[stop])] if stop < chain.cands[b] else [])
+            most = max((i.saved_tensors for i in packed if i.saved_sids or i.params), default=0)
+            segment += _ns(extra.segment + extra.per_saved_tensor * most)
             expected += 2 * segment if kind == "nested" else segment  # nested: recomputed twice
         assert chain.cost(spans) == expected
         plan = Plan(segments=chain.to_segments(spans), strategy="dp", step_seconds=chain.step_seconds)

@@ -59,6 +59,8 @@ class NodeInfo:
         cheap_seconds: The part of ``fwd_seconds`` spent in operators the FLOP counter does not
             count: what a selective segment recomputes of it (None: not measured).
         operators: Operators its forward dispatches (checkpointing costs a little per operator).
+        checkpointed_seconds: What its forward and backward take more when it alone is a
+            checkpointed segment (None: not measured).
         time_error: Why its time was not measured (then it is priced by FLOPs).
     """
 
@@ -93,6 +95,7 @@ class NodeInfo:
     bwd_seconds: float | None = None
     cheap_seconds: float | None = None
     operators: int = 0
+    checkpointed_seconds: float | None = None
     time_error: str | None = None
 
 
@@ -103,10 +106,9 @@ class CheckpointCost:
 
     Attributes:
         segment: Per checkpointed segment (the call, RNG state, the recomputation's set-up).
-        per_saved_tensor: Per tensor a recomputed node saves for backward: non-reentrant
-            checkpointing packs each in the forward and stores it again in the recomputation,
-            about 15 us a tensor on this project's CPU, where a small BatchNorm (six saved) runs its
-            forward in 23 us: the price of recomputing cheap layers is mostly this.
+        per_saved_tensor: Per tensor a recomputed node saves for backward, for nodes not timed
+            checkpointed alone (the others' own figure replaces it): non-reentrant checkpointing
+            packs each in the forward and stores it again in the recomputation.
         selective_per_operator: More per operator of a selective segment (its dispatch mode runs
             in the forward and again in the recomputation).
         per_buffer: Per buffer a segment writes in place (BatchNorm's running statistics): the

@@ -14,9 +14,14 @@ forward would take long is timed at two smaller batches and extrapolated linearl
 One more forward runs under a dispatch mode that times each operator: the share of the operators
 the FLOP counter does not count is what a selective segment recomputes (attention on CPU with
 dropout is mostly softmax, masking and dropout), and their number prices checkpointing's own
-per-operator work, calibrated once per machine with the per-segment cost
-(:class:`~memfit.capture.graph.CheckpointCost`). Results are cached per machine and torch build
-beside the workspaces.
+per-operator work. Last, the layer's forward and backward run again under torch's non-reentrant
+checkpoint, paired with plain runs: what checkpointing adds to a layer grows with its tensors, not
+only with their number (a Linear on a 2 MiB input takes 0.6 ms more checkpointed though torch
+stops before its matmul and reruns nothing; a ReLU on 64 elements 0.12 ms), and the per-tensor
+price fitted on small chains that this replaces put the GPT's plan of six short segments at +1.6%
+of a step where it measured +3.6 to +5.3%. The fixed per-segment cost is calibrated once per
+machine (:class:`~memfit.capture.graph.CheckpointCost`). Results are cached per machine and torch
+build beside the workspaces.
 
 A node that cannot be timed alone (non-tensor arguments, a layer that fails by itself) keeps
 ``fwd_seconds = None`` and gets ``time_error``; :func:`node_times` then prices it by the FLOP
@@ -73,23 +78,26 @@ MAX_LAYER_FLOPS = 2e10
 # Seconds of timed forwards per layer: short layers are repeated until this much, up to MAX_REPEATS.
 TARGET_SECONDS = 0.01
 MIN_REPEATS, MAX_REPEATS = 3, 9
-# Checkpoint cost calibration: a chain of operators, at two lengths, this many runs each, on
-# tensors the size of the step's typical activation, up to _CHAIN_NUMEL elements. What
-# checkpointing adds per saved tensor grows with the tensors (5 us per operator at 64 elements,
-# 60-90 at 2**17, when it was priced per operator).
-_CHAIN_LENGTHS, _CHAIN_RUNS, _CHAIN_NUMEL = (1, 8), 15, 2**17
+# Paired plain and checkpointed runs of a layer, at least: the figure is a difference of two
+# noisy times, so it takes more samples than the forward.
+MIN_PAIRS = 5
+# Checkpoint cost calibration: a segment of one ReLU on _TINY elements (the fixed cost), and a
+# chain of _CHAIN_LENGTH operator pairs on tensors the size of the step's typical activation, up
+# to _CHAIN_NUMEL elements (per saved tensor, for layers not timed alone), this many pairs each.
+_TINY, _CHAIN_LENGTH, _CHAIN_RUNS, _CHAIN_NUMEL = 64, 8, 25, 2**17
 
 _OPS = ("placeholder", "get_attr")
-# (forward, backward, cheap forward seconds, operators) per layer and batch; checkpoint costs
-# ("timing" held wall times taken with the step's threads: entries of a loaded machine, kept for good)
-_cache = DiskCache("timing-2", lambda v: _entry(*v))
+# (forward, backward, cheap forward seconds, operators, checkpointed extra seconds) per layer and
+# batch; checkpoint costs ("timing" held wall times taken with the step's threads, entries of a
+# loaded machine kept for good; "timing-2" no layer's checkpointed time)
+_cache = DiskCache("timing-3", lambda v: _entry(*v))
 
 
 def _entry(*values: float) -> tuple[float, ...]:
-    """A cache entry as read back: four figures of a layer or of checkpointing (three in files
-    from before buffers were priced)."""
-    if len(values) not in (3, 4):
-        raise ValueError(f"a timing entry has 3 or 4 figures, not {len(values)}")
+    """A cache entry as read back: five figures of a layer, four of checkpointing (NaN: the layer
+    could not run checkpointed alone)."""
+    if len(values) not in (4, 5):
+        raise ValueError(f"a timing entry has 4 or 5 figures, not {len(values)}")
     return tuple(float(v) for v in values)
 
 
@@ -136,8 +144,9 @@ def _calibrate(
             if graph.device != "meta":  # there every node is
                 log.warning("time of %s not calibrated, priced by FLOPs: %s", c.info.name, c.error)
         else:
-            fwd, bwd, cheap, ops = c.result
+            fwd, bwd, cheap, ops, checkpointed = c.result
             c.info.fwd_seconds, c.info.bwd_seconds, c.info.cheap_seconds, c.info.operators = fwd, bwd, cheap, round(ops)
+            c.info.checkpointed_seconds = None if math.isnan(checkpointed) else checkpointed
     with _cache.session():
         graph.checkpoint_cost = _checkpoint_cost(_typical_numel(graph))
     for info in graph.nodes:
@@ -151,13 +160,15 @@ def unmeasured(graph: MemGraph) -> dict[str, str]:
 
 
 class NodeTimes(NamedTuple):
-    """Per node, in seconds: forward, backward, and the part of the forward a selective segment
-    recomputes; and the operators of its forward."""
+    """Per node, in seconds: forward, backward, the part of the forward a selective segment
+    recomputes, and what checkpointing it alone adds (NaN: not measured); and the operators of its
+    forward."""
 
     forward: np.ndarray
     backward: np.ndarray
     cheap: np.ndarray
     operators: np.ndarray
+    checkpointed: np.ndarray
 
 
 def node_times(infos: list[NodeInfo]) -> NodeTimes | None:
@@ -166,7 +177,7 @@ def node_times(infos: list[NodeInfo]) -> NodeTimes | None:
     An unmeasured node is priced by the FLOP proxy (``fwd_flops + BYTE_WEIGHT * out_bytes``) at
     the machine's rate, seconds per proxy unit fitted to the measured nodes (a ratio of sums, so
     the nodes that take the time set it); its backward at twice that, the usual ratio; its cheap
-    part is all of it unless it counts FLOPs; it runs one operator.
+    part is all of it unless it counts FLOPs; it runs one operator; its checkpointed time is NaN.
     """
     fwd = [i.fwd_seconds for i in infos]
     measured = [k for k, s in enumerate(fwd) if s is not None]
@@ -183,7 +194,10 @@ def node_times(infos: list[NodeInfo]) -> NodeTimes | None:
         ]
     )
     ops = np.array([i.operators if i.fwd_seconds is not None else 1 for i in infos], dtype=np.float64)
-    return NodeTimes(f, b, cheap, ops)
+    checkpointed = np.array(
+        [i.checkpointed_seconds if i.checkpointed_seconds is not None else math.nan for i in infos], dtype=np.float64
+    )
+    return NodeTimes(f, b, cheap, ops, checkpointed)
 
 
 @contextlib.contextmanager
@@ -216,26 +230,34 @@ def _times_for(
     spec: LayerSpec, info: NodeInfo, batch: int, config: StepConfig, device: str, noise: Noise
 ) -> tuple[float, ...]:
     if not spec.scaled or info.fwd_flops <= MAX_LAYER_FLOPS:
-        return _measured(spec, batch, config, device, noise)
+        return _measured(spec, batch, config, device, noise, info.random)
     # The largest batch under the limit, at most half the step's so that the two runs cost less
     # than one at the step's batch, and half of it; 1 is avoided where possible (some kernels have
     # a special single-sample path).
     hi = min(batch // 2, max(2, int(batch * MAX_LAYER_FLOPS / info.fwd_flops)))
     if hi < 2:
-        return _measured(spec, batch, config, device, noise)
+        return _measured(spec, batch, config, device, noise, info.random)
     lo = max(1, hi // 2)
-    at_lo = _measured(spec, lo, config, device, noise)
-    at_hi = _measured(spec, hi, config, device, noise)
-    return (*(extrapolate(batch, lo, hi, a, b) for a, b in zip(at_lo[:3], at_hi[:3], strict=True)), at_hi[3])
+    at_lo = _measured(spec, lo, config, device, noise, info.random)
+    at_hi = _measured(spec, hi, config, device, noise, info.random)
+    fwd, bwd, cheap = (extrapolate(batch, lo, hi, at_lo[k], at_hi[k]) for k in range(3))
+    # extrapolate's floor would make an unmeasured (NaN) figure 0
+    checkpointed = math.nan if math.isnan(at_lo[4] + at_hi[4]) else extrapolate(batch, lo, hi, at_lo[4], at_hi[4])
+    return fwd, bwd, cheap, at_hi[3], checkpointed
 
 
-def _measured(spec: LayerSpec, batch: int, config: StepConfig, device: str, noise: Noise) -> tuple[float, ...]:
-    return _cache.layer(spec, batch, config, device, lambda: _run_layer(spec, batch, config, device, noise))
+def _measured(
+    spec: LayerSpec, batch: int, config: StepConfig, device: str, noise: Noise, random: bool
+) -> tuple[float, ...]:
+    return _cache.layer(spec, batch, config, device, lambda: _run_layer(spec, batch, config, device, noise, random))
 
 
-def _run_layer(spec: LayerSpec, batch: int, config: StepConfig, device: str, noise: Noise) -> tuple[float, ...]:
-    """(forward, backward, cheap forward seconds, operators) of one layer at one batch size;
-    raises what the layer raises."""
+def _run_layer(
+    spec: LayerSpec, batch: int, config: StepConfig, device: str, noise: Noise, random: bool
+) -> tuple[float, ...]:
+    """(forward, backward, cheap forward seconds, operators, checkpointed extra seconds) of one
+    layer at one batch size; raises what the layer raises, and the last figure is NaN where only
+    its checkpointed run fails."""
     run = LayerRun(spec, batch, config, device, noise)
     clock = _clock(device)
     # warm-up: lazy initialisation and oneDNN primitives (made per shape) are not the step's time
@@ -265,7 +287,35 @@ def _run_layer(spec: LayerSpec, batch: int, config: StepConfig, device: str, noi
         out = run.call(values)
     del out
     forward = statistics.median(fwd)
-    return forward, statistics.median(bwd), forward * ops.cheap / max(ops.total, 1e-12), float(ops.count)
+    cheap = forward * ops.cheap / max(ops.total, 1e-12)
+    return forward, statistics.median(bwd), cheap, float(ops.count), _checkpointed(run, grads, repeats, random, clock)
+
+
+def _checkpointed(
+    run: LayerRun, grads: list[torch.Tensor], repeats: int, random: bool, clock: Callable[[], float]
+) -> float:
+    """What a forward and backward of the layer take more under torch's non-reentrant checkpoint,
+    the layer alone a segment: median of paired differences, each pair run back to back so that
+    both see the same load. NaN if it cannot run checkpointed alone (an in-place write into its
+    input, which the recomputation would see written)."""
+
+    def step(checkpointed: bool) -> float:
+        values = run.arguments()
+        start = clock()
+        if checkpointed:
+            out = checkpoint(lambda *v: run.call(list(v)), *values, use_reentrant=False, preserve_rng_state=random)
+        else:
+            out = run.call(values)
+        backward(out, grads)
+        took = clock() - start
+        run.clear_grads()
+        return took
+
+    try:
+        step(True)  # its own warm-up: checkpoint's first call sets up more than later ones
+        return statistics.median(step(True) - step(False) for _ in range(max(MIN_PAIRS, repeats)))
+    except Exception:  # noqa: BLE001  priced per saved tensor instead
+        return math.nan
 
 
 class _OperatorClock(TorchDispatchMode):
@@ -298,8 +348,7 @@ def _typical_numel(graph: MemGraph) -> int:
 def _checkpoint_cost(numel: int) -> CheckpointCost:
     """What checkpointing adds beyond recomputation on this machine for tensors of ``numel``
     elements, measured once and cached."""
-    # "checkpoint" entries priced per operator, "checkpoint-per-saved" had no buffer figure
-    key = repr(("checkpoint-per-buffer", numel))
+    key = repr(("checkpoint", numel))
     if key not in _cache:
         _cache[key] = (*_checkpoint_overheads(numel), _buffer_replay())
     return CheckpointCost(*_cache[key])
@@ -324,56 +373,51 @@ def _buffer_replay() -> float:
 
 
 def _checkpoint_overheads(numel: int) -> tuple[float, float, float]:
-    """(per segment, per saved tensor, more per operator when selective): chains of operators at
-    two lengths, plain and checkpointed each way; what checkpointing adds beyond one more forward,
-    fitted as a line in the tensors the chain saves for backward (counted, not assumed) and, for
-    the selective policy, in its operators."""
-    x = torch.randn(numel, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    """(per segment, per saved tensor, more per operator when selective), each a median of paired
+    differences of runs back to back: a ReLU of _TINY elements checkpointed against plain (its
+    recomputation is negligible); a chain of ReLU(t * 1.5) of ``numel`` elements checkpointed
+    against plain, less the segment and one more forward, per tensor the chain saves for backward
+    (counted, not assumed); the chain under a selective policy that recomputes everything against
+    plain checkpointing, per operator."""
+    generator = torch.Generator().manual_seed(0)
+    tiny = torch.randn(_TINY, generator=generator).requires_grad_()
+    x = torch.randn(numel, generator=generator).requires_grad_()
     clock = _clock()
 
-    def body(t: torch.Tensor, n: int) -> torch.Tensor:
-        for _ in range(n):
+    def body(t: torch.Tensor) -> torch.Tensor:
+        for _ in range(_CHAIN_LENGTH):
             t = torch.relu(t * 1.5)  # two operators
         return t
 
     def recompute_all(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
         return CheckpointPolicy.PREFER_RECOMPUTE
 
-    # the fastest run: differences of medians taken on a loaded machine were noise, and the
-    # result is cached for good
-    def fastest(run: Callable[[], Any], with_backward: bool = True) -> float:
-        samples = []
-        for _ in range(_CHAIN_RUNS):
-            start = clock()
-            out = run()
-            if with_backward:
-                out.sum().backward()
-            samples.append(clock() - start)
-        return min(samples)
+    def timed(run: Callable[[], torch.Tensor], with_backward: bool = True) -> float:
+        start = clock()
+        out = run()
+        if with_backward:
+            out.sum().backward()
+        return clock() - start
 
-    def saved_by(n: int) -> int:
-        packed: list[torch.Tensor] = []
+    def paired(first: Callable[[], torch.Tensor], then: Callable[[], torch.Tensor]) -> float:
+        timed(first), timed(then)  # warm-up
+        return statistics.median(-timed(first) + timed(then) for _ in range(_CHAIN_RUNS))
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            packed.append(t)
-            return t
+    def checkpointed(fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor, **kw: Any) -> Callable[[], Any]:
+        return functools.partial(checkpoint, fn, t, use_reentrant=False, preserve_rng_state=False, **kw)
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            body(x, n)
-        return len(packed)
+    packed: list[torch.Tensor] = []
 
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        packed.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        body(x)
+    segment = max(0.0, paired(functools.partial(torch.relu, tiny), checkpointed(torch.relu, tiny)))
+    again = statistics.median(timed(functools.partial(body, x), with_backward=False) for _ in range(_CHAIN_RUNS))
+    chain = paired(functools.partial(body, x), checkpointed(body, x))
     contexts = functools.partial(create_selective_checkpoint_contexts, recompute_all)
-    added: dict[str, list[float]] = {"checkpoint": [], "selective": []}
-    for n in _CHAIN_LENGTHS:
-        base = fastest(functools.partial(body, x, n))
-        again = fastest(functools.partial(body, x, n), with_backward=False)
-        plain = fastest(functools.partial(checkpoint, body, x, n, use_reentrant=False))
-        selective = fastest(functools.partial(checkpoint, body, x, n, use_reentrant=False, context_fn=contexts))
-        added["checkpoint"].append(plain - base - again)
-        added["selective"].append(selective - base - again)
-    saved = [saved_by(n) for n in _CHAIN_LENGTHS]
-    ops = [2 * n for n in _CHAIN_LENGTHS]
-    per_saved = max(0.0, (added["checkpoint"][1] - added["checkpoint"][0]) / max(saved[1] - saved[0], 1))
-    segment = max(0.0, added["checkpoint"][0] - per_saved * saved[0])
-    more = (added["selective"][1] - added["selective"][0]) - (added["checkpoint"][1] - added["checkpoint"][0])
-    return segment, per_saved, max(0.0, more / (ops[1] - ops[0]))
+    selective = paired(checkpointed(body, x), checkpointed(body, x, context_fn=contexts))
+    per_saved = max(0.0, (chain - segment - again) / max(len(packed), 1))
+    return segment, per_saved, max(0.0, selective / (2 * _CHAIN_LENGTH))
