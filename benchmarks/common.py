@@ -23,6 +23,13 @@ MiB = 2**20
 CACHE_ENV = "MEMFIT_CACHE_DIR"
 # A zoo CNN gets a CIFAR stem so that 32x32 inputs keep activations, not weights, dominant.
 CIFAR_STEM = ("resnet", "vgg", "mobilenet")
+# name -> (batch, per-sample shape, options of memfit.models.create): the plan-quality shapes
+# (hand-written policies and predicted time are measured on them).
+PLAN_QUALITY_MODELS: dict[str, tuple[int, str, dict[str, object]]] = {
+    "gpt": (8, "128", {"n_embd": 128}),
+    "resnet50": (4, "3x32x32", {}),
+    "mobilenet_v2": (8, "3x32x32", {}),
+}
 # glibc's mallopt parameters, and the values that make it keep what a step frees.
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 # mallopt takes an int: 2 GiB is as far from trimming as it goes; 32 MiB is glibc's largest mmap threshold.

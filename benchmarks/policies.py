@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 from common import (
+    PLAN_QUALITY_MODELS,
     Case,
     Table,
     begin,
@@ -61,12 +62,6 @@ KEPT_OPS = [
     aten.convolution.default,
     aten._scaled_dot_product_flash_attention_for_cpu.default,
 ]
-# name -> (batch, per-sample shape, options of memfit.models.create): the shapes of issue 12.
-MODELS = {
-    "gpt": (8, "128", {"n_embd": 128}),
-    "resnet50": (4, "3x32x32", {}),
-    "mobilenet_v2": (8, "3x32x32", {}),
-}
 LEVELS = [30, 60, 90, 97]
 
 
@@ -228,7 +223,7 @@ def summary(rows: list[tuple]) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run the peers and memfit on each model and print the tables."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", choices=list(MODELS), default=None, help="default: all three")
+    p.add_argument("--models", nargs="+", choices=list(PLAN_QUALITY_MODELS), default=None, help="default: all three")
     p.add_argument(
         "--batch", type=int, default=None, help="batch size (default per model: gpt 8, resnet50 4, mobilenet_v2 8)"
     )
@@ -236,14 +231,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default 7)")
     p.add_argument("--quick", action="store_true", help="gpt only, 3 rounds")
     args = p.parse_args(argv)
-    names = args.models or (["gpt"] if args.quick else list(MODELS))
+    names = args.models or (["gpt"] if args.quick else list(PLAN_QUALITY_MODELS))
     rounds = 3 if args.quick else args.rounds
     started = time.perf_counter()
     begin("1 intra-op thread")
     section("Hand-written policies (measured once) and memfit's plans at the budgets")
     rows = []
     for name in names:
-        batch, shape, options = MODELS[name]
+        batch, shape, options = PLAN_QUALITY_MODELS[name]
         rows += run(build_case(name, args.batch or batch, shape, **options), [v / 100 for v in args.levels], rounds)
     summary(rows)
     footer(started)

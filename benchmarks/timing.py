@@ -1,6 +1,7 @@
 """Time cost model: predicted against measured extra step time of memfit's plans.
 
 For memfit's ``resnet18`` (CIFAR stem, batch 32) and ``gpt`` (4 layers, n_embd 128, batch 8x128),
+and on request ``resnet50`` and ``mobilenet_v2`` at the shapes of benchmarks/policies.py,
 memfit.optimize plans for every strategy (and auto) at budgets --levels of the way from that
 strategy's feasible minimum (memfit.minimum) to the unplanned predicted peak (memfit.estimate).
 Each row gives the plan's predicted peak and its predicted extra step time (``plan.extra_seconds``:
@@ -14,6 +15,8 @@ is timed once; a row whose plan another row has already made says which.
     .venv/bin/python benchmarks/timing.py --quick             # smaller shapes, 2 budgets, 3 rounds
     .venv/bin/python benchmarks/timing.py                     # both models, 3 budgets, 7 rounds
     .venv/bin/python benchmarks/timing.py --models gpt --levels 50 --rounds 9 --cold
+    .venv/bin/python benchmarks/timing.py --models gpt resnet50 mobilenet_v2 --strategies auto \
+        --levels 30 60 90 97 --rounds 80                    # the plan-quality shapes: ~10 minutes
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from common import (
     CACHE_ENV,
+    PLAN_QUALITY_MODELS,
     Case,
     MiB,
     Table,
@@ -46,8 +50,14 @@ import memfit
 
 STRATEGIES = ["chen", "dp", "selective", "handwritten", "auto"]
 # name -> (batch, per-sample shape, options of memfit.models.create), full and --quick.
-MODELS = {"resnet18": (32, "3x32x32", {}), "gpt": (8, "128", {"n_layer": 4, "n_embd": 128})}
-QUICK = {"resnet18": (8, "3x32x32", {"width": 32}), "gpt": (4, "64", {"n_layer": 2, "n_embd": 64})}
+MODELS = {"resnet18": (32, "3x32x32", {}), **PLAN_QUALITY_MODELS}
+QUICK = {
+    "resnet18": (8, "3x32x32", {"width": 32}),
+    "gpt": (4, "64", {"n_layer": 2, "n_embd": 64}),
+    "resnet50": (2, "3x32x32", {}),
+    "mobilenet_v2": (4, "3x32x32", {}),
+}
+DEFAULT_MODELS = ["resnet18", "gpt"]
 LEVELS, QUICK_LEVELS = [25, 50, 75], [30, 70]
 ROUNDS, QUICK_ROUNDS = 7, 3
 
@@ -138,7 +148,7 @@ def model_table(case: Case, strategies: list[str], levels: list[float], rounds: 
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and print a table per model."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="default: both")
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=DEFAULT_MODELS, help="default: resnet18 gpt")
     p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=STRATEGIES, help="default: all")
     p.add_argument("--levels", nargs="+", type=float, default=None, help="budget levels in %% (default 25 50 75)")
     p.add_argument(
