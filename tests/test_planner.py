@@ -233,18 +233,6 @@ def test_unknown_strategy_and_bad_budget_are_refused(small_cnn: nn.Module) -> No
         memfit.optimize(small_cnn, -1, x)
 
 
-@pytest.mark.parametrize("kinds", [dp.KINDS, ("plain", "recompute")])
-def test_the_least_peak_plan_is_the_cheapest_at_its_peak(kinds: tuple) -> None:
-    # the peak's recursion breaks ties by held bytes: on this ResNet-18 it kept a floor plan that
-    # recomputed several times what the cost's recursion finds under the same peak
-    torch.manual_seed(0)
-    model = memfit.models.create("resnet18", stem="cifar", num_classes=10, width=16)
-    chain = Chain(capture(model, torch.randn(4, 3, 16, 16)))
-    floor = dp.lowest_peak(chain, kinds)
-    at_floor = dp.cheapest(chain, chain.peak(floor), kinds)
-    assert at_floor is not None and chain.cost(floor) <= chain.cost(at_floor)
-
-
 def test_nested_segments_lower_the_minimum_of_a_long_chain() -> None:
     """Revolve's second level: a deep conv-BN-ReLU chain fits below what one level of
     checkpoints can reach, and still trains exactly like the original."""

@@ -37,15 +37,9 @@ def cheapest(chain: Chain, budget: int, kinds: Sequence[SegmentKind] = KINDS) ->
 
 
 def lowest_peak(chain: Chain, kinds: Sequence[SegmentKind] = KINDS) -> Spans:
-    """The segmentation with the least chain-model peak, and the cheapest found at that peak."""
+    """The segmentation with the least chain-model peak (ties: the cheapest found first)."""
     spans = _solve(chain, kinds, quantum=max(1, chain.total_act) / BUCKETS, room=None)
     assert spans is not None  # without a budget every chain has a plan
-    # The peak's recursion breaks ties by held bytes, not cost: of the plans at the least peak
-    # it kept one that recomputed more than needed; the cost's recursion, bounded by that peak,
-    # finds a cheaper one (or, its quanta coarser, none: then the first stands).
-    cheaper = cheapest(chain, chain.peak(spans), kinds)
-    if cheaper is not None and chain.peak(cheaper) <= chain.peak(spans) and chain.cost(cheaper) < chain.cost(spans):
-        return cheaper
     return spans
 
 
