@@ -28,6 +28,7 @@ import time
 import torch
 import torch._functorch.config as functorch_config
 from common import (
+    PLAN_QUALITY_MODELS,
     MiB,
     Table,
     begin,
@@ -44,7 +45,7 @@ from common import (
 import memfit
 
 # name -> (batch, per-sample shape, options of memfit.models.create)
-MODELS = {"gpt": (8, "128", {"n_embd": 128}), "resnet18": (8, "3x32x32", {})}
+MODELS = {"gpt": PLAN_QUALITY_MODELS["gpt"], "resnet18": (8, "3x32x32", {})}
 RATIOS = [1.0, 0.5, 0.2]
 
 
