@@ -12,7 +12,8 @@ per-node facts and event log:
   largest transient of its nodes, kernel workspace);
 * ``cost`` and ``flops`` of the recomputation: ``cost`` is in nanoseconds, the sum of the
   recomputed nodes' forward times as calibrated on this machine (:mod:`memfit.cost.timing`) and
-  what checkpointing itself adds (per segment and per operator); or, for a graph whose times were
+  what checkpointing itself adds (per segment and per operator), priced by
+  :mod:`memfit.planner.pricing`; or, for a graph whose times were
   not calibrated, the FLOP proxy ``flops + BYTE_WEIGHT * bytes written``. Integers either way:
   the planners compare sums of them exactly.
 
@@ -28,11 +29,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..capture.graph import CheckpointCost, MemGraph, NodeInfo
+from ..capture.graph import MemGraph, NodeInfo
 from ..cost.timeline import replay
-from ..cost.timing import BYTE_WEIGHT, node_times
+from ..cost.timing import BYTE_WEIGHT
 from .blocks import find_blocks
 from .plan import Segment, SegmentKind
+from .pricing import overhead_table, prefix, price_nodes
 
 __all__ = ["BYTE_WEIGHT", "MAX_CANDIDATES", "Chain", "SegmentCost", "SegmentTable"]
 
@@ -94,12 +96,13 @@ class Chain:
         expensive = np.array([i.fwd_flops > 0 and not self._overwritten(i) for i in infos])
         out_bytes = np.array([i.out_bytes for i in infos], dtype=np.int64)
         flops = np.array([i.fwd_flops for i in infos], dtype=np.int64)
-        self._timing(infos, expensive, flops + BYTE_WEIGHT * out_bytes, prod)
-        self._act = _prefix(act)
-        self._act_exp = _prefix(np.where(expensive, act, 0))
-        self._cached = _prefix(np.where(expensive, out_bytes, 0))
-        self._flops = _prefix(flops)
-        self._flops_exp = _prefix(np.where(expensive, flops, 0))
+        self.prices = price_nodes(graph, infos, expensive, flops + BYTE_WEIGHT * out_bytes, prod)
+        self.timed = self.prices.timed  # whether ``cost`` is in nanoseconds
+        self._act = prefix(act)
+        self._act_exp = prefix(np.where(expensive, act, 0))
+        self._cached = prefix(np.where(expensive, out_bytes, 0))
+        self._flops = prefix(flops)
+        self._flops_exp = prefix(np.where(expensive, flops, 0))
         self.total_act = int(act.sum())
         self.forward_flops = int(flops.sum())
 
@@ -119,57 +122,6 @@ class Chain:
         self._overhead_table: np.ndarray | None = None
 
     # -- facts from the graph ---------------------------------------------------------------
-    def _timing(self, infos: list, expensive: np.ndarray, proxy: np.ndarray, prod: dict[int, int]) -> None:
-        """Per-node recomputation costs, in a plain and in a selective segment, the cost of a
-        checkpointed segment itself, and where recomputation stops: nanoseconds when the graph's
-        times were calibrated, else the FLOP proxy (nothing per segment; a selective segment
-        recomputes the nodes that count no FLOPs; every node is recomputed)."""
-        times = node_times(infos)
-        self.timed = times is not None  # whether ``cost`` is in nanoseconds
-        self._stop = np.arange(len(infos) + 1)
-        if times is None:
-            self.forward_seconds = self.backward_seconds = 0.0
-            self._cost, self._cost_sel = _prefix(proxy), _prefix(np.where(expensive, 0, proxy))
-            self._segment_ns = 0
-            self._overhead_ns = np.zeros(len(infos), dtype=np.int64)
-            self._buffers_ns = np.zeros(len(infos) + 1, dtype=np.int64)
-            return
-        self.forward_seconds, self.backward_seconds = float(times.forward.sum()), float(times.backward.sum())
-        extra = self.graph.checkpoint_cost or CheckpointCost(0.0, 0.0, 0.0)
-        # torch stops a recomputation once the segment's last saved tensor is packed again: the
-        # nodes after the last one that saves, and that one too when it saves only what came
-        # before it (a Linear packs its input before its matmul runs; GPT's head is never rerun)
-        n = len(infos)
-        saves, own = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
-        last = -1
-        for k, info in enumerate(infos):
-            if info.saved_sids or info.params:
-                saves[k] = True
-                own[k] = info.inplace or any(prod.get(sid) == k for sid in info.saved_sids)
-                last = k + int(own[k])
-            self._stop[k + 1] = max(last, 0)
-        # What checkpointing adds beyond the recomputation is mostly the segment's own (its set-up,
-        # the unpack that starts the recomputation, the early stop) and grows with the tensors it
-        # handles: a node alone a segment measured it at that node's size, less the forward it
-        # reran there (one that saves only its inputs is stopped before it computes). A segment of
-        # several pays it once, at about its costliest node's figure: the GPT's LayerNorm+Linear
-        # segment measured 0.72 ms beyond its rerun, its nodes alone 0.19 and 0.62 ms;
-        # MobileNetV2's seven-node block 0.85, its nodes alone 0.28 to 1.19, 5.2 together.
-        # A node not timed checkpointed is priced as the fixed cost and per tensor it saves.
-        saved = np.array([i.saved_tensors for i in infos], dtype=np.float64)
-        alone = np.where(own, times.forward, 0.0)
-        measured = np.maximum(extra.segment, np.nan_to_num(times.checkpointed - alone, nan=0.0))
-        unmeasured = extra.segment + extra.per_saved_tensor * saved
-        overhead = np.where(saves, np.where(np.isnan(times.checkpointed), unmeasured, measured), extra.segment)
-        self._overhead_ns = _ns(overhead)
-        self._segment_ns = int(_ns(extra.segment))
-        kept = np.where(expensive, times.cheap, times.forward)
-        selective = kept + extra.selective_per_operator * times.operators
-        self._cost, self._cost_sel = _prefix(_ns(times.forward)), _prefix(_ns(selective))
-        # replayed around the whole recomputation, however early it stops
-        buffers = [sum(w in self.graph.buffer_names for w in i.writes) for i in infos]
-        self._buffers_ns = _prefix(_ns(extra.per_buffer * np.array(buffers, dtype=np.float64)))
-
     def _lifetimes(self, infos: list) -> tuple[dict[int, int], dict[int, int]]:
         """Producer position of every storage a compute node allocates in forward, and the last
         position that reads it in forward (``len(names)`` for what reaches the model output)."""
@@ -307,7 +259,7 @@ class Chain:
     @property
     def step_seconds(self) -> float:
         """Predicted time of the unplanned step's forward and backward (0.0 when not timed)."""
-        return self.forward_seconds + self.backward_seconds
+        return self.prices.forward_seconds + self.prices.backward_seconds
 
     @property
     def m(self) -> int:
@@ -337,8 +289,8 @@ class Chain:
             zero = np.zeros_like(act)
             return SegmentTable(hold=act, local=local, cost=zero, flops=zero, recomputed=zero)
         held = self._cross + (self._inputs if after_plain else 0)
-        fixed = self._overheads() + _span(self._buffers_ns, c)
-        cost, flops = self._until_stop(self._cost, c) + fixed, _span(self._flops, c)
+        fixed = self._overheads() + _span(self.prices.buffers, c)
+        cost, flops = self._until_stop(self.prices.cost, c) + fixed, _span(self._flops, c)
         if kind == "recompute":
             return SegmentTable(hold=held, local=local, cost=cost, flops=flops, recomputed=act)
         if kind == "nested":  # every part recomputed twice: in the segment's backward and its own
@@ -349,38 +301,28 @@ class Chain:
         return SegmentTable(
             hold=held + _span(self._cached, c) - self._cross_cached,
             local=local,
-            cost=self._until_stop(self._cost_sel, c) + fixed,
+            cost=self._until_stop(self.prices.cost_selective, c) + fixed,
             flops=flops - _span(self._flops_exp, c),
             recomputed=act - _span(self._act_exp, c),
         )
 
-    def _until_stop(self, prefix: np.ndarray, c: np.ndarray) -> np.ndarray:
+    def _until_stop(self, sums: np.ndarray, c: np.ndarray) -> np.ndarray:
         """``[a, b]``: the sum over the nodes of candidate interval [a, b) that its recomputation
         runs, from a prefix sum."""
-        stop = np.maximum(c[:, None], self._stop[c][None, :])
-        return prefix[stop] - prefix[c][:, None]
+        stop = np.maximum(c[:, None], self.prices.stop[c][None, :])
+        return sums[stop] - sums[c][:, None]
 
     def _overheads(self) -> np.ndarray:
-        """``[a, b]``: what checkpointing candidate interval [a, b) adds beyond its recomputation:
-        the largest overhead of the nodes it packs (those it reruns, and the one it stops at,
-        which packs without running), at least the fixed cost of a segment."""
+        """``[a, b]``: what checkpointing candidate interval [a, b) adds beyond its recomputation."""
         if self._overhead_table is None:
-            c = np.array(self.cands)
-            out = np.full((self.m + 1, self.m + 1), self._segment_ns, dtype=np.int64)
-            # past an own saver, where it stops, come nodes that save nothing: priced at the floor
-            last = np.minimum(self._stop[c], c - 1)
-            for a in range(self.m):
-                running = np.maximum.accumulate(self._overhead_ns[c[a] :])
-                packs = last >= c[a]
-                out[a, packs] = np.maximum(self._segment_ns, running[last[packs] - c[a]])
-            self._overhead_table = out
+            self._overhead_table = overhead_table(self.prices, np.array(self.cands))
         return self._overhead_table
 
     def recomputed_nodes(self, a: int, b: int) -> list[str]:
         """The nodes a recomputation of candidate interval [a, b) runs (all of them when the chain
         is not timed)."""
         first = self.cands[a]
-        return self.names[first : max(first, int(self._stop[self.cands[b]]))]
+        return self.names[first : max(first, int(self.prices.stop[self.cands[b]]))]
 
     def _trans_spans(self) -> np.ndarray:
         """``[a, b]``: the largest transient of a node in candidate interval [a, b)."""
@@ -478,18 +420,10 @@ class Chain:
         return any(self._written.get(sid, set()) - {info.name} for sid in info.out_sids)
 
 
-def _span(prefix: np.ndarray, c: np.ndarray) -> np.ndarray:
+def _span(sums: np.ndarray, c: np.ndarray) -> np.ndarray:
     """``[a, b]``: the sum over nodes from candidate a to candidate b, from a prefix sum."""
-    at = prefix[c]
+    at = sums[c]
     return at[None, :] - at[:, None]
-
-
-def _ns(seconds: np.ndarray | float) -> np.ndarray:
-    return np.round(np.asarray(seconds) * 1e9).astype(np.int64)
-
-
-def _prefix(x: np.ndarray) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(x, dtype=np.int64)])
 
 
 def _pair_table(w: np.ndarray) -> np.ndarray:
