@@ -6,6 +6,7 @@ Only memfit's public API is used here and in the parts, as a user would use it.
 from __future__ import annotations
 
 import ctypes
+import random
 import statistics
 import sys
 import time
@@ -119,19 +120,14 @@ class Stepper:
         return loss.detach()
 
 
-def time_ratios(
-    modules: dict[str, nn.Module], reference: str, x: torch.Tensor, rounds: int
-) -> tuple[dict[str, float], float]:
-    """Per module: the median over rounds of its step's CPU time over the reference's in that round.
+def step_times(modules: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> dict[str, list[float]]:
+    """Every module's training-step CPU time (seconds) in each of ``rounds`` interleaved rounds.
 
     Every round steps every module once, starting one further along the list each round, so all
     see the same load from the rest of the machine and none always runs first after another's
-    frees; a median of per-round ratios cancels slow spells that hit a whole round. Every module
-    steps WARMUP_STEPS times before timing (first-call allocations, oneDNN caches, compilation,
-    and the heap growing to where, kept by :func:`keep_freed_memory`, no step faults a page).
-
-    Returns:
-        The ratios (the reference's is 1) and the reference's median step in ms.
+    frees. Every module steps WARMUP_STEPS times before timing (first-call allocations, oneDNN
+    caches, compilation, and the heap growing to where, kept by :func:`keep_freed_memory`, no step
+    faults a page).
     """
     names = list(modules)
     steppers = {n: Stepper(modules[n], x) for n in names}
@@ -151,8 +147,46 @@ def time_ratios(
                 took[n].append(time.process_time() - t0)
     finally:
         torch.set_num_threads(threads)
-    ratios = {n: statistics.median(a / b for a, b in zip(took[n], took[reference], strict=True)) for n in names}
+    return took
+
+
+def median_ratio(took: Sequence[float], reference: Sequence[float]) -> float:
+    """The median over rounds of a step's time over the reference's in the same round: a median
+    of per-round ratios cancels slow spells that hit a whole round."""
+    return statistics.median(a / b for a, b in zip(took, reference, strict=True))
+
+
+def time_ratios(
+    modules: dict[str, nn.Module], reference: str, x: torch.Tensor, rounds: int
+) -> tuple[dict[str, float], float]:
+    """Per module: :func:`median_ratio` of its step's CPU time over the reference's, timed by
+    :func:`step_times`.
+
+    Returns:
+        The ratios (the reference's is 1) and the reference's median step in ms.
+    """
+    took = step_times(modules, x, rounds)
+    ratios = {n: median_ratio(t, took[reference]) for n, t in took.items()}
     return ratios, 1000 * statistics.median(took[reference])
+
+
+def extra_interval(
+    took: Sequence[float], reference: Sequence[float], coverage: float = 0.9, samples: int = 1000
+) -> tuple[float, float]:
+    """A bootstrap interval (seconds) of the measured extra time ``(median_ratio - 1) x median
+    reference step``: the rounds resampled with replacement, ``coverage`` of the resampled
+    figures between its ends. How far one run's figure can be trusted: on a shared machine a
+    plan's step moves by several percent from round to round."""
+    rng = random.Random(0)
+    pairs = list(zip(took, reference, strict=True))
+    figures = []
+    for _ in range(samples):
+        pick = rng.choices(pairs, k=len(pairs))
+        ref = [b for _, b in pick]
+        figures.append((median_ratio([a for a, _ in pick], ref) - 1) * statistics.median(ref))
+    figures.sort()
+    tail = (1 - coverage) / 2
+    return figures[int(tail * (samples - 1))], figures[int((1 - tail) * (samples - 1))]
 
 
 def levels_between(low: float, high: float, levels: Sequence[float]) -> list[float]:
