@@ -186,12 +186,16 @@ def test_plan_cost_is_the_sum_of_its_recomputed_nodes(fresh_cache, extra):
             for info in rerun:
                 kept = kind == "selective" and info.name in expensive
                 segment += _ns((info.cheap_seconds if kept else info.fwd_seconds) + per_op * info.operators)
-            # once per segment: its fixed cost, and per tensor its costliest packed node saves (the
-            # node where it stops packs without running)
+            # per packed node that saves (the node where it stops packs without running): the fixed
+            # cost and per tensor it saves; a segment's fixed cost at least
             stop = chain.cands[a] + len(rerun)
             packed = rerun + ([graph.info(chain.names[stop])] if stop < chain.cands[b] else [])
-            most = max((i.saved_tensors for i in packed if i.saved_sids or i.params), default=0)
-            segment += _ns(extra.segment + extra.per_saved_tensor * most)
+            savers = [
+                _ns(extra.segment + extra.per_saved_tensor * i.saved_tensors)
+                for i in packed
+                if i.saved_sids or i.params
+            ]
+            segment += max(_ns(extra.segment), sum(savers))
             expected += 2 * segment if kind == "nested" else segment  # nested: recomputed twice
         assert chain.cost(spans) == expected
         plan = Plan(segments=chain.to_segments(spans), strategy="dp", step_seconds=chain.step_seconds)

@@ -29,7 +29,7 @@ class NodePrices:
         backward_seconds: Predicted unplanned backward (0.0 when not timed).
         cost: Prefix sums of each node's rerun cost in a plain segment.
         cost_selective: The same in a selective segment (its FLOP-heavy outputs kept).
-        overhead: Per node, what checkpointing adds when the node is packed, in ns.
+        overhead: Per node, what checkpointing adds when a segment packs the node, in ns.
         segment: The fixed cost of a checkpointed segment, in ns.
         buffers: Prefix sums of the buffer replays each node's writes cost, in ns.
         stop: Per position ``b``: the position before which a recomputation of a segment ending at
@@ -89,19 +89,20 @@ def price_nodes(
             own[k] = info.inplace or any(prod.get(sid) == k for sid in info.saved_sids)
             last = k + int(own[k])
         stop[k + 1] = max(last, 0)
-    # What checkpointing adds beyond the recomputation is mostly the segment's own (its set-up,
-    # the unpack that starts the recomputation, the early stop) and grows with the tensors it
-    # handles: a node alone a segment measured it at that node's size, less the forward it
-    # reran there (one that saves only its inputs is stopped before it computes). A segment of
-    # several pays it once, at about its costliest node's figure: the GPT's LayerNorm+Linear
-    # segment measured 0.72 ms beyond its rerun, its nodes alone 0.19 and 0.62 ms;
-    # MobileNetV2's seven-node block 0.85, its nodes alone 0.28 to 1.19, 5.2 together.
-    # A node not timed checkpointed is priced as the fixed cost and per tensor it saves.
+    # What checkpointing adds beyond the recomputation grows with what the segment packs: every
+    # node that saves a tensor (those it reruns, and the one where it stops, which packs without
+    # running) adds what it added alone a segment, less the forward it reran there (one that
+    # saves only its inputs is stopped before it computes). Measured alone as whole segments
+    # (kept heap, one thread): MobileNetV2's seven-node inverted-residual block 1.69 ms beyond its
+    # rerun, its nodes' figures summing to 1.54 (their largest 0.28); the GPT's GELU+Linear
+    # 0.8-1.0 ms, its nodes 0.18 + 0.64; the LayerNorm+Linear 0.72, its nodes 0.19 + 0.62.
+    # A node not timed checkpointed is priced as the fixed cost and per tensor it saves; one
+    # that saves nothing packs nothing.
     saved = np.array([i.saved_tensors for i in infos], dtype=np.float64)
     alone = np.where(own, times.forward, 0.0)
     measured = np.maximum(extra.segment, np.nan_to_num(times.checkpointed - alone, nan=0.0))
     unmeasured = extra.segment + extra.per_saved_tensor * saved
-    overhead = np.where(saves, np.where(np.isnan(times.checkpointed), unmeasured, measured), extra.segment)
+    overhead = np.where(saves, np.where(np.isnan(times.checkpointed), unmeasured, measured), 0.0)
     kept = np.where(expensive, times.cheap, times.forward)
     selective = kept + extra.selective_per_operator * times.operators
     # replayed around the whole recomputation, however early it stops
@@ -121,17 +122,14 @@ def price_nodes(
 
 def overhead_table(prices: NodePrices, cands: np.ndarray) -> np.ndarray:
     """``[a, b]``: what checkpointing candidate interval [a, b) adds beyond its recomputation:
-    the largest overhead of the nodes it packs (those it reruns, and the one it stops at, which
-    packs without running), at least the fixed cost of a segment."""
-    m = len(cands) - 1
-    out = np.full((m + 1, m + 1), prices.segment, dtype=np.int64)
-    # past an own saver, where it stops, come nodes that save nothing: priced at the floor
+    the overheads of the nodes it packs (those it reruns, and the one it stops at, which packs
+    without running) summed, at least the fixed cost of a segment."""
+    sums = prefix(prices.overhead)
+    # past an own saver, where it stops, come nodes that save nothing: they add nothing
     last = np.minimum(prices.stop[cands], cands - 1)
-    for a in range(m):
-        running = np.maximum.accumulate(prices.overhead[cands[a] :])
-        packs = last >= cands[a]
-        out[a, packs] = np.maximum(prices.segment, running[last[packs] - cands[a]])
-    return out
+    packed = sums[last + 1][None, :] - sums[cands][:, None]
+    packs = last[None, :] >= cands[:, None]
+    return np.where(packs, np.maximum(prices.segment, packed), prices.segment).astype(np.int64)
 
 
 def ns(seconds: np.ndarray | float) -> np.ndarray:
