@@ -281,6 +281,30 @@ def test_cpu_layers_are_timed_on_one_thread_by_its_cpu_clock(small_cnn, fresh_ca
     assert seen and set(seen) == {(1, time.thread_time)}
 
 
+def test_checkpointed_figures_take_more_pairs_on_faster_layers(small_cnn, fresh_cache, monkeypatch):
+    """A checkpointed figure is a difference of two noisy times: a layer gets about PAIR_SECONDS
+    of paired steps, within [MIN_PAIRS, MAX_PAIRS] (a fast layer at 9 pairs moved 0.49 to 0.77 ms
+    between calibrations)."""
+    pairs = []
+    checkpointed = timing._checkpointed
+
+    def spy(run, grads, count, *args):
+        pairs.append(count)
+        return checkpointed(run, grads, count, *args)
+
+    monkeypatch.setattr(timing, "_checkpointed", spy)
+    monkeypatch.setattr(timing, "PAIR_SECONDS", 1e9)  # every layer as fast as can be
+    _timed(small_cnn, torch.randn(4, 3, 16, 16))
+    assert pairs and set(pairs) == {timing.MAX_PAIRS}
+    pairs.clear()
+    for path in fresh_cache.glob("timing-*.json"):  # measured again, not read back
+        path.unlink()
+    timing._cache.clear()
+    monkeypatch.setattr(timing, "PAIR_SECONDS", 1e-9)  # every layer as slow as can be
+    _timed(small_cnn, torch.randn(4, 3, 16, 16))
+    assert pairs and set(pairs) == {timing.MIN_PAIRS}
+
+
 def test_the_dry_run_counts_the_tensors_each_node_saves(fresh_cache):
     """Checkpointing pays per saved tensor (it packs each, and stores each again when it
     recomputes), so the dry run counts what a real step's saved-tensor hooks see, per node."""

@@ -78,9 +78,11 @@ MAX_LAYER_FLOPS = 2e10
 # Seconds of timed forwards per layer: short layers are repeated until this much, up to MAX_REPEATS.
 TARGET_SECONDS = 0.01
 MIN_REPEATS, MAX_REPEATS = 3, 9
-# Paired plain and checkpointed runs of a layer, at least: the figure is a difference of two
-# noisy times, so it takes more samples than the forward.
-MIN_PAIRS = 5
+# Paired plain and checkpointed runs of a layer: the figure is a difference of two noisy times,
+# so it takes more samples than the forward, about PAIR_SECONDS of steps within [MIN_PAIRS,
+# MAX_PAIRS]. Two calibrations of the GPT's MLP Linear at the old fixed 9 pairs gave 0.49 and
+# 0.77 ms, at 25 pairs 0.45 and 0.38 ms; a plan of small segments is priced by these figures.
+MIN_PAIRS, MAX_PAIRS, PAIR_SECONDS = 5, 25, 0.1
 # Checkpoint cost calibration: a segment of one ReLU on _TINY elements (the fixed cost), and a
 # chain of _CHAIN_LENGTH operator pairs on tensors the size of the step's typical activation, up
 # to _CHAIN_NUMEL elements (per saved tensor, for layers not timed alone), this many pairs each.
@@ -90,7 +92,7 @@ _OPS = ("placeholder", "get_attr")
 # (forward, backward, cheap forward seconds, operators, checkpointed extra seconds) per layer and
 # batch; checkpoint costs ("timing" held wall times taken with the step's threads, entries of a
 # loaded machine kept for good; "timing-2" no layer's checkpointed time)
-_cache = DiskCache("timing-3", lambda v: _entry(*v))
+_cache = DiskCache("timing-4", lambda v: _entry(*v))
 
 
 def _entry(*values: float) -> tuple[float, ...]:
@@ -286,13 +288,14 @@ def _run_layer(
     with _OperatorClock(clock) as ops:
         out = run.call(values)
     del out
-    forward = statistics.median(fwd)
+    forward, back = statistics.median(fwd), statistics.median(bwd)
     cheap = forward * ops.cheap / max(ops.total, 1e-12)
-    return forward, statistics.median(bwd), cheap, float(ops.count), _checkpointed(run, grads, repeats, random, clock)
+    pairs = min(MAX_PAIRS, max(MIN_PAIRS, round(PAIR_SECONDS / max(forward + back, 1e-9))))
+    return forward, back, cheap, float(ops.count), _checkpointed(run, grads, pairs, random, clock)
 
 
 def _checkpointed(
-    run: LayerRun, grads: list[torch.Tensor], repeats: int, random: bool, clock: Callable[[], float]
+    run: LayerRun, grads: list[torch.Tensor], pairs: int, random: bool, clock: Callable[[], float]
 ) -> float:
     """What a forward and backward of the layer take more under torch's non-reentrant checkpoint,
     the layer alone a segment: median of paired differences, each pair run back to back so that
@@ -313,7 +316,7 @@ def _checkpointed(
 
     try:
         step(True)  # its own warm-up: checkpoint's first call sets up more than later ones
-        return statistics.median(step(True) - step(False) for _ in range(max(MIN_PAIRS, repeats)))
+        return statistics.median(step(True) - step(False) for _ in range(pairs))
     except Exception:  # noqa: BLE001  priced per saved tensor instead
         return math.nan
 
