@@ -16,10 +16,9 @@ the FLOP counter does not count is what a selective segment recomputes (attentio
 dropout is mostly softmax, masking and dropout), and their number prices checkpointing's own
 per-operator work. Last, the layer's forward and backward run again under torch's non-reentrant
 checkpoint, paired with plain runs: what checkpointing adds to a layer grows with its tensors, not
-only with their number (a Linear on a 2 MiB input takes 0.6 ms more checkpointed though torch
-stops before its matmul and reruns nothing; a ReLU on 64 elements 0.12 ms), and the per-tensor
-price fitted on small chains that this replaces put the GPT's plan of six short segments at +1.6%
-of a step where it measured +3.6 to +5.3%. The fixed per-segment cost is calibrated once per
+only with their number (a Linear on a 2 MiB input takes 0.5 ms more checkpointed, a ReLU on 64
+elements 0.12 ms), and the per-tensor price fitted on small chains that this replaces put the
+GPT's plan of six short segments at +1.6% of a step where it measured +3.6 to +5.3%. The fixed per-segment cost is calibrated once per
 machine (:class:`~memfit.capture.graph.CheckpointCost`). Results are cached per machine and torch
 build beside the workspaces.
 
@@ -91,7 +90,8 @@ _TINY, _CHAIN_LENGTH, _CHAIN_RUNS, _CHAIN_NUMEL = 64, 8, 25, 2**17
 _OPS = ("placeholder", "get_attr")
 # (forward, backward, cheap forward seconds, operators, checkpointed extra seconds) per layer and
 # batch; checkpoint costs ("timing" held wall times taken with the step's threads, entries of a
-# loaded machine kept for good; "timing-2" no layer's checkpointed time)
+# loaded machine kept for good; "timing-2" no layer's checkpointed time; "timing-3" took it from
+# 5 to 9 pairs)
 _cache = DiskCache("timing-4", lambda v: _entry(*v))
 
 

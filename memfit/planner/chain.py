@@ -97,7 +97,6 @@ class Chain:
         out_bytes = np.array([i.out_bytes for i in infos], dtype=np.int64)
         flops = np.array([i.fwd_flops for i in infos], dtype=np.int64)
         self.prices = price_nodes(graph, infos, expensive, flops + BYTE_WEIGHT * out_bytes, prod)
-        self.timed = self.prices.timed  # whether ``cost`` is in nanoseconds
         self._act = prefix(act)
         self._act_exp = prefix(np.where(expensive, act, 0))
         self._cached = prefix(np.where(expensive, out_bytes, 0))
@@ -256,6 +255,11 @@ class Chain:
         return out
 
     # -- segment costs ----------------------------------------------------------------------
+    @property
+    def timed(self) -> bool:
+        """Whether ``cost`` is in nanoseconds (the graph's times were calibrated)."""
+        return self.prices.timed
+
     @property
     def step_seconds(self) -> float:
         """Predicted time of the unplanned step's forward and backward (0.0 when not timed)."""

@@ -125,11 +125,10 @@ def overhead_table(prices: NodePrices, cands: np.ndarray) -> np.ndarray:
     the overheads of the nodes it packs (those it reruns, and the one it stops at, which packs
     without running) summed, at least the fixed cost of a segment."""
     sums = prefix(prices.overhead)
-    # past an own saver, where it stops, come nodes that save nothing: they add nothing
+    # past an own saver, where it stops, come nodes that save nothing: they add nothing (and a
+    # segment that packs nothing sums to at most 0, so the floor prices it)
     last = np.minimum(prices.stop[cands], cands - 1)
-    packed = sums[last + 1][None, :] - sums[cands][:, None]
-    packs = last[None, :] >= cands[:, None]
-    return np.where(packs, np.maximum(prices.segment, packed), prices.segment).astype(np.int64)
+    return np.maximum(prices.segment, sums[last + 1][None, :] - sums[cands][:, None])
 
 
 def ns(seconds: np.ndarray | float) -> np.ndarray:
