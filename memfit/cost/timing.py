@@ -18,9 +18,9 @@ per-operator work. Last, the layer's forward and backward run again under torch'
 checkpoint, paired with plain runs: what checkpointing adds to a layer grows with its tensors, not
 only with their number (a Linear on a 2 MiB input takes 0.5 ms more checkpointed, a ReLU on 64
 elements 0.12 ms), and the per-tensor price fitted on small chains that this replaces put the
-GPT's plan of six short segments at +1.6% of a step where it measured +3.6 to +5.3%. The fixed per-segment cost is calibrated once per
-machine (:class:`~memfit.capture.graph.CheckpointCost`). Results are cached per machine and torch
-build beside the workspaces.
+GPT's plan of six short segments at +1.6% of a step where it measured +3.6 to +5.3%. The fixed
+per-segment cost is calibrated once per machine (:class:`~memfit.capture.graph.CheckpointCost`).
+Results are cached per machine and torch build beside the workspaces.
 
 A node that cannot be timed alone (non-tensor arguments, a layer that fails by itself) keeps
 ``fwd_seconds = None`` and gets ``time_error``; :func:`node_times` then prices it by the FLOP
