@@ -30,7 +30,7 @@ from .errors import MemfitBudgetError
 from .planner import STRATEGIES, Chain, Plan, Spans
 from .report.build import report_from_graph, with_storage
 from .report.memory import Comparison, MemoryReport, mib
-from .rewrite.checkpoint import PlannedModule, rewrite
+from .rewrite.checkpoint import PlannedModule, rewrite, segment_of
 
 __all__ = ["LADDER", "MARGIN", "MARGIN_BYTES", "PlanSearch", "Verified"]
 
@@ -88,7 +88,7 @@ class PlanSearch:
         self.gm = graph_of(model, leaves, inputs)  # one trace serves capture, calibration and the rewrite
         self.graph = capture(model, inputs, config, leaf_modules=leaves, gm=self.gm)
         workspace.calibrate(self.graph, self.gm, inputs.tensors, config, leaf_modules=leaves)
-        timing.calibrate_times(self.graph, self.gm, inputs.tensors, config, leaf_modules=leaves)
+        timing.calibrate_times(self.graph, self.gm, inputs.tensors, config, leaf_modules=leaves, segment_of=segment_of)
         self.chain = Chain(self.graph)
         self.unplanned = simulate.simulate(self.graph, parallel=parallel)
         self.before: MemoryReport = report_from_graph(

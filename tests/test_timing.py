@@ -158,7 +158,7 @@ def _resnet_graph() -> MemGraph:
     return _timed(model, torch.randn(4, 3, 16, 16))
 
 
-@pytest.mark.parametrize("extra", [CheckpointCost(0.0, 0.0, 0.0), CheckpointCost(1e-4, 2e-6, 3e-5, 5e-6)])
+@pytest.mark.parametrize("extra", [CheckpointCost(0.0, 0.0, 0.0), CheckpointCost(1e-4, 2e-6, 3e-5, 5e-6, 7e-5)])
 def test_plan_cost_is_the_sum_of_its_recomputed_nodes(fresh_cache, extra):
     graph = _resnet_graph()
     graph.checkpoint_cost = extra
@@ -186,16 +186,12 @@ def test_plan_cost_is_the_sum_of_its_recomputed_nodes(fresh_cache, extra):
             for info in rerun:
                 kept = kind == "selective" and info.name in expensive
                 segment += _ns((info.cheap_seconds if kept else info.fwd_seconds) + per_op * info.operators)
-            # per packed node that saves (the node where it stops packs without running): the fixed
-            # cost and per tensor it saves; a segment's fixed cost at least
+            # the fixed cost (torch's and the rewrite's module) once, and per packed node that saves
+            # (the node where it stops packs without running) per tensor it saves
             stop = chain.cands[a] + len(rerun)
             packed = rerun + ([graph.info(chain.names[stop])] if stop < chain.cands[b] else [])
-            savers = [
-                _ns(extra.segment + extra.per_saved_tensor * i.saved_tensors)
-                for i in packed
-                if i.saved_sids or i.params
-            ]
-            segment += max(_ns(extra.segment), sum(savers))
+            segment += _ns(extra.segment + extra.wrapper)
+            segment += sum(_ns(extra.per_saved_tensor * i.saved_tensors) for i in packed if i.saved_sids or i.params)
             expected += 2 * segment if kind == "nested" else segment  # nested: recomputed twice
         assert chain.cost(spans) == expected
         plan = Plan(segments=chain.to_segments(spans), strategy="dp", step_seconds=chain.step_seconds)
@@ -328,3 +324,38 @@ def test_the_dry_run_counts_the_tensors_each_node_saves(fresh_cache):
         h.remove()
     counted = [i.saved_tensors for i in graph.nodes if i.op == "call_module"]
     assert counted == [real.get(k, 0) for k in range(len(model))] and counted[1] > counted[2] > 0
+
+
+def test_the_rewrites_own_segment_module_is_priced_beyond_torchs_checkpoint(fresh_cache):
+    """What the rewrite's segment module adds to torch's checkpoint is the ``wrapper`` figure:
+    a maker that spins 2 ms of this thread's CPU time more per segment is priced about that
+    (the clock is the thread's CPU time, which a spin fills exactly)."""
+
+    def slow(fn):
+        def run(t):
+            end = time.thread_time() + 2e-3
+            while time.thread_time() < end:
+                pass
+            return checkpoint(fn, t, use_reentrant=False)
+
+        return run
+
+    assert 1.8e-3 < timing._checkpoint_cost(64, slow).wrapper < 3e-3
+    assert timing._checkpoint_cost(64).wrapper == 0.0
+
+
+def test_the_rewrites_segment_of_a_function_is_a_checkpointed_segment():
+    """What calibration times as the rewrite's segment is one: the function's values and
+    gradients, and its ReLU runs again in backward."""
+    from memfit.rewrite.checkpoint import Checkpointed, segment_of
+
+    x = torch.randn(16, requires_grad=True)
+    segment = segment_of(lambda t: torch.relu(t) * 2)
+    assert isinstance(segment, Checkpointed)
+    with _Ops() as seen:
+        y = segment(x)
+        assert seen.ops == ["relu"]
+        y.sum().backward()
+    assert seen.ops == ["relu", "relu"]
+    expected = torch.autograd.grad((torch.relu(x) * 2).sum(), x)[0]
+    assert torch.equal(y, torch.relu(x) * 2) and torch.equal(x.grad, expected)

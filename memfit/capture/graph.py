@@ -114,12 +114,15 @@ class CheckpointCost:
         per_buffer: Per buffer a segment writes in place (BatchNorm's running statistics): the
             rewrite snapshots it in the forward and sets it back around the recomputation, four
             small copies whatever the recomputation runs of the segment.
+        wrapper: More per segment for the rewrite's own module around torch's checkpoint (its fx
+            body runs twice, its contexts are entered around the recomputation).
     """
 
     segment: float
     per_saved_tensor: float
     selective_per_operator: float
     per_buffer: float = 0.0
+    wrapper: float = 0.0
 
 
 @dataclass

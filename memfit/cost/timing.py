@@ -64,6 +64,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# Makes a one-tensor function into what the rewrite runs for a checkpointed segment of it (the
+# rewrite sits above this package, so the search hands its maker down).
+SegmentOf = Callable[[Callable[[torch.Tensor], torch.Tensor]], Callable[[torch.Tensor], torch.Tensor]]
+
 # "off" (or 0, no, false) skips time calibration: plans are priced by the FLOP proxy.
 TIMING_ENV = "MEMFIT_TIMING"
 # A memory-bound op costs about this many FLOPs per byte it writes: the proxy that keeps
@@ -91,15 +95,15 @@ _OPS = ("placeholder", "get_attr")
 # (forward, backward, cheap forward seconds, operators, checkpointed extra seconds) per layer and
 # batch; checkpoint costs ("timing" held wall times taken with the step's threads, entries of a
 # loaded machine kept for good; "timing-2" no layer's checkpointed time; "timing-3" took it from
-# 5 to 9 pairs)
-_cache = DiskCache("timing-4", lambda v: _entry(*v))
+# 5 to 9 pairs; "timing-4" had no figure of the rewrite's own segment module)
+_cache = DiskCache("timing-5", lambda v: _entry(*v))
 
 
 def _entry(*values: float) -> tuple[float, ...]:
-    """A cache entry as read back: five figures of a layer, four of checkpointing (NaN: the layer
+    """A cache entry as read back: five figures of a layer or of checkpointing (NaN: the layer
     could not run checkpointed alone)."""
-    if len(values) not in (4, 5):
-        raise ValueError(f"a timing entry has 4 or 5 figures, not {len(values)}")
+    if len(values) != 5:
+        raise ValueError(f"a timing entry has 5 figures, not {len(values)}")
     return tuple(float(v) for v in values)
 
 
@@ -115,17 +119,20 @@ def calibrate_times(
     config: StepConfig,
     *,
     leaf_modules: LeafSpec = (),
+    segment_of: SegmentOf | None = None,
 ) -> None:
     """Fill the times of every compute node of ``graph`` (``fwd_seconds``, ``bwd_seconds``,
     ``cheap_seconds``, ``operators``) and its ``checkpoint_cost``; a node that cannot be timed
     alone keeps None and gets ``time_error`` (see :func:`unmeasured`). Does nothing when
-    :func:`enabled` is false. The global RNG and the model are left untouched. The arguments are
-    :func:`memfit.cost.workspace.calibrate`'s.
+    :func:`enabled` is false. The global RNG and the model are left untouched. The other
+    arguments are :func:`memfit.cost.workspace.calibrate`'s; ``segment_of`` makes a function
+    into the rewrite's checkpointed segment of it, whose cost beyond torch's checkpoint is then
+    the ``wrapper`` figure (0 without it).
     """
     if not enabled():
         return
     with _one_thread(graph.device):
-        _calibrate(graph, model, inputs, config, leaf_modules)
+        _calibrate(graph, model, inputs, config, leaf_modules, segment_of)
 
 
 def _calibrate(
@@ -134,6 +141,7 @@ def _calibrate(
     inputs: tuple[torch.Tensor, ...],
     config: StepConfig,
     leaf_modules: LeafSpec,
+    segment_of: SegmentOf | None,
 ) -> None:
     def measure(info: NodeInfo, spec: LayerSpec, noise: Noise) -> tuple[float, ...]:
         return _times_for(spec, info, graph.batch_size, config, graph.device, noise)
@@ -150,7 +158,7 @@ def _calibrate(
             c.info.fwd_seconds, c.info.bwd_seconds, c.info.cheap_seconds, c.info.operators = fwd, bwd, cheap, round(ops)
             c.info.checkpointed_seconds = None if math.isnan(checkpointed) else checkpointed
     with _cache.session():
-        graph.checkpoint_cost = _checkpoint_cost(_typical_numel(graph))
+        graph.checkpoint_cost = _checkpoint_cost(_typical_numel(graph), segment_of)
     for info in graph.nodes:
         if info.op not in _OPS and info.fwd_seconds is None and info.time_error is None:
             info.time_error = "it returns no tensor"
@@ -348,13 +356,23 @@ def _typical_numel(graph: MemGraph) -> int:
     return 2 ** round(math.log2(min(max(median, 64), _CHAIN_NUMEL)))
 
 
-def _checkpoint_cost(numel: int) -> CheckpointCost:
+def _checkpoint_cost(numel: int, segment_of: SegmentOf | None = None) -> CheckpointCost:
     """What checkpointing adds beyond recomputation on this machine for tensors of ``numel``
-    elements, measured once and cached."""
-    key = repr(("checkpoint", numel))
+    elements, and what ``segment_of``'s segments add to torch's checkpoint, measured once and
+    cached."""
+    key = repr(("checkpoint", numel, segment_of is not None))
     if key not in _cache:
-        _cache[key] = (*_checkpoint_overheads(numel), _buffer_replay())
+        wrapper = 0.0 if segment_of is None else _wrapper_overhead(segment_of)
+        _cache[key] = (*_checkpoint_overheads(numel), _buffer_replay(), wrapper)
     return CheckpointCost(*_cache[key])
+
+
+def _wrapper_overhead(segment_of: SegmentOf) -> float:
+    """Median of paired differences: a ReLU of _TINY elements as ``segment_of``'s segment against
+    it under torch's checkpoint alone."""
+    tiny = torch.randn(_TINY, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    plain = functools.partial(checkpoint, torch.relu, tiny, use_reentrant=False, preserve_rng_state=False)
+    return max(0.0, _paired(plain, functools.partial(segment_of(torch.relu), tiny), _clock()))
 
 
 def _buffer_replay() -> float:
@@ -395,17 +413,6 @@ def _checkpoint_overheads(numel: int) -> tuple[float, float, float]:
     def recompute_all(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
         return CheckpointPolicy.PREFER_RECOMPUTE
 
-    def timed(run: Callable[[], torch.Tensor], with_backward: bool = True) -> float:
-        start = clock()
-        out = run()
-        if with_backward:
-            out.sum().backward()
-        return clock() - start
-
-    def paired(first: Callable[[], torch.Tensor], then: Callable[[], torch.Tensor]) -> float:
-        timed(first), timed(then)  # warm-up
-        return statistics.median(-timed(first) + timed(then) for _ in range(_CHAIN_RUNS))
-
     def checkpointed(fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor, **kw: Any) -> Callable[[], Any]:
         return functools.partial(checkpoint, fn, t, use_reentrant=False, preserve_rng_state=False, **kw)
 
@@ -417,10 +424,26 @@ def _checkpoint_overheads(numel: int) -> tuple[float, float, float]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         body(x)
-    segment = max(0.0, paired(functools.partial(torch.relu, tiny), checkpointed(torch.relu, tiny)))
-    again = statistics.median(timed(functools.partial(body, x), with_backward=False) for _ in range(_CHAIN_RUNS))
-    chain = paired(functools.partial(body, x), checkpointed(body, x))
+    segment = max(0.0, _paired(functools.partial(torch.relu, tiny), checkpointed(torch.relu, tiny), clock))
+    again = statistics.median(_timed(functools.partial(body, x), clock, backward=False) for _ in range(_CHAIN_RUNS))
+    chain = _paired(functools.partial(body, x), checkpointed(body, x), clock)
     contexts = functools.partial(create_selective_checkpoint_contexts, recompute_all)
-    selective = paired(checkpointed(body, x), checkpointed(body, x, context_fn=contexts))
+    selective = _paired(checkpointed(body, x), checkpointed(body, x, context_fn=contexts), clock)
     per_saved = max(0.0, (chain - segment - again) / max(len(packed), 1))
     return segment, per_saved, max(0.0, selective / (2 * _CHAIN_LENGTH))
+
+
+def _timed(run: Callable[[], torch.Tensor], clock: Callable[[], float], backward: bool = True) -> float:
+    """Seconds of one call of ``run``, and of a backward from its output's sum."""
+    start = clock()
+    out = run()
+    if backward:
+        out.sum().backward()
+    return clock() - start
+
+
+def _paired(first: Callable[[], torch.Tensor], then: Callable[[], torch.Tensor], clock: Callable[[], float]) -> float:
+    """Median over _CHAIN_RUNS pairs, run back to back after one warm-up each, of how much
+    longer ``then`` takes than ``first``."""
+    _timed(first, clock), _timed(then, clock)
+    return statistics.median(-_timed(first, clock) + _timed(then, clock) for _ in range(_CHAIN_RUNS))

@@ -29,8 +29,9 @@ class NodePrices:
         backward_seconds: Predicted unplanned backward (0.0 when not timed).
         cost: Prefix sums of each node's rerun cost in a plain segment.
         cost_selective: The same in a selective segment (its FLOP-heavy outputs kept).
-        overhead: Per node, what checkpointing adds when a segment packs the node, in ns.
-        segment: The fixed cost of a checkpointed segment, in ns.
+        overhead: Per node, what checkpointing adds when a segment packs the node beyond the
+            segment's fixed cost, in ns.
+        segment: The fixed cost of a checkpointed segment (torch's and the rewrite's module), in ns.
         buffers: Prefix sums of the buffer replays each node's writes cost, in ns.
         stop: Per position ``b``: the position before which a recomputation of a segment ending at
             ``b`` stops (torch's early stop).
@@ -92,16 +93,17 @@ def price_nodes(
     # What checkpointing adds beyond the recomputation grows with what the segment packs: every
     # node that saves a tensor (those it reruns, and the one where it stops, which packs without
     # running) adds what it added alone a segment, less the forward it reran there (one that
-    # saves only its inputs is stopped before it computes). Measured alone as whole segments
-    # (kept heap, one thread): MobileNetV2's seven-node inverted-residual block 1.69 ms beyond its
-    # rerun, its nodes' figures summing to 1.54 (their largest 0.28); the GPT's GELU+Linear
-    # 0.8-1.0 ms, its nodes 0.18 + 0.64; the LayerNorm+Linear 0.72, its nodes 0.19 + 0.62.
-    # A node not timed checkpointed is priced as the fixed cost and per tensor it saves; one
-    # that saves nothing packs nothing.
+    # saves only its inputs is stopped before it computes) and less the segment's fixed cost,
+    # which the segment pays once. Measured alone as whole segments (kept heap, one thread):
+    # MobileNetV2's seven-node inverted-residual block 1.69 ms beyond its rerun, its nodes'
+    # figures summing to 1.54 (their largest 0.28); the GPT's GELU+Linear 0.8-1.0 ms, its nodes
+    # 0.18 + 0.64. A ResNet-50 segment of 14 nodes, figures each holding the 0.13 ms fixed cost,
+    # was priced 1.4 ms over what it measured in the step. A node not timed checkpointed is
+    # priced per tensor it saves; one that saves nothing packs nothing.
     saved = np.array([i.saved_tensors for i in infos], dtype=np.float64)
     alone = np.where(own, times.forward, 0.0)
-    measured = np.maximum(extra.segment, np.nan_to_num(times.checkpointed - alone, nan=0.0))
-    unmeasured = extra.segment + extra.per_saved_tensor * saved
+    measured = np.maximum(0.0, np.nan_to_num(times.checkpointed - alone - extra.segment, nan=0.0))
+    unmeasured = extra.per_saved_tensor * saved
     overhead = np.where(saves, np.where(np.isnan(times.checkpointed), unmeasured, measured), 0.0)
     kept = np.where(expensive, times.cheap, times.forward)
     selective = kept + extra.selective_per_operator * times.operators
@@ -114,7 +116,7 @@ def price_nodes(
         cost=prefix(ns(times.forward)),
         cost_selective=prefix(ns(selective)),
         overhead=ns(overhead),
-        segment=int(ns(extra.segment)),
+        segment=int(ns(extra.segment + extra.wrapper)),
         buffers=prefix(ns(extra.per_buffer * np.array(buffers, dtype=np.float64))),
         stop=stop,
     )
@@ -122,13 +124,13 @@ def price_nodes(
 
 def overhead_table(prices: NodePrices, cands: np.ndarray) -> np.ndarray:
     """``[a, b]``: what checkpointing candidate interval [a, b) adds beyond its recomputation:
-    the overheads of the nodes it packs (those it reruns, and the one it stops at, which packs
-    without running) summed, at least the fixed cost of a segment."""
+    the segment's fixed cost and the overheads of the nodes it packs (those it reruns, and the
+    one it stops at, which packs without running)."""
     sums = prefix(prices.overhead)
     # past an own saver, where it stops, come nodes that save nothing: they add nothing (and a
-    # segment that packs nothing sums to at most 0, so the floor prices it)
-    last = np.minimum(prices.stop[cands], cands - 1)
-    return np.maximum(prices.segment, sums[last + 1][None, :] - sums[cands][:, None])
+    # segment that packs nothing pays the fixed cost alone)
+    last = np.maximum(np.minimum(prices.stop[cands], cands - 1), cands[:, None] - 1)
+    return prices.segment + sums[last + 1] - sums[cands][:, None]
 
 
 def ns(seconds: np.ndarray | float) -> np.ndarray:

@@ -41,7 +41,7 @@ from ..planner.plan import Plan
 if TYPE_CHECKING:  # the report is built by memfit.search, above this package
     from ..report.memory import Comparison
 
-__all__ = ["SEGMENT_PREFIX", "Checkpointed", "PlannedModule", "rewrite"]
+__all__ = ["SEGMENT_PREFIX", "Checkpointed", "PlannedModule", "rewrite", "segment_of"]
 
 SEGMENT_PREFIX = "memfit_segment_"
 
@@ -177,6 +177,16 @@ class Checkpointed(torch.nn.Module):
         ]
         kind = ", selective" if self.selective else ", nested" if isinstance(self.body, PlannedModule) else ""
         return f"{nodes[0]} .. {nodes[-1]} ({len(nodes)} nodes){kind}"
+
+
+def segment_of(fn: Callable[[torch.Tensor], torch.Tensor]) -> Checkpointed:
+    """``fn`` of one tensor as the rewrite runs a plain checkpointed segment of it (calibration
+    prices what this module adds to torch's checkpoint)."""
+
+    def body(t: torch.Tensor) -> torch.Tensor:
+        return fn(t)
+
+    return Checkpointed(fx.symbolic_trace(body), random=False)
 
 
 class PlannedModule(fx.GraphModule):
