@@ -9,11 +9,14 @@ from __future__ import annotations
 import random
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from common import extra_interval, median_ratio
+import timing as bench_timing
+from common import Case, extra_interval, median_ratio
 
 
 def test_noiseless_rounds_give_a_point_interval() -> None:
@@ -41,3 +44,41 @@ def test_the_interval_holds_the_figure_and_narrows_with_rounds() -> None:
         assert low < 0.0105 < high  # the true extra: 5% of the median reference step, 0.21 s
         widths.append(high - low)
     assert widths[1] < widths[0] / 2
+
+
+def test_a_verdict_is_settled_only_where_the_interval_decides_it() -> None:
+    reference = [0.2, 0.21, 0.19, 0.2, 0.22]
+    exact = [t + 0.01 for t in reference]  # 10 ms more in every round
+    assert bench_timing.judge(0.011, exact, reference)[3] == bench_timing.Verdict(True, True, False)
+    assert bench_timing.judge(0.02, exact, reference)[3] == bench_timing.Verdict(False, False, True)
+    noisy = [t + 0.01 + d for t, d in zip(reference, (-0.006, 0.004, 0.0, 0.006, -0.004), strict=True)]
+    verdict = bench_timing.judge(0.011, noisy, reference)[3]
+    assert verdict.within and not verdict.settled
+
+
+def test_settling_times_only_the_open_plans_and_keeps_their_rounds_paired(monkeypatch) -> None:
+    """A plan whose interval already decides gets no more rounds; an open one gets rounds in
+    SETTLE_ROUNDS steps, each against the unplanned step of the same round, until the time is spent."""
+    rng = random.Random(0)
+    calls: list[list[str]] = []
+
+    def fake_step_times(modules, x, rounds):
+        calls.append(sorted(modules))
+        reference = [0.2 * rng.uniform(0.9, 1.1) for _ in range(rounds)]
+        took = {"unplanned": reference, "exact": [t + 0.01 for t in reference]}
+        took["open"] = [t + 0.01 + rng.uniform(-0.02, 0.02) for t in reference]
+        return {name: took[name] for name in modules}
+
+    monkeypatch.setattr(bench_timing, "step_times", fake_step_times)
+    planned = {}
+    for name in ("exact", "open"):
+        planned[name] = torch.nn.Identity()
+        planned[name].plan = SimpleNamespace(extra_seconds=0.0105)
+    first = fake_step_times(["unplanned", "exact", "open"], None, 5)
+    pairs = {k: (first[k], list(first["unplanned"])) for k in planned}
+    bench_timing.settle(Case("toy", torch.nn.Identity(), torch.zeros(1)), planned, pairs, seconds=1.0)
+    assert len(calls) > 2 and all(c == ["open", "unplanned"] for c in calls[1:])
+    assert len(pairs["exact"][0]) == len(pairs["exact"][1]) == 5
+    took, reference = pairs["open"]
+    assert len(took) == len(reference) == 5 + bench_timing.SETTLE_ROUNDS * (len(calls) - 1)
+    assert all(-0.0101 < a - b < 0.0301 for a, b in zip(took, reference, strict=True))  # same rounds
