@@ -19,7 +19,9 @@ checkpoint, paired with plain runs: what checkpointing adds to a layer grows wit
 only with their number (a Linear on a 2 MiB input takes 0.5 ms more checkpointed, a ReLU on 64
 elements 0.12 ms), and the per-tensor price fitted on small chains that this replaces put the
 GPT's plan of six short segments at +1.6% of a step where it measured +3.6 to +5.3%. The fixed
-per-segment cost is calibrated once per machine (:class:`~memfit.capture.graph.CheckpointCost`).
+per-segment cost is calibrated once per machine (:class:`~memfit.capture.graph.CheckpointCost`),
+with what the rewrite's own segment module adds to torch's checkpoint (the search hands down the
+rewrite's maker of segments, since this package sits below the rewrite).
 Results are cached per machine and torch build beside the workspaces.
 
 A node that cannot be timed alone (non-tensor arguments, a layer that fails by itself) keeps
