@@ -249,7 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     section("Extra step time of recomputation: the time model against the step")
     print("level: where the budget lies from the strategy's feasible minimum (0%) to the unplanned predicted peak")
     print("(100%). extra %: of the unplanned step, pred of its forward and backward, meas of the whole SGD step;")
-    print(f"meas: median over {rounds} interleaved rounds of planned over unplanned step CPU time, after a warm-up;")
+    more = " (--settle: more where the rounds column says)" if args.settle else ""
+    print(f"meas: median over {rounds} interleaved rounds{more} of planned over unplanned step CPU time,")
+    print("after a warm-up;", end=" ")
     print("90% interval: of the rounds resampled (bootstrap). 25%: whether pred is within 25% of meas.\n")
     for name in args.models:
         batch, shape, options = shapes[name]
