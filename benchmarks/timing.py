@@ -16,13 +16,16 @@ is timed once; a row whose plan another row has already made says which. With ``
 SECONDS``, a plan whose interval straddles an edge of the 25% band gets more interleaved rounds
 (SETTLE_ROUNDS at a time, against the unplanned step in the same rounds) until the interval
 decides or the seconds are spent; the rounds column says how many it had. (Stopping once the
-interval decides leans a little toward deciding: a settled row is one run's verdict.)
+interval decides leans a little toward deciding: a settled row is one run's verdict.) With
+``--instances K`` every timed module (the unplanned model too) steps as K independent copies a
+round, and the round's figure is their mean: where a module lies in memory moves a small plan's
+figure more than rounds average out.
 
     .venv/bin/python benchmarks/timing.py --quick             # smaller shapes, 2 budgets, 3 rounds
     .venv/bin/python benchmarks/timing.py                     # both models, 3 budgets, 7 rounds
     .venv/bin/python benchmarks/timing.py --models gpt --levels 50 --rounds 9 --cold
     .venv/bin/python benchmarks/timing.py --models gpt resnet50 mobilenet_v2 --strategies auto \
-        --levels 30 60 90 97 --rounds 80 --settle 300       # the plan-quality shapes: ~10-25 minutes
+        --levels 30 60 90 97 --rounds 40 --instances 2 --settle 300   # the plan-quality shapes: ~15-30 minutes
 """
 
 from __future__ import annotations
@@ -138,7 +141,11 @@ def judge(predicted: float, took: list[float], reference: list[float]) -> tuple[
 
 
 def settle(
-    case: Case, timed: dict[str, nn.Module], pairs: dict[str, tuple[list[float], list[float]]], seconds: float
+    case: Case,
+    timed: dict[str, nn.Module],
+    pairs: dict[str, tuple[list[float], list[float]]],
+    seconds: float,
+    instances: int = 1,
 ) -> None:
     """More interleaved rounds, SETTLE_ROUNDS at a time for ``seconds`` at most, of the plans whose
     interval leaves their verdict open, each against the unplanned step in the same rounds."""
@@ -147,19 +154,21 @@ def settle(
         unsettled = {k: m for k, m in timed.items() if not judge(m.plan.extra_seconds, *pairs[k])[3].settled}
         if not unsettled:
             return
-        more = step_times({"unplanned": case.model, **unsettled}, case.x, SETTLE_ROUNDS)
+        more = step_times({"unplanned": case.model, **unsettled}, case.x, SETTLE_ROUNDS, instances)
         for k in unsettled:
             pairs[k][0].extend(more[k])
             pairs[k][1].extend(more["unplanned"])
 
 
-def model_table(case: Case, strategies: list[str], levels: list[float], rounds: int, settling: float) -> None:
+def model_table(
+    case: Case, strategies: list[str], levels: list[float], rounds: int, settling: float, instances: int = 1
+) -> None:
     """Plan, time every distinct plan against the unplanned step and print the table for one case."""
     unplanned, rows = plans(case, strategies, levels)
     timed = {str(i): r.planned for i, r in enumerate(rows) if not isinstance(r.planned, str) and r.same_as is None}
-    took = step_times({"unplanned": case.model, **timed}, case.x, rounds)
+    took = step_times({"unplanned": case.model, **timed}, case.x, rounds, instances)
     pairs = {k: (took[k], list(took["unplanned"])) for k in timed}
-    settle(case, timed, pairs, settling)
+    settle(case, timed, pairs, settling, instances)
     ms = 1e3 * statistics.median(took["unplanned"])
     step_s = next((r.planned.plan.step_seconds for r in rows if not isinstance(r.planned, str)), 0.0)
     print(
@@ -235,6 +244,12 @@ def main(argv: list[str] | None = None) -> None:
         metavar="SECONDS",
         help="per model, time the plans whose interval leaves the verdict open for up to this long more (default 0)",
     )
+    p.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="independent copies of every timed module, each round's figure their mean (default 1)",
+    )
     p.add_argument("--quick", action="store_true", help="smaller shapes, levels 30 70, 3 rounds")
     p.add_argument("--cold", action="store_true", help=f"calibrate in an empty cache (${CACHE_ENV}), not the user's")
     args = p.parse_args(argv)
@@ -251,11 +266,13 @@ def main(argv: list[str] | None = None) -> None:
     print("(100%). extra %: of the unplanned step, pred of its forward and backward, meas of the whole SGD step;")
     more = " (--settle: more where the rounds column says)" if args.settle else ""
     print(f"meas: median over {rounds} interleaved rounds{more} of planned over unplanned step CPU time,")
-    print("after a warm-up;", end=" ")
+    copies = f" (each round: the mean of {args.instances} copies of each module)" if args.instances > 1 else ""
+    print(f"after a warm-up{copies};", end=" ")
     print("90% interval: of the rounds resampled (bootstrap). 25%: whether pred is within 25% of meas.\n")
     for name in args.models:
         batch, shape, options = shapes[name]
-        model_table(build_case(name, batch, shape, **options), args.strategies, levels, rounds, args.settle)
+        case = build_case(name, batch, shape, **options)
+        model_table(case, args.strategies, levels, rounds, args.settle, args.instances)
     footer(started)
 
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import common
 import timing as bench_timing
-from common import Case, extra_interval, median_ratio
+from common import Case, extra_interval, median_ratio, step_times
 
 
 def test_noiseless_rounds_give_a_point_interval() -> None:
@@ -62,7 +63,7 @@ def test_settling_times_only_the_open_plans_and_keeps_their_rounds_paired(monkey
     rng = random.Random(0)
     calls: list[list[str]] = []
 
-    def fake_step_times(modules, x, rounds):
+    def fake_step_times(modules, x, rounds, instances=1):
         calls.append(sorted(modules))
         reference = [0.2 * rng.uniform(0.9, 1.1) for _ in range(rounds)]
         took = {"unplanned": reference, "exact": [t + 0.01 for t in reference]}
@@ -82,3 +83,41 @@ def test_settling_times_only_the_open_plans_and_keeps_their_rounds_paired(monkey
     took, reference = pairs["open"]
     assert len(took) == len(reference) == 5 + bench_timing.SETTLE_ROUNDS * (len(calls) - 1)
     assert all(-0.0101 < a - b < 0.0301 for a, b in zip(took, reference, strict=True))  # same rounds
+
+
+def test_instances_step_as_independent_copies_whose_mean_is_the_round(monkeypatch) -> None:
+    """With instances=K every module steps as K copies a round (the module and K-1 deep copies,
+    parameters not shared) and its figure for the round is their mean CPU time."""
+    stepped: list[int] = []
+
+    class Costly(torch.nn.Module):
+        """A step whose CPU time the clock below reads as this copy's index."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(3))
+            self.index = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            stepped.append(self.index)
+            clock[0] += 1.0 + self.index
+            return (x * self.weight).sum().reshape(1, 1)
+
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "process_time", lambda: clock[0])
+    original = Costly()
+    real_deepcopy = common.copy.deepcopy
+    made: list[Costly] = []
+
+    def numbered(module):  # each copy made steps one unit slower than the one before
+        twin = real_deepcopy(module)
+        made.append(twin)
+        twin.index = len(made)
+        return twin
+
+    monkeypatch.setattr(common.copy, "deepcopy", numbered)
+    took = step_times({"m": original}, torch.ones(3), rounds=4, instances=3)
+    assert took == {"m": [2.0] * 4}  # copies 0, 1 and 2 take 1, 2 and 3 s: a mean of 2
+    assert sorted(set(stepped)) == [0, 1, 2] and len(stepped) == 3 * (common.WARMUP_STEPS + 4)
+    assert all(twin.weight is not original.weight for twin in made)
+    assert all(p.grad is None for p in original.parameters())  # steps free their gradients
