@@ -19,13 +19,15 @@ decides or the seconds are spent; the rounds column says how many it had. (Stopp
 interval decides leans a little toward deciding: a settled row is one run's verdict.) With
 ``--instances K`` every timed module (the unplanned model too) steps as K independent copies a
 round, and the round's figure is their mean: where a module lies in memory moves a small plan's
-figure more than rounds average out.
+figure more than rounds average out. The copies also make every step colder (their working sets
+alternate in the caches: each unplanned step +17 to +21%, docs/benchmarks.md), so a run with
+copies measures another step, not the same one more often.
 
     .venv/bin/python benchmarks/timing.py --quick             # smaller shapes, 2 budgets, 3 rounds
     .venv/bin/python benchmarks/timing.py                     # both models, 3 budgets, 7 rounds
     .venv/bin/python benchmarks/timing.py --models gpt --levels 50 --rounds 9 --cold
     .venv/bin/python benchmarks/timing.py --models gpt resnet50 mobilenet_v2 --strategies auto \
-        --levels 30 60 90 97 --rounds 40 --instances 2 --settle 300   # the plan-quality shapes: ~15-30 minutes
+        --levels 30 60 90 97 --rounds 80 --settle 300       # the plan-quality shapes: ~10-25 minutes
 """
 
 from __future__ import annotations
