@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="smaller shapes, levels 30 70, 3 rounds")
     p.add_argument("--cold", action="store_true", help=f"calibrate in an empty cache (${CACHE_ENV}), not the user's")
     args = p.parse_args(argv)
+    if args.instances < 1:
+        p.error(f"--instances {args.instances}: give at least 1 copy of each module (1 times the module itself)")
     shapes = QUICK if args.quick else MODELS
     levels = [v / 100 for v in (args.levels or (QUICK_LEVELS if args.quick else LEVELS))]
     rounds = args.rounds or (QUICK_ROUNDS if args.quick else ROUNDS)

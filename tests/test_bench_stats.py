@@ -121,3 +121,9 @@ def test_instances_step_as_independent_copies_whose_mean_is_the_round(monkeypatc
     assert sorted(set(stepped)) == [0, 1, 2] and len(stepped) == 3 * (common.WARMUP_STEPS + 4)
     assert all(twin.weight is not original.weight for twin in made)
     assert all(p.grad is None for p in original.parameters())  # steps free their gradients
+
+
+def test_no_copies_is_refused_by_name(capsys) -> None:
+    with pytest.raises(SystemExit):
+        bench_timing.main(["--instances", "0"])
+    assert "--instances 0: give at least 1 copy" in capsys.readouterr().err
