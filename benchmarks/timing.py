@@ -10,13 +10,17 @@ backward), and the extra time measured: CPU time of the training step (forward, 
 SGD) on one intra-op thread, median over interleaved rounds of the planned step over the unplanned
 one (benchmarks/common.py's step_times and median_ratio), its 90% bootstrap interval over the
 rounds (how far one run's figure can be trusted), predicted over measured, and whether the
-prediction is within 25% of the measured figure (the time model's target). Planning runs on one
-intra-op thread too, so the time model is calibrated as the steps are measured. Each distinct plan
-is timed once; a row whose plan another row has already made says which. With ``--settle
-SECONDS``, a plan whose interval straddles an edge of the 25% band gets more interleaved rounds
-(SETTLE_ROUNDS at a time, against the unplanned step in the same rounds) until the interval
-decides or the seconds are spent; the rounds column says how many it had. (Stopping once the
-interval decides leans a little toward deciding: a settled row is one run's verdict.) With
+prediction is within 25% of the measured figure (the time model's target). Every table ends with
+a control: the model rewritten with nothing recomputed (a budget above its peak), predicted at 0
+extra and timed in the same rounds; what it measures is the run's floor, the figure a plan's
+cannot be told apart from (where each module's activations lie, the rewrite's own dispatch, noise).
+Planning runs on one intra-op thread too, so the time model is calibrated as the steps are
+measured. Each distinct plan is timed once; a row whose plan another row has already made says
+which. With ``--settle SECONDS``, a plan whose interval straddles an edge of the 25% band gets
+more interleaved rounds (SETTLE_ROUNDS at a time, against the unplanned step in the same
+rounds) until the interval decides or the seconds are spent; the rounds column says how many it
+had. (Stopping once the interval decides leans a little toward deciding: a settled row is one
+run's verdict.) With
 ``--instances K`` every timed module (the unplanned model too) steps as K independent copies a
 round, and the round's figure is their mean: where a module lies in memory moves a small plan's
 figure more than rounds average out. The copies also make every step colder (their working sets
@@ -168,7 +172,11 @@ def model_table(
     """Plan, time every distinct plan against the unplanned step and print the table for one case."""
     unplanned, rows = plans(case, strategies, levels)
     timed = {str(i): r.planned for i, r in enumerate(rows) if not isinstance(r.planned, str) and r.same_as is None}
-    took = step_times({"unplanned": case.model, **timed}, case.x, rounds, instances)
+    # A budget no step reaches: the rewritten module with nothing recomputed, predicted at 0 extra.
+    # Whatever it measures is what this run cannot tell from nothing (where each module's
+    # activations lie, the rewrite's own dispatch, noise): the floor under every plan's figure.
+    control = memfit.optimize(case.model, 2 * unplanned, case.x, optimizer=None)
+    took = step_times({"unplanned": case.model, "control": control, **timed}, case.x, rounds, instances)
     pairs = {k: (took[k], list(took["unplanned"])) for k in timed}
     settle(case, timed, pairs, settling, instances)
     ms = 1e3 * statistics.median(took["unplanned"])
@@ -222,11 +230,28 @@ def model_table(
             "yes" if verdicts[str(timed_at)].within else "no",
             note=note,
         )
+    floor, low, high, _ = judge(control.plan.extra_seconds, took["control"], took["unplanned"])
+    table.row(
+        "none (control)",
+        "",
+        fmt(2 * unplanned),
+        fmt(control.plan.peak_after_bytes / MiB),
+        fmt(1e3 * control.plan.extra_seconds, 1),
+        fmt(control.plan.extra_time_percent, 1),
+        fmt(1e3 * floor, 1),
+        f"{1e3 * low:.1f}..{1e3 * high:.1f}",
+        percent(1 + floor / statistics.median(took["unplanned"])),
+        str(len(took["unplanned"])),
+        "--",
+        "--",
+        note="nothing recomputed: the run's floor",
+    )
     hits = list(verdicts.values())
     print(
         f"\n{sum(v.within for v in hits)} of {len(hits)} distinct plans predicted within {WITHIN:.0%} of the "
         f"measured extra time; by the 90% intervals {sum(v.surely for v in hits)} surely within, "
-        f"{sum(v.surely_not for v in hits)} surely not, the rest unsettled by this run\n"
+        f"{sum(v.surely_not for v in hits)} surely not, the rest unsettled by this run; the control "
+        f"(nothing recomputed, predicted 0) measured {1e3 * floor:+.1f} ms ({1e3 * low:.1f}..{1e3 * high:.1f})\n"
     )
 
 
@@ -272,7 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"meas: median over {rounds} interleaved rounds{more} of planned over unplanned step CPU time,")
     copies = f" (each round: the mean of {args.instances} copies of each module)" if args.instances > 1 else ""
     print(f"after a warm-up{copies};", end=" ")
-    print("90% interval: of the rounds resampled (bootstrap). 25%: whether pred is within 25% of meas.\n")
+    print("90% interval: of the rounds resampled (bootstrap). 25%: whether pred is within 25% of meas.")
+    print("Last row, none (control): the model rewritten with nothing recomputed, timed in the same rounds.\n")
     for name in args.models:
         batch, shape, options = shapes[name]
         case = build_case(name, batch, shape, **options)

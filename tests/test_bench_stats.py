@@ -127,3 +127,29 @@ def test_no_copies_is_refused_by_name(capsys) -> None:
     with pytest.raises(SystemExit):
         bench_timing.main(["--instances", "0"])
     assert "--instances 0: give at least 1 copy" in capsys.readouterr().err
+
+
+def test_every_table_times_a_control_that_recomputes_nothing(monkeypatch, capsys, tmp_path) -> None:
+    """Each model's rounds include the unplanned model rewritten with nothing recomputed, predicted
+    at 0 extra; its row and the summary give what it measured (here exactly the unplanned step's
+    time, so +0.0), the floor under the plans' figures."""
+    monkeypatch.setenv("MEMFIT_TIMING", "off")
+    monkeypatch.setenv("MEMFIT_CACHE_DIR", str(tmp_path))
+    timed: dict[str, torch.nn.Module] = {}
+
+    def fake_step_times(modules, x, rounds, instances=1):
+        timed.update(modules)
+        return {name: [0.2] * rounds for name in modules}
+
+    monkeypatch.setattr(bench_timing, "step_times", fake_step_times)
+    bench_timing.main(["--quick", "--models", "gpt", "--strategies", "chen", "--levels", "50", "--rounds", "2"])
+    control = timed["control"]
+    assert control.plan.extra_seconds == 0.0
+    assert all(s.kind == "plain" for s in control.plan.segments)
+    plans = [m.plan for k, m in timed.items() if k not in ("unplanned", "control")]
+    assert any(s.kind != "plain" for plan in plans for s in plan.segments)
+    out = capsys.readouterr().out
+    (row,) = [line for line in out.splitlines() if line.startswith("none (control)")]
+    cells = row.split()  # name (2 words), budget, peak, extra ms pred, extra % pred, extra ms meas, interval
+    assert cells[4] == "0.0" and cells[6:8] == ["0.0", "0.0..0.0"] and "the run's floor" in row
+    assert "the control (nothing recomputed, predicted 0) measured +0.0 ms (0.0..0.0)" in out
