@@ -45,6 +45,7 @@ __all__ = [
     "event_bytes",
     "measure_step",
     "measure_wrapped_step",
+    "memory_events",
     "memory_profile",
     "profile_events",
 ]
@@ -115,6 +116,11 @@ def event_bytes(event: _KinetoEvent) -> int:
     return event.nbytes()  # type: ignore[attr-defined]  # torch's _KinetoEvent stub lacks nbytes()
 
 
+def memory_events(prof: profile) -> list[_KinetoEvent]:
+    """The allocator's events of a finished :func:`memory_profile`, in the order they happened."""
+    return sorted((e for e in profile_events(prof) if e.name() == "[memory]"), key=lambda e: e.start_ns())
+
+
 def allocator_levels(prof: profile) -> tuple[int, str, dict[str, int]]:
     """From a profile of one step: the most bytes the allocator held above its starting level,
     the phase where that happened, and the most per phase.
@@ -123,7 +129,7 @@ def allocator_levels(prof: profile) -> tuple[int, str, dict[str, int]]:
     """
     raw = profile_events(prof)
     marks = sorted((e.start_ns(), e.name().split("::", 1)[1]) for e in raw if e.name().startswith("memfit::"))
-    memory = sorted((e.start_ns(), event_bytes(e)) for e in raw if e.name() == "[memory]")
+    memory = [(e.start_ns(), event_bytes(e)) for e in memory_events(prof)]
     current = peak = 0
     peak_phase, phase, i = "", "forward", 0
     phase_peaks: dict[str, int] = {}

@@ -30,7 +30,7 @@ from ..capture.trace import LeafSpec
 from ..capture.tracker import StorageTracker, tensors_in
 from ..capture.trainstep import StepConfig
 from .layers import CACHE_ENV, DiskCache, LayerRun, LayerSpec, Noise, backward, calibrate_layers, extrapolate
-from .measurement import event_bytes, memory_profile, profile_events
+from .measurement import event_bytes, memory_events, memory_profile
 
 __all__ = ["CACHE_ENV", "CALIBRATION_BATCH", "CALIBRATION_BYTES", "calibrate", "uncalibrated"]
 
@@ -137,18 +137,13 @@ def _run_layer(spec: LayerSpec, batch: int, config: StepConfig, device: str, noi
                 sink.backward(torch.empty(0))
         tracker.stop()
     del out
-    alloc_fwd, alloc_bwd = ([event_bytes(e) for e in _memory_events(p)] for p in (fwd_prof, bwd_prof))
+    alloc_fwd, alloc_bwd = ([event_bytes(e) for e in memory_events(p)] for p in (fwd_prof, bwd_prof))
     disp_fwd = [e.delta for e in tracker.events if e.phase == "forward"]
     disp_bwd = [e.delta for e in tracker.events if e.phase == "backward"]
     return (
         max(0, _rise(alloc_fwd) - _rise(disp_fwd)),
         max(0, _rise(alloc_bwd) - _rise(disp_bwd)),
     )
-
-
-def _memory_events(prof: Any) -> list[Any]:
-    """The allocator's events of a finished profile, in the order they happened."""
-    return sorted((e for e in profile_events(prof) if e.name() == "[memory]"), key=lambda e: e.start_ns())
 
 
 class _Handover(torch.autograd.Function):
