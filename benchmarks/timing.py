@@ -190,11 +190,14 @@ def model_table(
     pairs = {k: (took[k], list(took["unplanned"])) for k in timed}
     settle(case, timed, pairs, settling, instances)
     ms = 1e3 * statistics.median(took["unplanned"])
-    step_s = next((r.planned.plan.step_seconds for r in rows if not isinstance(r.planned, str)), 0.0)
+    made = [r.planned.plan for r in rows if not isinstance(r.planned, str)]
+    step_s = made[0].step_seconds if made else 0.0
+    # each plan's search timed the whole forward once: the factor its calibrated times were priced at
+    paces = [n.split(":", 1)[1].strip() for p in made[:1] for n in p.notes if n.startswith("Times:")]
     print(
         f"{case.name} (batch {case.shape}): unplanned peak {unplanned:.2f} MiB (pred); unplanned step "
         f"{1e3 * step_s:.0f} ms forward and backward (pred), {ms:.0f} ms with loss and SGD (meas, median); "
-        f"{len(timed)} distinct plans timed\n"
+        f"{len(timed)} distinct plans timed" + "".join(f"\nfirst plan's times: {t}" for t in paces) + "\n"
     )
     table = Table(
         [

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 import memfit
 from memfit.capture.dryrun import capture
-from memfit.capture.graph import CheckpointCost, MemGraph, NodeInfo
+from memfit.capture.graph import CheckpointCost, MemGraph, NodeInfo, Pace
 from memfit.capture.trainstep import StepConfig
 from memfit.cost import timing
 from memfit.cost.layers import CACHE_ENV, DiskCache
@@ -158,15 +158,20 @@ def _resnet_graph() -> MemGraph:
     return _timed(model, torch.randn(4, 3, 16, 16))
 
 
-@pytest.mark.parametrize("extra", [CheckpointCost(0.0, 0.0, 0.0), CheckpointCost(1e-4, 2e-6, 3e-5, 5e-6, 7e-5)])
-def test_plan_cost_is_the_sum_of_its_recomputed_nodes(fresh_cache, extra):
+@pytest.mark.parametrize(
+    ("extra", "pace"),
+    [(CheckpointCost(0.0, 0.0, 0.0), None), (CheckpointCost(1e-4, 2e-6, 3e-5, 5e-6, 7e-5), Pace(3.0, 2.0))],
+)
+def test_plan_cost_is_the_sum_of_its_recomputed_nodes(fresh_cache, extra, pace):
     graph = _resnet_graph()
-    graph.checkpoint_cost = extra
+    assert graph.pace is not None and graph.pace.measured > 0, "the whole forward was timed"
+    graph.checkpoint_cost, graph.pace = extra, pace
+    f = 1.0 if pace is None else pace.factor  # every figure at the process's pace
     for info in graph.nodes:  # priced per saved tensor (a measured figure: tests/test_chain.py)
         info.checkpointed_seconds = None
     chain = Chain(graph)
     times = timing.node_times([graph.info(n) for n in chain.names])
-    assert chain.timed and chain.step_seconds == pytest.approx(float(times.forward.sum() + times.backward.sum()))
+    assert chain.timed and chain.step_seconds == pytest.approx(f * float(times.forward.sum() + times.backward.sum()))
     unplanned = chain.peak([(i, i + 1, "plain") for i in range(chain.m)])
     low = chain.peak(selective.lowest_peak(chain))
     expensive = {n for n in chain.names if graph.info(n).fwd_flops > 0}
@@ -181,17 +186,18 @@ def test_plan_cost_is_the_sum_of_its_recomputed_nodes(fresh_cache, extra):
             segment = 0
             for name in chain.names[chain.cands[a] : chain.cands[b]]:  # replayed however early it stops
                 writes = graph.info(name).writes
-                segment += _ns(extra.per_buffer * sum(w in graph.buffer_names for w in writes))
+                segment += _ns(f * extra.per_buffer * sum(w in graph.buffer_names for w in writes))
             rerun = [graph.info(name) for name in chain.recomputed_nodes(a, b)]
             for info in rerun:
                 kept = kind == "selective" and info.name in expensive
-                segment += _ns((info.cheap_seconds if kept else info.fwd_seconds) + per_op * info.operators)
+                segment += _ns(f * ((info.cheap_seconds if kept else info.fwd_seconds) + per_op * info.operators))
             # the fixed cost (torch's and the rewrite's module) once, and per packed node that saves
             # (the node where it stops packs without running) per tensor it saves
             stop = chain.cands[a] + len(rerun)
             packed = rerun + ([graph.info(chain.names[stop])] if stop < chain.cands[b] else [])
-            segment += _ns(extra.segment + extra.wrapper)
-            segment += sum(_ns(extra.per_saved_tensor * i.saved_tensors) for i in packed if i.saved_sids or i.params)
+            segment += _ns(f * (extra.segment + extra.wrapper))
+            saving = [i for i in packed if i.saved_sids or i.params]
+            segment += sum(_ns(f * extra.per_saved_tensor * i.saved_tensors) for i in saving)
             expected += 2 * segment if kind == "nested" else segment  # nested: recomputed twice
         assert chain.cost(spans) == expected
         plan = Plan(segments=chain.to_segments(spans), strategy="dp", step_seconds=chain.step_seconds)

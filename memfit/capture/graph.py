@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import networkx as nx
 
 from .tracker import Event
 
-__all__ = ["CATEGORIES", "CheckpointCost", "MemGraph", "NodeInfo"]
+__all__ = ["CATEGORIES", "CheckpointCost", "MemGraph", "NodeInfo", "Pace"]
 
 # MemTracker's words. "activation" is storage saved for backward that is not a parameter;
 # "temporary" is everything else a step allocates: unsaved outputs, activation gradients, scratch.
@@ -124,6 +124,32 @@ class CheckpointCost:
     per_buffer: float = 0.0
     wrapper: float = 0.0
 
+    def scaled(self, factor: float) -> CheckpointCost:
+        """Every figure multiplied by ``factor`` (see :class:`Pace`)."""
+        return CheckpointCost(*(factor * getattr(self, f.name) for f in fields(self)))
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How fast the whole model's forward ran where it was planned, against its layers timed alone.
+
+    Calibrated times come from layers run alone, perhaps in another process (they are cached), at
+    whatever speed the machine had then; plans are priced at ``factor`` times them (see
+    :mod:`memfit.cost.pace`).
+
+    Attributes:
+        measured: Seconds of one forward of the whole model, measured (median of several).
+        calibrated: Its nodes' calibrated forwards summed (those priced by FLOPs included).
+    """
+
+    measured: float
+    calibrated: float
+
+    @property
+    def factor(self) -> float:
+        """What every calibrated time is multiplied by."""
+        return self.measured / self.calibrated
+
 
 @dataclass
 class MemGraph:
@@ -148,6 +174,8 @@ class MemGraph:
             insides are one node each: costed, never cut).
         checkpoint_cost: What checkpointing adds on this machine beyond recomputation (None: not
             calibrated; see :mod:`memfit.cost.timing`).
+        pace: The whole forward measured against the calibrated times (None: not measured, and
+            the calibrated times are used as they are).
     """
 
     dag: nx.DiGraph
@@ -165,6 +193,7 @@ class MemGraph:
     capture: str = "torch.fx"
     opaque: dict[str, str] = field(default_factory=dict)
     checkpoint_cost: CheckpointCost | None = None
+    pace: Pace | None = None
 
     def info(self, name: str) -> NodeInfo:
         """The NodeInfo of a node."""

@@ -48,9 +48,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from torch.utils.flop_counter import flop_registry
 
-from ..capture.graph import CheckpointCost, MemGraph, NodeInfo
+from ..capture.graph import CheckpointCost, MemGraph, NodeInfo, Pace
 from ..capture.trace import LeafSpec
 from ..capture.trainstep import StepConfig
+from . import pace
 from .layers import DiskCache, LayerRun, LayerSpec, Noise, backward, calibrate_layers, extrapolate
 
 __all__ = [
@@ -124,8 +125,9 @@ def calibrate_times(
     segment_of: SegmentOf | None = None,
 ) -> None:
     """Fill the times of every compute node of ``graph`` (``fwd_seconds``, ``bwd_seconds``,
-    ``cheap_seconds``, ``operators``) and its ``checkpoint_cost``; a node that cannot be timed
-    alone keeps None and gets ``time_error`` (see :func:`unmeasured`). Does nothing when
+    ``cheap_seconds``, ``operators``), its ``checkpoint_cost`` and its ``pace`` (one forward of
+    ``model`` on ``inputs``, timed: :mod:`memfit.cost.pace`); a node that cannot be timed alone
+    keeps None and gets ``time_error`` (see :func:`unmeasured`). Does nothing when
     :func:`enabled` is false. The global RNG and the model are left untouched. The other
     arguments are :func:`memfit.cost.workspace.calibrate`'s; ``segment_of`` makes a function
     into the rewrite's checkpointed segment of it, whose cost beyond torch's checkpoint is then
@@ -164,6 +166,21 @@ def _calibrate(
     for info in graph.nodes:
         if info.op not in _OPS and info.fwd_seconds is None and info.time_error is None:
             info.time_error = "it returns no tensor"
+    graph.pace = _pace(graph, model, inputs, config)
+
+
+def _pace(graph: MemGraph, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], config: StepConfig) -> Pace | None:
+    """The whole forward measured against the calibrated one; None where it cannot run (the plans
+    are then priced at the calibrated times as they are)."""
+    times = node_times([i for i in graph.nodes if i.op not in _OPS])
+    if times is None or graph.device == "meta":
+        return None
+    try:
+        measured = pace.forward_seconds(model, inputs, config, graph.device, _clock(graph.device))
+    except Exception as e:  # noqa: BLE001  only the correction is lost
+        log.warning("memfit: the whole forward could not be timed, times are the layers' alone: %s", e)
+        return None
+    return Pace(measured, float(times.forward.sum()))
 
 
 def unmeasured(graph: MemGraph) -> dict[str, str]:

@@ -77,7 +77,10 @@ def price_nodes(
             buffers=prefix(zeros),
             stop=np.arange(n + 1),
         )
-    extra = graph.checkpoint_cost or CheckpointCost(0.0, 0.0, 0.0)
+    # every figure at this process's pace (memfit.cost.pace): one factor, the ranking unchanged
+    factor = graph.pace.factor if graph.pace is not None else 1.0
+    times = times._replace(**{f: factor * getattr(times, f) for f in ("forward", "backward", "cheap", "checkpointed")})
+    extra = (graph.checkpoint_cost or CheckpointCost(0.0, 0.0, 0.0)).scaled(factor)
     # torch stops a recomputation once the segment's last saved tensor is packed again: the
     # nodes after the last one that saves, and that one too when it saves only what came
     # before it (a Linear packs its input before its matmul runs; GPT's head is never rerun)
