@@ -223,8 +223,9 @@ class PlanSearch:
         pace = self.graph.pace
         if pace is not None:
             plan.notes.append(
-                f"Times: layers calibrated alone, priced x{pace.factor:.2f}: the whole forward took "
-                f"{1e3 * pace.measured:.1f} ms (meas) against {1e3 * pace.calibrated:.1f} ms summed over its layers."
+                f"Times: priced x{pace.factor:.2f}, this process's pace: the whole forward took "
+                f"{1e3 * pace.measured:.1f} ms (meas) against {1e3 * pace.reference:.1f} ms when the prices were made"
+                + (f"; in it the layers ran {pace.alone:.2f}x their figures alone." if pace.alone != 1.0 else ".")
             )
         planned.plan = plan
         planned.report = Comparison(before=with_storage(self.before, self.model), after=with_storage(after, self.model))

@@ -14,6 +14,7 @@ from torch import nn
 import memfit
 from memfit.capture.dryrun import capture
 from memfit.capture.graph import Pace
+from memfit.capture.trace import graph_of
 from memfit.capture.trainstep import StepConfig
 from memfit.cost import pace, timing
 from memfit.cost.layers import CACHE_ENV, DiskCache
@@ -26,6 +27,7 @@ def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     monkeypatch.setenv(timing.TIMING_ENV, "on")
     monkeypatch.setattr(timing, "_cache", DiskCache(timing._cache.kind, timing._cache.decode))
+    monkeypatch.setattr(timing, "_context", DiskCache(timing._context.kind, timing._context.decode))
 
 
 def test_the_timed_forward_trains_yet_leaves_the_model_and_rng_as_they_were(small_cnn):
@@ -74,7 +76,9 @@ def test_every_figure_of_a_plan_moves_by_the_pace(small_cnn, fresh_cache):
     graph = capture(small_cnn, x, StepConfig())
     timing.calibrate_times(graph, small_cnn, (x,), StepConfig())
     calibrated = sum(timing.node_times([i for i in graph.nodes if i.op not in ("placeholder", "get_attr")]).forward)
-    assert graph.pace is not None and graph.pace.calibrated == pytest.approx(calibrated, rel=1e-12)
+    # a model that is not a GraphModule: no node timed in context, the whole against the layers
+    assert graph.pace is not None and graph.pace.reference == pytest.approx(calibrated, rel=1e-12)
+    assert graph.pace.alone == 1.0 and all(i.context_seconds is None for i in graph.nodes)
 
     def priced(p: Pace | None) -> tuple[float, float]:
         graph.pace = p
@@ -86,6 +90,38 @@ def test_every_figure_of_a_plan_moves_by_the_pace(small_cnn, fresh_cache):
     (extra, step), (extra3, step3) = priced(None), priced(Pace(3.0, 1.0))
     assert extra > 0
     assert extra3 == pytest.approx(3 * extra, rel=1e-6) and step3 == pytest.approx(3 * step, rel=1e-12)
+
+
+def test_a_rerun_is_priced_at_its_nodes_in_context_and_they_are_cached(small_cnn, fresh_cache, monkeypatch):
+    x = torch.randn(4, 3, 16, 16)
+    gm = graph_of(small_cnn, (), x)
+    graph = capture(small_cnn, x, StepConfig(), gm=gm)
+    timing.calibrate_times(graph, gm, (x,), StepConfig())
+    timed = [i for i in graph.nodes if i.fwd_seconds is not None]
+    assert timed and all(i.context_seconds is not None and i.context_seconds > 0 for i in timed)
+    ratio = sum(i.context_seconds for i in timed) / sum(i.fwd_seconds for i in timed)
+    assert graph.pace is not None and graph.pace.alone == pytest.approx(ratio, rel=1e-9)
+
+    graph.pace = Pace(2.0, 1.0, alone=1.5)
+    chain = Chain(graph)
+    infos = [graph.info(n) for n in chain.names]
+    times = timing.node_times(infos)
+    forward = [
+        i.context_seconds if i.context_seconds is not None else 1.5 * t
+        for i, t in zip(infos, times.forward, strict=True)
+    ]
+    assert chain.step_seconds == pytest.approx(2.0 * (sum(forward) + 1.5 * float(times.backward.sum())), rel=1e-9)
+
+    def fails(*args, **kwargs):
+        raise AssertionError("the nodes were timed in context again")
+
+    timing._cache.clear()
+    timing._context.clear()  # as a new process: read back from the file
+    monkeypatch.setattr(pace, "node_seconds", fails)
+    again = capture(small_cnn, x, StepConfig(), gm=gm)
+    timing.calibrate_times(again, gm, (x,), StepConfig())
+    assert [i.context_seconds for i in again.nodes] == [i.context_seconds for i in graph.nodes]
+    assert again.pace is not None and again.pace.measured > 0
 
 
 def test_where_the_forward_cannot_run_the_layers_times_stand(small_cnn, fresh_cache, monkeypatch, caplog):
@@ -113,4 +149,4 @@ def test_on_the_meta_device_nothing_is_timed(small_cnn):
 def test_a_plan_says_its_pace(small_cnn, fresh_cache):
     planned = memfit.optimize(small_cnn, 1000, torch.randn(4, 3, 16, 16))
     (note,) = [n for n in planned.plan.notes if n.startswith("Times:")]
-    assert "(meas)" in note and "summed over its layers" in note
+    assert "(meas)" in note and "when the prices were made" in note and "their figures alone" in note

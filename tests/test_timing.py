@@ -35,6 +35,7 @@ def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     monkeypatch.setenv(timing.TIMING_ENV, "on")
     monkeypatch.setattr(timing, "_cache", DiskCache(timing._cache.kind, timing._cache.decode))
+    monkeypatch.setattr(timing, "_context", DiskCache(timing._context.kind, timing._context.decode))
     return tmp_path
 
 

@@ -62,6 +62,8 @@ class NodeInfo:
         checkpointed_seconds: What its forward and backward take more when it alone is a
             checkpointed segment (None: not measured).
         time_error: Why its time was not measured (then it is priced by FLOPs).
+        context_seconds: Its forward timed inside whole forwards of the model, where the inputs it
+            reads were just written (None: not measured; see :mod:`memfit.cost.pace`).
     """
 
     name: str
@@ -97,6 +99,7 @@ class NodeInfo:
     operators: int = 0
     checkpointed_seconds: float | None = None
     time_error: str | None = None
+    context_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -131,24 +134,29 @@ class CheckpointCost:
 
 @dataclass(frozen=True)
 class Pace:
-    """How fast the whole model's forward ran where it was planned, against its layers timed alone.
+    """How fast the model's forward ran where it was planned, against what its prices were made at.
 
     Calibrated times come from layers run alone, perhaps in another process (they are cached), at
     whatever speed the machine had then; plans are priced at ``factor`` times them (see
     :mod:`memfit.cost.pace`).
 
     Attributes:
-        measured: Seconds of one forward of the whole model, measured (median of several).
-        calibrated: Its nodes' calibrated forwards summed (those priced by FLOPs included).
+        measured: Seconds of one forward of the whole model, measured where it is planned.
+        reference: The same forward when the nodes' in-context times were measured, or, where
+            they were not, the nodes' calibrated forwards summed.
+        alone: Over the nodes timed in context, their in-context forwards over their calibrated
+            ones, summed: what the figures only measured alone (backward, checkpointing) are
+            multiplied by to stand beside the in-context ones (1.0 where none was).
     """
 
     measured: float
-    calibrated: float
+    reference: float
+    alone: float = 1.0
 
     @property
     def factor(self) -> float:
-        """What every calibrated time is multiplied by."""
-        return self.measured / self.calibrated
+        """What every price is multiplied by: this process's speed over the prices' own."""
+        return self.measured / self.reference
 
 
 @dataclass

@@ -9,9 +9,20 @@ extra time, divided by the same run's predicted over measured unplanned step, ca
 for all 18 of three runs, where undivided 4 of one run's 6 did not (docs/benchmarks.md). One
 forward of the whole model, timed in the planning process on the calibration's clock, follows
 that factor: measured against the sum of its layers' calibrated forwards, it went with the
-measured step's own ratio to about 0.1 over three processes. The planner multiplies
-every calibrated time by it (:class:`memfit.capture.graph.Pace`), which leaves the ranking of
-plans as it was and moves their predicted times to this process's speed.
+measured step's own ratio to about 0.1 over three processes.
+
+The layers' shares of the step move too, not only its speed: inside a whole forward, a layer
+reads inputs the previous one just wrote, and MobileNetV2's depthwise convolutions ran 1.4-2x
+their figure alone while its BatchNorms ran 0.9-1.2x. A planner that recomputes what is cheapest
+alone picks exactly the layers that are dearer in the step: its 97% plan recomputed four nodes
+whose calibrated forwards summed 1.48 ms and took 2.09 inside the forward (its whole forward
+1.05x the calibrated sum). So each node's forward is also timed inside whole forwards (an fx
+interpreter that times each node), once per graph and cached like the layers; a recomputation
+is priced at those times, and the figures only measured alone (backward, checkpointing) at the
+in-context over alone ratio of the whole forward. The whole forward, timed again in every
+planning process against its time when the nodes were, then moves every price by one factor
+(:class:`memfit.capture.graph.Pace`), which leaves the ranking of plans as it was (plans stay
+the same for the same cache) and moves their predicted times to this process's speed.
 
 The forward runs with its saved tensors dropped as autograd packs them, so it holds no more
 memory than an inference forward, yet dispatches what a training forward does (autograd's
@@ -22,20 +33,25 @@ counters) is set back to its value before.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
+from torch import fx
 
 from ..capture.trainstep import StepConfig
 
-__all__ = ["MAX_REPEATS", "MIN_REPEATS", "TARGET_SECONDS", "forward_seconds"]
+__all__ = ["MAX_REPEATS", "MIN_REPEATS", "TARGET_SECONDS", "forward_seconds", "node_seconds"]
 
 # Timed forwards: repeated for about TARGET_SECONDS, within [MIN_REPEATS, MAX_REPEATS], after a
 # warm-up (lazy initialisation, oneDNN's per-shape primitives). The evidence above took medians of
 # 10; a forward of a second or more averages its own noise, and planning should not wait on it.
 TARGET_SECONDS = 0.5
 MIN_REPEATS, MAX_REPEATS = 3, 15
+
+_CALLS = ("call_module", "call_function", "call_method")
 
 
 def forward_seconds(
@@ -52,6 +68,71 @@ def forward_seconds(
         ValueError: The model or its inputs are on the meta device, where nothing runs.
         Exception: Whatever the model's forward raises on these inputs.
     """
+
+    def run() -> None:
+        with config.autocast(device):
+            model(*inputs)
+
+    with _traceless(model, inputs, device):
+        return statistics.median(_repeated(run, clock))
+
+
+def node_seconds(
+    gm: fx.GraphModule,
+    inputs: Sequence[torch.Tensor],
+    config: StepConfig,
+    device: str,
+    clock: Callable[[], float],
+) -> dict[str, float]:
+    """Per compute node of ``gm``: the median seconds of its call inside whole forwards (an
+    :class:`torch.fx.Interpreter` that times each node), as :func:`forward_seconds` runs them.
+
+    Raises:
+        As :func:`forward_seconds`.
+    """
+    interpreter = _NodeClock(gm, clock)
+
+    def run() -> None:
+        with config.autocast(device):
+            interpreter.run(*inputs)
+
+    with _traceless(gm, inputs, device):
+        _repeated(run, clock)
+    # the warm-up's figures are not the step's (oneDNN makes its primitives on first use)
+    return {name: statistics.median(times[1:]) for name, times in interpreter.times.items()}
+
+
+class _NodeClock(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, clock: Callable[[], float]) -> None:
+        super().__init__(gm)
+        self.clock = clock
+        self.times: dict[str, list[float]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op not in _CALLS:
+            return super().run_node(n)
+        start = self.clock()
+        out = super().run_node(n)
+        self.times.setdefault(n.name, []).append(self.clock() - start)
+        return out
+
+
+def _repeated(run: Callable[[], None], clock: Callable[[], float]) -> list[float]:
+    """Seconds of each timed call of ``run``, after a warm-up whose length sets how many."""
+    start = clock()
+    run()
+    warm = clock() - start
+    samples = []
+    for _ in range(min(MAX_REPEATS, max(MIN_REPEATS, round(TARGET_SECONDS / max(warm, 1e-9))))):
+        start = clock()
+        run()
+        samples.append(clock() - start)
+    return samples
+
+
+@contextlib.contextmanager
+def _traceless(model: torch.nn.Module, inputs: Sequence[torch.Tensor], device: str) -> Iterator[None]:
+    """Saved tensors dropped, the global RNG forked, and the model's buffers set back at the end."""
     if device == "meta" or any(t.device.type == "meta" for t in inputs):
         raise ValueError("the model or its inputs are on the meta device, where no kernel runs")
     buffers = list(model.buffers())
@@ -59,16 +140,7 @@ def forward_seconds(
     cuda = sorted({t.device.index or 0 for t in (*inputs, *buffers) if t.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=cuda), torch.autograd.graph.saved_tensors_hooks(_drop, _missing):
-
-            def timed() -> float:
-                start = clock()
-                with config.autocast(device):
-                    model(*inputs)
-                return clock() - start
-
-            warm = timed()
-            repeats = min(MAX_REPEATS, max(MIN_REPEATS, round(TARGET_SECONDS / max(warm, 1e-9))))
-            return statistics.median(timed() for _ in range(repeats))
+            yield
     finally:
         with torch.no_grad():
             for b, value in zip(buffers, before, strict=True):

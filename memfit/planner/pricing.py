@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..capture.graph import CheckpointCost, MemGraph, NodeInfo
-from ..cost.timing import node_times
+from ..cost.timing import NodeTimes, node_times
 
 __all__ = ["NodePrices", "ns", "overhead_table", "prefix", "price_nodes"]
 
@@ -77,10 +77,22 @@ def price_nodes(
             buffers=prefix(zeros),
             stop=np.arange(n + 1),
         )
-    # every figure at this process's pace (memfit.cost.pace): one factor, the ranking unchanged
-    factor = graph.pace.factor if graph.pace is not None else 1.0
-    times = times._replace(**{f: factor * getattr(times, f) for f in ("forward", "backward", "cheap", "checkpointed")})
-    extra = (graph.checkpoint_cost or CheckpointCost(0.0, 0.0, 0.0)).scaled(factor)
+    # A rerun is priced at the nodes' forwards in context, the figures measured only alone at the
+    # whole forward's in-context ratio, and everything at this process's pace (memfit.cost.pace)
+    pace, alone = (graph.pace.factor, graph.pace.alone) if graph.pace is not None else (1.0, 1.0)
+    solo = alone * times.forward  # what the node's checkpointed figure includes of its forward
+    context = np.array([i.context_seconds if i.context_seconds is not None else np.nan for i in infos])
+    forward = np.where(np.isnan(context), solo, context)
+    share = np.divide(times.cheap, times.forward, out=np.ones(n), where=times.forward > 0)
+    times = NodeTimes(
+        pace * forward,
+        pace * alone * times.backward,
+        pace * share * forward,
+        times.operators,
+        pace * alone * times.checkpointed,
+    )
+    solo = pace * solo
+    extra = (graph.checkpoint_cost or CheckpointCost(0.0, 0.0, 0.0)).scaled(pace * alone)
     # torch stops a recomputation once the segment's last saved tensor is packed again: the
     # nodes after the last one that saves, and that one too when it saves only what came
     # before it (a Linear packs its input before its matmul runs; GPT's head is never rerun)
@@ -104,8 +116,7 @@ def price_nodes(
     # 14-node ResNet-50 segment (its plan predicted 25.9 ms, measured 18.5). A node not timed
     # checkpointed is priced per tensor it saves; one that saves nothing packs nothing.
     saved = np.array([i.saved_tensors for i in infos], dtype=np.float64)
-    alone = np.where(own, times.forward, 0.0)
-    measured = np.maximum(0.0, np.nan_to_num(times.checkpointed - alone - extra.segment, nan=0.0))
+    measured = np.maximum(0.0, np.nan_to_num(times.checkpointed - np.where(own, solo, 0.0) - extra.segment, nan=0.0))
     unmeasured = extra.per_saved_tensor * saved
     overhead = np.where(saves, np.where(np.isnan(times.checkpointed), unmeasured, measured), 0.0)
     kept = np.where(expensive, times.cheap, times.forward)
