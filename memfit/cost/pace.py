@@ -61,8 +61,12 @@ def forward_seconds(
     device: str,
     clock: Callable[[], float],
 ) -> float:
-    """Median seconds of ``model(*inputs)`` under the step's autocast, on ``clock``, its saved
-    tensors dropped; the model's buffers and the global RNG are left as they were.
+    """The least seconds of several ``model(*inputs)`` under the step's autocast, on ``clock``,
+    its saved tensors dropped; the model's buffers and the global RNG are left as they were.
+
+    The least, not the median: the figure is one sample of the machine's speed, which every price
+    is then scaled by, and a slow spell only adds time (one such spell put a GPT's forward at
+    125.9 ms by the median, in a process whose steps ran it near 80, and its plan at 1.5x).
 
     Raises:
         ValueError: The model or its inputs are on the meta device, where nothing runs.
@@ -74,7 +78,7 @@ def forward_seconds(
             model(*inputs)
 
     with _traceless(model, inputs, device):
-        return statistics.median(_repeated(run, clock))
+        return min(_repeated(run, clock))
 
 
 def node_seconds(

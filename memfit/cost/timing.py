@@ -102,8 +102,9 @@ _OPS = ("placeholder", "get_attr")
 # loaded machine kept for good; "timing-2" no layer's checkpointed time; "timing-3" took it from
 # 5 to 9 pairs; "timing-4" had no figure of the rewrite's own segment module)
 _cache = DiskCache("timing-5", lambda v: _entry(*v))
-# Per captured forward: each node's forward timed in context, and the whole forward then
-_context = DiskCache("context-1", lambda v: {str(k): float(x) for k, x in v.items()})
+# Per captured forward: each node's forward timed in context, and the whole forward then ("context-1"
+# held the whole forward's median, not its least)
+_context = DiskCache("context-2", lambda v: {str(k): float(x) for k, x in v.items()})
 _WHOLE = "<the whole forward>"
 
 
