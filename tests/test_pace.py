@@ -150,3 +150,9 @@ def test_a_plan_says_its_pace(small_cnn, fresh_cache):
     planned = memfit.optimize(small_cnn, 1000, torch.randn(4, 3, 16, 16))
     (note,) = [n for n in planned.plan.notes if n.startswith("Times:")]
     assert "(meas)" in note and "when the prices were made" in note and "their figures alone" in note
+
+
+def test_the_whole_forward_is_its_fastest_repeat(small_cnn, monkeypatch):
+    """One sample of the machine's speed scales every price: a slow spell only adds time."""
+    monkeypatch.setattr(pace, "_repeated", lambda run, clock: [0.3, 0.1, 0.2, 0.9])
+    assert pace.forward_seconds(small_cnn, (torch.randn(2, 3, 8, 8),), StepConfig(), "cpu", time.thread_time) == 0.1
