@@ -27,7 +27,7 @@ def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     monkeypatch.setenv(timing.TIMING_ENV, "on")
     monkeypatch.setattr(timing, "_cache", DiskCache(timing._cache.kind, timing._cache.decode))
-    monkeypatch.setattr(timing, "_context", DiskCache(timing._context.kind, timing._context.decode))
+    monkeypatch.setattr(pace, "_context", DiskCache(pace._context.kind, pace._context.decode))
 
 
 def test_the_timed_forward_trains_yet_leaves_the_model_and_rng_as_they_were(small_cnn):
@@ -116,7 +116,7 @@ def test_a_rerun_is_priced_at_its_nodes_in_context_and_they_are_cached(small_cnn
         raise AssertionError("the nodes were timed in context again")
 
     timing._cache.clear()
-    timing._context.clear()  # as a new process: read back from the file
+    pace._context.clear()  # as a new process: read back from the file
     monkeypatch.setattr(pace, "node_seconds", fails)
     again = capture(small_cnn, x, StepConfig(), gm=gm)
     timing.calibrate_times(again, gm, (x,), StepConfig())
@@ -132,7 +132,7 @@ def test_where_the_forward_cannot_run_the_layers_times_stand(small_cnn, fresh_ca
         raise RuntimeError("needs the rest of the program")
 
     monkeypatch.setattr(pace, "forward_seconds", fails)
-    with caplog.at_level(logging.WARNING, logger=timing.__name__):
+    with caplog.at_level(logging.WARNING, logger=pace.__name__):
         timing.calibrate_times(graph, small_cnn, (x,), StepConfig())
     assert graph.pace is None and any(i.fwd_seconds for i in graph.nodes)
     assert "needs the rest of the program" in caplog.text

@@ -19,7 +19,7 @@ import memfit
 from memfit.capture.dryrun import capture
 from memfit.capture.graph import CheckpointCost, MemGraph, NodeInfo, Pace
 from memfit.capture.trainstep import StepConfig
-from memfit.cost import timing
+from memfit.cost import pace, timing
 from memfit.cost.layers import CACHE_ENV, DiskCache
 from memfit.planner import Chain, Plan, selective
 from memfit.planner.chain import BYTE_WEIGHT
@@ -35,7 +35,7 @@ def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     monkeypatch.setenv(timing.TIMING_ENV, "on")
     monkeypatch.setattr(timing, "_cache", DiskCache(timing._cache.kind, timing._cache.decode))
-    monkeypatch.setattr(timing, "_context", DiskCache(timing._context.kind, timing._context.decode))
+    monkeypatch.setattr(pace, "_context", DiskCache(pace._context.kind, pace._context.decode))
     return tmp_path
 
 

@@ -34,16 +34,23 @@ counters) is set back to its value before.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
 import statistics
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import fx
 
+from ..capture.graph import NodeInfo, Pace
 from ..capture.trainstep import StepConfig
+from .layers import DiskCache
 
-__all__ = ["MAX_REPEATS", "MIN_REPEATS", "TARGET_SECONDS", "forward_seconds", "node_seconds"]
+__all__ = ["MAX_REPEATS", "MIN_REPEATS", "TARGET_SECONDS", "forward_seconds", "measure", "node_seconds"]
+
+log = logging.getLogger(__name__)
 
 # Timed forwards: repeated for about TARGET_SECONDS, within [MIN_REPEATS, MAX_REPEATS], after a
 # warm-up (lazy initialisation, oneDNN's per-shape primitives). The evidence above took medians of
@@ -52,6 +59,69 @@ TARGET_SECONDS = 0.5
 MIN_REPEATS, MAX_REPEATS = 3, 15
 
 _CALLS = ("call_module", "call_function", "call_method")
+
+# Per captured forward: each node's forward timed in context, and the whole forward then ("context-1"
+# held the whole forward's median, not its least)
+_context = DiskCache("context-2", lambda v: {str(k): float(x) for k, x in v.items()})
+_WHOLE = "<the whole forward>"
+
+
+def measure(
+    device: str,
+    compute: list[NodeInfo],
+    calibrated: np.ndarray,
+    model: torch.nn.Module,
+    inputs: Sequence[torch.Tensor],
+    config: StepConfig,
+    clock: Callable[[], float],
+) -> Pace | None:
+    """The step's pace, and each compute node's ``context_seconds`` where ``model`` is a
+    GraphModule (timed once per graph and cached); None where the forward cannot run (the plans
+    are then priced at the calibrated times as they are, and a warning says why).
+
+    Args:
+        device: Where the model runs (on ``meta`` nothing is timed).
+        compute: The graph's compute nodes, in order.
+        calibrated: Their calibrated forwards, in seconds (those priced by FLOPs included).
+        model: What runs the forward: the captured GraphModule, or the model itself.
+        inputs: The batch's tensors, flat.
+        config: The training step (its autocast).
+        clock: The calibration's clock.
+    """
+    if device == "meta":
+        return None
+    gm = model if isinstance(model, fx.GraphModule) else None  # the interpreter needs its nodes
+    key = _graph_key(compute, config, device)
+    try:
+        with _context.session():
+            fresh = gm is not None and key not in _context
+            if gm is not None and fresh:
+                nodes = node_seconds(gm, inputs, config, device, clock)
+                _context[key] = {**nodes, _WHOLE: forward_seconds(gm, inputs, config, device, clock)}
+        context: dict[str, float] | None = _context[key] if gm is not None else None
+        if fresh and context is not None:  # this process's pace is the one just measured
+            measured = context[_WHOLE]
+        else:
+            measured = forward_seconds(model, inputs, config, device, clock)
+    except Exception as e:  # noqa: BLE001  only the correction is lost
+        log.warning("memfit: the whole forward could not be timed, times are the layers' alone: %s", e)
+        return None
+    if context is None:
+        return Pace(measured, float(calibrated.sum()))
+    timed = [k for k, i in enumerate(compute) if i.name in context and i.fwd_seconds is not None]
+    for k in timed:
+        compute[k].context_seconds = context[compute[k].name]
+    alone = sum(context[compute[k].name] for k in timed) / max(float(calibrated[timed].sum()), 1e-12)
+    return Pace(measured, context[_WHOLE], alone if timed else 1.0)
+
+
+def _graph_key(compute: list[NodeInfo], config: StepConfig, device: str) -> str:
+    """What makes two captured forwards the same to time: their nodes, what each calls and on what."""
+    nodes = [
+        (i.name, i.target, i.module_type, i.output_shapes, i.output_strides, i.output_dtypes, i.fwd_flops)
+        for i in compute
+    ]
+    return repr((hashlib.sha1(repr(nodes).encode()).hexdigest(), config.amp, device, torch.get_num_threads()))
 
 
 def forward_seconds(

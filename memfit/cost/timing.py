@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -45,12 +44,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch import fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from torch.utils.flop_counter import flop_registry
 
-from ..capture.graph import CheckpointCost, MemGraph, NodeInfo, Pace
+from ..capture.graph import CheckpointCost, MemGraph, NodeInfo
 from ..capture.trace import LeafSpec
 from ..capture.trainstep import StepConfig
 from . import pace
@@ -102,10 +100,6 @@ _OPS = ("placeholder", "get_attr")
 # loaded machine kept for good; "timing-2" no layer's checkpointed time; "timing-3" took it from
 # 5 to 9 pairs; "timing-4" had no figure of the rewrite's own segment module)
 _cache = DiskCache("timing-5", lambda v: _entry(*v))
-# Per captured forward: each node's forward timed in context, and the whole forward then ("context-1"
-# held the whole forward's median, not its least)
-_context = DiskCache("context-2", lambda v: {str(k): float(x) for k, x in v.items()})
-_WHOLE = "<the whole forward>"
 
 
 def _entry(*values: float) -> tuple[float, ...]:
@@ -172,50 +166,10 @@ def _calibrate(
     for info in graph.nodes:
         if info.op not in _OPS and info.fwd_seconds is None and info.time_error is None:
             info.time_error = "it returns no tensor"
-    graph.pace = _pace(graph, model, inputs, config)
-
-
-def _pace(graph: MemGraph, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], config: StepConfig) -> Pace | None:
-    """Each node's forward in context (cached per graph) and the whole forward now (see
-    :mod:`memfit.cost.pace`); None where the forward cannot run (the plans are then priced at
-    the calibrated times as they are)."""
     compute = [i for i in graph.nodes if i.op not in _OPS]
     times = node_times(compute)
-    if times is None or graph.device == "meta":
-        return None
-    clock = _clock(graph.device)
-    gm = model if isinstance(model, fx.GraphModule) else None  # the interpreter needs its nodes
-    key = _graph_key(compute, config, graph.device)
-    try:
-        with _context.session():
-            fresh = gm is not None and key not in _context
-            if gm is not None and fresh:
-                nodes = pace.node_seconds(gm, inputs, config, graph.device, clock)
-                _context[key] = {**nodes, _WHOLE: pace.forward_seconds(gm, inputs, config, graph.device, clock)}
-        context: dict[str, float] | None = _context[key] if gm is not None else None
-        if fresh and context is not None:  # this process's pace is the one just measured
-            measured = context[_WHOLE]
-        else:
-            measured = pace.forward_seconds(model, inputs, config, graph.device, clock)
-    except Exception as e:  # noqa: BLE001  only the correction is lost
-        log.warning("memfit: the whole forward could not be timed, times are the layers' alone: %s", e)
-        return None
-    if context is None:
-        return Pace(measured, float(times.forward.sum()))
-    timed = [k for k, i in enumerate(compute) if i.name in context and i.fwd_seconds is not None]
-    for k in timed:
-        compute[k].context_seconds = context[compute[k].name]
-    alone = sum(context[compute[k].name] for k in timed) / max(float(times.forward[timed].sum()), 1e-12)
-    return Pace(measured, context[_WHOLE], alone if timed else 1.0)
-
-
-def _graph_key(compute: list[NodeInfo], config: StepConfig, device: str) -> str:
-    """What makes two captured forwards the same to time: their nodes, what each calls and on what."""
-    nodes = [
-        (i.name, i.target, i.module_type, i.output_shapes, i.output_strides, i.output_dtypes, i.fwd_flops)
-        for i in compute
-    ]
-    return repr((hashlib.sha1(repr(nodes).encode()).hexdigest(), config.amp, device, torch.get_num_threads()))
+    if times is not None:
+        graph.pace = pace.measure(graph.device, compute, times.forward, model, inputs, config, _clock(graph.device))
 
 
 def unmeasured(graph: MemGraph) -> dict[str, str]:
