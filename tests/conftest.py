@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import memfit
+from memfit.cost import pace, timing
+from memfit.cost.layers import CACHE_ENV, DiskCache
 
 from .torchvision_shim import install_torchvision_shim
 
@@ -86,3 +88,13 @@ def small_cnn() -> torch.nn.Module:
         torch.nn.Dropout(0.1),
         torch.nn.Linear(16, 10),
     )
+
+
+@pytest.fixture
+def fresh_timing_cache(tmp_path, monkeypatch):
+    """An empty cache directory and no time calibration in memory, as in a new process; timing on."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(timing.TIMING_ENV, "on")
+    monkeypatch.setattr(timing, "_cache", DiskCache(timing._cache.kind, timing._cache.decode))
+    monkeypatch.setattr(pace, "_context", DiskCache(pace._context.kind, pace._context.decode))
+    return tmp_path

@@ -17,17 +17,8 @@ from memfit.capture.graph import Pace
 from memfit.capture.trace import graph_of
 from memfit.capture.trainstep import StepConfig
 from memfit.cost import pace, timing
-from memfit.cost.layers import CACHE_ENV, DiskCache
 from memfit.cost.measurement import event_bytes, memory_events, memory_profile
 from memfit.planner import Chain, Plan
-
-
-@pytest.fixture
-def fresh_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
-    monkeypatch.setenv(timing.TIMING_ENV, "on")
-    monkeypatch.setattr(timing, "_cache", DiskCache(timing._cache.kind, timing._cache.decode))
-    monkeypatch.setattr(pace, "_context", DiskCache(pace._context.kind, pace._context.decode))
 
 
 def test_the_timed_forward_trains_yet_leaves_the_model_and_rng_as_they_were(small_cnn):
@@ -71,7 +62,7 @@ def test_the_timed_forward_holds_no_activation():
     assert timed <= 4 * activation, "the timed forward frees each activation once used"
 
 
-def test_every_figure_of_a_plan_moves_by_the_pace(small_cnn, fresh_cache):
+def test_every_figure_of_a_plan_moves_by_the_pace(small_cnn, fresh_timing_cache):
     x = torch.randn(4, 3, 16, 16)
     graph = capture(small_cnn, x, StepConfig())
     timing.calibrate_times(graph, small_cnn, (x,), StepConfig())
@@ -92,7 +83,7 @@ def test_every_figure_of_a_plan_moves_by_the_pace(small_cnn, fresh_cache):
     assert extra3 == pytest.approx(3 * extra, rel=1e-6) and step3 == pytest.approx(3 * step, rel=1e-12)
 
 
-def test_a_rerun_is_priced_at_its_nodes_in_context_and_they_are_cached(small_cnn, fresh_cache, monkeypatch):
+def test_a_rerun_is_priced_at_its_nodes_in_context_and_they_are_cached(small_cnn, fresh_timing_cache, monkeypatch):
     x = torch.randn(4, 3, 16, 16)
     gm = graph_of(small_cnn, (), x)
     graph = capture(small_cnn, x, StepConfig(), gm=gm)
@@ -124,7 +115,7 @@ def test_a_rerun_is_priced_at_its_nodes_in_context_and_they_are_cached(small_cnn
     assert again.pace is not None and again.pace.measured > 0
 
 
-def test_where_the_forward_cannot_run_the_layers_times_stand(small_cnn, fresh_cache, monkeypatch, caplog):
+def test_where_the_forward_cannot_run_the_layers_times_stand(small_cnn, fresh_timing_cache, monkeypatch, caplog):
     x = torch.randn(4, 3, 16, 16)
     graph = capture(small_cnn, x, StepConfig())
 
@@ -146,7 +137,7 @@ def test_on_the_meta_device_nothing_is_timed(small_cnn):
     assert not any("whole forward" in n for n in planned.plan.notes)
 
 
-def test_a_plan_says_its_pace(small_cnn, fresh_cache):
+def test_a_plan_says_its_pace(small_cnn, fresh_timing_cache):
     planned = memfit.optimize(small_cnn, 1000, torch.randn(4, 3, 16, 16))
     (note,) = [n for n in planned.plan.notes if n.startswith("Times:")]
     assert "(meas)" in note and "when the prices were made" in note and "their figures alone" in note

@@ -19,24 +19,13 @@ import memfit
 from memfit.capture.dryrun import capture
 from memfit.capture.graph import CheckpointCost, MemGraph, NodeInfo, Pace
 from memfit.capture.trainstep import StepConfig
-from memfit.cost import pace, timing
-from memfit.cost.layers import CACHE_ENV, DiskCache
+from memfit.cost import timing
 from memfit.planner import Chain, Plan, selective
 from memfit.planner.chain import BYTE_WEIGHT
 
 from .factories import Fragile
 
 _COMPUTE = ("placeholder", "get_attr")
-
-
-@pytest.fixture
-def fresh_cache(tmp_path, monkeypatch):
-    """An empty cache directory and no entries in memory, as in a new process; timing on."""
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
-    monkeypatch.setenv(timing.TIMING_ENV, "on")
-    monkeypatch.setattr(timing, "_cache", DiskCache(timing._cache.kind, timing._cache.decode))
-    monkeypatch.setattr(pace, "_context", DiskCache(pace._context.kind, pace._context.decode))
-    return tmp_path
 
 
 def _timed(model: nn.Module, *inputs: torch.Tensor, **kwargs) -> MemGraph:
@@ -49,11 +38,11 @@ def _ns(seconds: float) -> int:
     return int(np.round(seconds * 1e9))
 
 
-def test_cache_round_trip(small_cnn, fresh_cache, monkeypatch):
+def test_cache_round_trip(small_cnn, fresh_timing_cache, monkeypatch):
     x = torch.randn(4, 3, 16, 16)
     graph = _timed(small_cnn, x)
     times = [(i.fwd_seconds, i.bwd_seconds, i.cheap_seconds, i.operators, i.checkpointed_seconds) for i in graph.nodes]
-    (path,) = fresh_cache.glob("timing-*.json")
+    (path,) = fresh_timing_cache.glob("timing-*.json")
     assert json.loads(path.read_text())
 
     def no_runs(*args, **kwargs):
@@ -69,10 +58,10 @@ def test_cache_round_trip(small_cnn, fresh_cache, monkeypatch):
     assert again.checkpoint_cost == graph.checkpoint_cost
 
 
-def test_unreadable_cache_is_remeasured(small_cnn, fresh_cache):
+def test_unreadable_cache_is_remeasured(small_cnn, fresh_timing_cache):
     x = torch.randn(4, 3, 16, 16)
     _timed(small_cnn, x)
-    (path,) = fresh_cache.glob("timing-*.json")
+    (path,) = fresh_timing_cache.glob("timing-*.json")
     path.write_text('{"k": [1, 2]}')  # an entry of the wrong arity: the file is not trusted
     timing._cache.clear()
     graph = _timed(small_cnn, x)
@@ -80,7 +69,7 @@ def test_unreadable_cache_is_remeasured(small_cnn, fresh_cache):
     assert "k" not in json.loads(path.read_text())
 
 
-def test_every_compute_node_is_timed_or_reported(fresh_cache):
+def test_every_compute_node_is_timed_or_reported(fresh_timing_cache):
     torch.manual_seed(0)
     model = memfit.models.create("gpt", n_layer=1, n_embd=32, n_head=2, vocab_size=64, block_size=16)
     graph = _timed(model, torch.randint(0, 64, (2, 16)))
@@ -100,7 +89,7 @@ def test_every_compute_node_is_timed_or_reported(fresh_cache):
     assert graph.checkpoint_cost.segment > 0, "a checkpointed segment does more than a plain call"
 
 
-def test_a_layer_that_cannot_run_checkpointed_alone_is_priced_per_saved_tensor(fresh_cache):
+def test_a_layer_that_cannot_run_checkpointed_alone_is_priced_per_saved_tensor(fresh_timing_cache):
     # an in-place ReLU alone under checkpoint writes the input its recomputation reads: torch refuses
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 8))
     graph = _timed(model, torch.randn(4, 8))
@@ -110,7 +99,7 @@ def test_a_layer_that_cannot_run_checkpointed_alone_is_priced_per_saved_tensor(f
     assert np.isnan(timing.node_times([relu]).checkpointed).all()
 
 
-def test_failed_layer_is_reported_and_priced_by_flops(fresh_cache, monkeypatch):
+def test_failed_layer_is_reported_and_priced_by_flops(fresh_timing_cache, monkeypatch):
     model, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), Fragile()), torch.randn(4, 8)
     graph = capture(model, x, StepConfig(), leaf_modules=[Fragile])
     monkeypatch.setattr(Fragile, "broken", True)
@@ -120,7 +109,7 @@ def test_failed_layer_is_reported_and_priced_by_flops(fresh_cache, monkeypatch):
     assert graph.info(name).fwd_seconds is None
 
 
-def test_unmeasured_nodes_are_priced_by_the_fitted_rate(small_cnn, fresh_cache):
+def test_unmeasured_nodes_are_priced_by_the_fitted_rate(small_cnn, fresh_timing_cache):
     graph = _timed(small_cnn, torch.randn(4, 3, 16, 16))
     infos = [i for i in graph.nodes if i.op not in _COMPUTE]
     conv = next(i for i in infos if i.module_type == "Conv2d")
@@ -139,7 +128,7 @@ def test_unmeasured_nodes_are_priced_by_the_fitted_rate(small_cnn, fresh_cache):
     assert times.operators[k] == 1
 
 
-def test_without_timing_the_chain_prices_flops(small_cnn, fresh_cache, monkeypatch):
+def test_without_timing_the_chain_prices_flops(small_cnn, fresh_timing_cache, monkeypatch):
     monkeypatch.setenv(timing.TIMING_ENV, "off")
     graph = _timed(small_cnn, torch.randn(4, 3, 16, 16))
     assert all(i.fwd_seconds is None for i in graph.nodes) and graph.checkpoint_cost is None
@@ -163,7 +152,7 @@ def _resnet_graph() -> MemGraph:
     ("extra", "pace"),
     [(CheckpointCost(0.0, 0.0, 0.0), None), (CheckpointCost(1e-4, 2e-6, 3e-5, 5e-6, 7e-5), Pace(3.0, 2.0))],
 )
-def test_plan_cost_is_the_sum_of_its_recomputed_nodes(fresh_cache, extra, pace):
+def test_plan_cost_is_the_sum_of_its_recomputed_nodes(fresh_timing_cache, extra, pace):
     graph = _resnet_graph()
     assert graph.pace is not None and graph.pace.measured > 0, "the whole forward was timed"
     graph.checkpoint_cost, graph.pace = extra, pace
@@ -220,7 +209,7 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_recomputation_stops_where_torch_stops(fresh_cache):
+def test_recomputation_stops_where_torch_stops(fresh_timing_cache):
     # torch's non-reentrant checkpoint stops once the last saved tensor is packed again: the last
     # Linear packs its input before its matmul, so its matmul is never rerun
     torch.manual_seed(0)
@@ -245,7 +234,7 @@ class _MatmulAndRelu(nn.Module):
         return (x @ self.weight).sum() + torch.relu(y).sum()
 
 
-def test_a_matmul_costs_more_than_a_small_relu(fresh_cache):
+def test_a_matmul_costs_more_than_a_small_relu(fresh_timing_cache):
     graph = _timed(_MatmulAndRelu(), torch.randn(512, 512), torch.randn(4, 4))
     matmul = next(i for i in graph.nodes if "matmul" in i.target)
     relu = next(i for i in graph.nodes if "relu" in i.target)
@@ -253,7 +242,7 @@ def test_a_matmul_costs_more_than_a_small_relu(fresh_cache):
     assert matmul.cheap_seconds < matmul.fwd_seconds / 2, "the matmul itself is kept by a selective segment"
 
 
-def test_calibration_leaves_rng_and_model_alone(small_cnn, fresh_cache):
+def test_calibration_leaves_rng_and_model_alone(small_cnn, fresh_timing_cache):
     x = torch.randn(4, 3, 16, 16)
     graph = capture(small_cnn, x, StepConfig())
     state = {k: v.clone() for k, v in small_cnn.state_dict().items()}
@@ -263,7 +252,7 @@ def test_calibration_leaves_rng_and_model_alone(small_cnn, fresh_cache):
     assert all(torch.equal(state[k], v) for k, v in small_cnn.state_dict().items())
 
 
-def test_cpu_layers_are_timed_on_one_thread_by_its_cpu_clock(small_cnn, fresh_cache, monkeypatch):
+def test_cpu_layers_are_timed_on_one_thread_by_its_cpu_clock(small_cnn, fresh_timing_cache, monkeypatch):
     """Wall time with the step's threads measured the neighbours' load (cached for good); layers
     are timed on one intra-op thread by that thread's CPU time, and the caller's count is back."""
     seen = []
@@ -284,7 +273,7 @@ def test_cpu_layers_are_timed_on_one_thread_by_its_cpu_clock(small_cnn, fresh_ca
     assert seen and set(seen) == {(1, time.thread_time)}
 
 
-def test_checkpointed_figures_take_more_pairs_on_faster_layers(small_cnn, fresh_cache, monkeypatch):
+def test_checkpointed_figures_take_more_pairs_on_faster_layers(small_cnn, fresh_timing_cache, monkeypatch):
     """A checkpointed figure is a difference of two noisy times: a layer gets about PAIR_SECONDS
     of paired steps, within [MIN_PAIRS, MAX_PAIRS] (a fast layer at 9 pairs moved 0.49 to 0.77 ms
     between calibrations)."""
@@ -300,7 +289,7 @@ def test_checkpointed_figures_take_more_pairs_on_faster_layers(small_cnn, fresh_
     _timed(small_cnn, torch.randn(4, 3, 16, 16))
     assert pairs and set(pairs) == {timing.MAX_PAIRS}
     pairs.clear()
-    for path in fresh_cache.glob("timing-*.json"):  # measured again, not read back
+    for path in fresh_timing_cache.glob("timing-*.json"):  # measured again, not read back
         path.unlink()
     timing._cache.clear()
     monkeypatch.setattr(timing, "PAIR_SECONDS", 1e-9)  # every layer as slow as can be
@@ -308,7 +297,7 @@ def test_checkpointed_figures_take_more_pairs_on_faster_layers(small_cnn, fresh_
     assert pairs and set(pairs) == {timing.MIN_PAIRS}
 
 
-def test_the_dry_run_counts_the_tensors_each_node_saves(fresh_cache):
+def test_the_dry_run_counts_the_tensors_each_node_saves(fresh_timing_cache):
     """Checkpointing pays per saved tensor (it packs each, and stores each again when it
     recomputes), so the dry run counts what a real step's saved-tensor hooks see, per node."""
     torch.manual_seed(0)
@@ -333,7 +322,7 @@ def test_the_dry_run_counts_the_tensors_each_node_saves(fresh_cache):
     assert counted == [real.get(k, 0) for k in range(len(model))] and counted[1] > counted[2] > 0
 
 
-def test_the_rewrites_own_segment_module_is_priced_beyond_torchs_checkpoint(fresh_cache):
+def test_the_rewrites_own_segment_module_is_priced_beyond_torchs_checkpoint(fresh_timing_cache):
     """What the rewrite's segment module adds to torch's checkpoint is the ``wrapper`` figure:
     a maker that spins 2 ms of this thread's CPU time more per segment is priced about that
     (the clock is the thread's CPU time, which a spin fills exactly)."""

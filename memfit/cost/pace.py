@@ -90,19 +90,20 @@ def measure(
     """
     if device == "meta":
         return None
-    gm = model if isinstance(model, fx.GraphModule) else None  # the interpreter needs its nodes
-    key = _graph_key(compute, config, device)
+    context: dict[str, float] | None = None
     try:
-        with _context.session():
-            fresh = gm is not None and key not in _context
-            if gm is not None and fresh:
-                nodes = node_seconds(gm, inputs, config, device, clock)
-                _context[key] = {**nodes, _WHOLE: forward_seconds(gm, inputs, config, device, clock)}
-        context: dict[str, float] | None = _context[key] if gm is not None else None
-        if fresh and context is not None:  # this process's pace is the one just measured
-            measured = context[_WHOLE]
-        else:
+        if not isinstance(model, fx.GraphModule):  # the interpreter needs its nodes
             measured = forward_seconds(model, inputs, config, device, clock)
+        else:
+            key = _graph_key(compute, config, device)
+            with _context.session():
+                fresh = key not in _context
+                if fresh:
+                    nodes = node_seconds(model, inputs, config, device, clock)
+                    _context[key] = {**nodes, _WHOLE: forward_seconds(model, inputs, config, device, clock)}
+                context = _context[key]
+            # when just measured, this process's pace is that forward's
+            measured = context[_WHOLE] if fresh else forward_seconds(model, inputs, config, device, clock)
     except Exception as e:  # noqa: BLE001  only the correction is lost
         log.warning("memfit: the whole forward could not be timed, times are the layers' alone: %s", e)
         return None
@@ -136,7 +137,7 @@ def forward_seconds(
 
     The least, not the median: the figure is one sample of the machine's speed, which every price
     is then scaled by, and a slow spell only adds time (one such spell put a GPT's forward at
-    125.9 ms by the median, in a process whose steps ran it near 80, and its plan at 1.5x).
+    125.9 ms by the median where the prices had been made at 81.8, and its plan at 1.5x).
 
     Raises:
         ValueError: The model or its inputs are on the meta device, where nothing runs.

@@ -80,18 +80,13 @@ def price_nodes(
     # A rerun is priced at the nodes' forwards in context, the figures measured only alone at the
     # whole forward's in-context ratio, and everything at this process's pace (memfit.cost.pace)
     pace, alone = (graph.pace.factor, graph.pace.alone) if graph.pace is not None else (1.0, 1.0)
-    solo = alone * times.forward  # what the node's checkpointed figure includes of its forward
+    solo = pace * alone * times.forward  # what a node's checkpointed figure includes of its forward
     context = np.array([i.context_seconds if i.context_seconds is not None else np.nan for i in infos])
-    forward = np.where(np.isnan(context), solo, context)
+    forward = np.where(np.isnan(context), solo, pace * context)
     share = np.divide(times.cheap, times.forward, out=np.ones(n), where=times.forward > 0)
     times = NodeTimes(
-        pace * forward,
-        pace * alone * times.backward,
-        pace * share * forward,
-        times.operators,
-        pace * alone * times.checkpointed,
+        forward, pace * alone * times.backward, share * forward, times.operators, pace * alone * times.checkpointed
     )
-    solo = pace * solo
     extra = (graph.checkpoint_cost or CheckpointCost(0.0, 0.0, 0.0)).scaled(pace * alone)
     # torch stops a recomputation once the segment's last saved tensor is packed again: the
     # nodes after the last one that saves, and that one too when it saves only what came
