@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import memfit
-from memfit.cost import pace, timing
+from memfit.cost import checkpointing, pace, timing
 from memfit.cost.layers import CACHE_ENV, DiskCache
 
 from .torchvision_shim import install_torchvision_shim
@@ -97,4 +97,5 @@ def fresh_timing_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(timing.TIMING_ENV, "on")
     monkeypatch.setattr(timing, "_cache", DiskCache(timing._cache.kind, timing._cache.decode))
     monkeypatch.setattr(pace, "_context", DiskCache(pace._context.kind, pace._context.decode))
+    monkeypatch.setattr(checkpointing, "_cache", DiskCache(checkpointing._cache.kind, checkpointing._cache.decode))
     return tmp_path

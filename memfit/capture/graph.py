@@ -119,6 +119,11 @@ class CheckpointCost:
             small copies whatever the recomputation runs of the segment.
         wrapper: More per segment for the rewrite's own module around torch's checkpoint (its fx
             body runs twice, its contexts are entered around the recomputation).
+        in_step: Per segment as a step pays it: the rewrite's segment (or torch's checkpoint) of a
+            tiny op against the op, each run with the caches full of other data, as the layers
+            between a step's segments leave them; the segment's fixed cost where it is larger
+            than ``segment + wrapper``, the hot-loop figures the layers' own checkpointed times
+            include. 0.0 where not measured.
     """
 
     segment: float
@@ -126,6 +131,7 @@ class CheckpointCost:
     selective_per_operator: float
     per_buffer: float = 0.0
     wrapper: float = 0.0
+    in_step: float = 0.0
 
     def scaled(self, factor: float) -> CheckpointCost:
         """Every figure multiplied by ``factor`` (see :class:`Pace`)."""

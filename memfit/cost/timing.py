@@ -18,10 +18,8 @@ per-operator work. Last, the layer's forward and backward run again under torch'
 checkpoint, paired with plain runs: what checkpointing adds to a layer grows with its tensors, not
 only with their number (a Linear on a 2 MiB input takes 0.5 ms more checkpointed, a ReLU on 64
 elements 0.12 ms), and the per-tensor price fitted on small chains that this replaces put the
-GPT's plan of six short segments at +1.6% of a step where it measured +3.6 to +5.3%. The fixed
-per-segment cost is calibrated once per machine (:class:`~memfit.capture.graph.CheckpointCost`),
-with what the rewrite's own segment module adds to torch's checkpoint (the search hands down the
-rewrite's maker of segments, since this package sits below the rewrite).
+GPT's plan of six short segments at +1.6% of a step where it measured +3.6 to +5.3%. What a
+segment costs besides its layers is calibrated once per machine (:mod:`memfit.cost.checkpointing`).
 Results are cached per machine and torch build beside the workspaces.
 
 A node that cannot be timed alone (non-tensor arguments, a layer that fails by itself) keeps
@@ -33,7 +31,6 @@ planners fall back to the FLOP proxy alone.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -45,13 +42,14 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import flop_registry
 
-from ..capture.graph import CheckpointCost, MemGraph, NodeInfo
+from ..capture.graph import MemGraph, NodeInfo
 from ..capture.trace import LeafSpec
 from ..capture.trainstep import StepConfig
-from . import pace
+from . import checkpointing, pace
+from .checkpointing import CHAIN_NUMEL, SegmentOf
 from .layers import DiskCache, LayerRun, LayerSpec, Noise, backward, calibrate_layers, extrapolate
 
 __all__ = [
@@ -66,10 +64,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# Makes a one-tensor function into what the rewrite runs for a checkpointed segment of it (the
-# rewrite sits above this package, so the search hands its maker down).
-SegmentOf = Callable[[Callable[[torch.Tensor], torch.Tensor]], Callable[[torch.Tensor], torch.Tensor]]
 
 # "off" (or 0, no, false) skips time calibration: plans are priced by the FLOP proxy.
 TIMING_ENV = "MEMFIT_TIMING"
@@ -89,10 +83,6 @@ MIN_REPEATS, MAX_REPEATS = 3, 9
 # MAX_PAIRS]. Two calibrations of the GPT's MLP Linear at the old fixed 9 pairs gave 0.49 and
 # 0.77 ms, at 25 pairs 0.45 and 0.38 ms; a plan of small segments is priced by these figures.
 MIN_PAIRS, MAX_PAIRS, PAIR_SECONDS = 5, 25, 0.1
-# Checkpoint cost calibration: a segment of one ReLU on _TINY elements (the fixed cost), and a
-# chain of _CHAIN_LENGTH operator pairs on tensors the size of the step's typical activation, up
-# to _CHAIN_NUMEL elements (per saved tensor, for layers not timed alone), this many pairs each.
-_TINY, _CHAIN_LENGTH, _CHAIN_RUNS, _CHAIN_NUMEL = 64, 8, 25, 2**17
 
 _OPS = ("placeholder", "get_attr")
 # (forward, backward, cheap forward seconds, operators, checkpointed extra seconds) per layer and
@@ -161,8 +151,7 @@ def _calibrate(
             fwd, bwd, cheap, ops, checkpointed = c.result
             c.info.fwd_seconds, c.info.bwd_seconds, c.info.cheap_seconds, c.info.operators = fwd, bwd, cheap, round(ops)
             c.info.checkpointed_seconds = None if math.isnan(checkpointed) else checkpointed
-    with _cache.session():
-        graph.checkpoint_cost = _checkpoint_cost(_typical_numel(graph), segment_of)
+    graph.checkpoint_cost = checkpointing.cost(_typical_numel(graph), segment_of)
     for info in graph.nodes:
         if info.op not in _OPS and info.fwd_seconds is None and info.time_error is None:
             info.time_error = "it returns no tensor"
@@ -358,100 +347,7 @@ class _OperatorClock(TorchDispatchMode):
 
 
 def _typical_numel(graph: MemGraph) -> int:
-    """The median element count of the compute nodes' outputs, as a power of two in [64, _CHAIN_NUMEL]."""
+    """The median element count of the compute nodes' outputs, as a power of two in [64, CHAIN_NUMEL]."""
     sizes = sorted(math.prod(i.output_shapes[0]) for i in graph.nodes if i.op not in _OPS and i.output_shapes)
     median = sizes[len(sizes) // 2] if sizes else 64
-    return 2 ** round(math.log2(min(max(median, 64), _CHAIN_NUMEL)))
-
-
-def _checkpoint_cost(numel: int, segment_of: SegmentOf | None = None) -> CheckpointCost:
-    """What checkpointing adds beyond recomputation on this machine for tensors of ``numel``
-    elements, and what ``segment_of``'s segments add to torch's checkpoint, measured once and
-    cached."""
-    key = repr(("checkpoint", numel, segment_of is not None))
-    if key not in _cache:
-        wrapper = 0.0 if segment_of is None else _wrapper_overhead(segment_of)
-        _cache[key] = (*_checkpoint_overheads(numel), _buffer_replay(), wrapper)
-    return CheckpointCost(*_cache[key])
-
-
-def _wrapper_overhead(segment_of: SegmentOf) -> float:
-    """Median of paired differences: a ReLU of _TINY elements as ``segment_of``'s segment against
-    it under torch's checkpoint alone."""
-    tiny = torch.randn(_TINY, generator=torch.Generator().manual_seed(0)).requires_grad_()
-    plain = functools.partial(checkpoint, torch.relu, tiny, use_reentrant=False, preserve_rng_state=False)
-    return max(0.0, _paired(plain, functools.partial(segment_of(torch.relu), tiny), _clock()))
-
-
-def _buffer_replay() -> float:
-    """Seconds per buffer of what the rewrite does to a buffer its segment writes: a snapshot in
-    the forward, and around the recomputation a snapshot, a restore and a restore (unpriced, they
-    put plans that recompute many BatchNorms low)."""
-    buffers = [torch.zeros(64), torch.ones(64), torch.zeros((), dtype=torch.long)]
-    clock = _clock()
-    samples = []
-    with torch.no_grad():
-        for _ in range(_CHAIN_RUNS):
-            start = clock()
-            for b in buffers:
-                before, after = b.clone(), b.clone()
-                b.copy_(before)
-                b.copy_(after)
-            samples.append(clock() - start)
-    return min(samples) / len(buffers)
-
-
-def _checkpoint_overheads(numel: int) -> tuple[float, float, float]:
-    """(per segment, per saved tensor, more per operator when selective), each a median of paired
-    differences of runs back to back: a ReLU of _TINY elements checkpointed against plain (its
-    recomputation is negligible); a chain of ReLU(t * 1.5) of ``numel`` elements checkpointed
-    against plain, less the segment and one more forward, per tensor the chain saves for backward
-    (counted, not assumed); the chain under a selective policy that recomputes everything against
-    plain checkpointing, per operator."""
-    generator = torch.Generator().manual_seed(0)
-    tiny = torch.randn(_TINY, generator=generator).requires_grad_()
-    x = torch.randn(numel, generator=generator).requires_grad_()
-    clock = _clock()
-
-    def body(t: torch.Tensor) -> torch.Tensor:
-        for _ in range(_CHAIN_LENGTH):
-            t = torch.relu(t * 1.5)  # two operators
-        return t
-
-    def recompute_all(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-        return CheckpointPolicy.PREFER_RECOMPUTE
-
-    def checkpointed(fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor, **kw: Any) -> Callable[[], Any]:
-        return functools.partial(checkpoint, fn, t, use_reentrant=False, preserve_rng_state=False, **kw)
-
-    packed: list[torch.Tensor] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        packed.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        body(x)
-    segment = max(0.0, _paired(functools.partial(torch.relu, tiny), checkpointed(torch.relu, tiny), clock))
-    again = statistics.median(_timed(functools.partial(body, x), clock, backward=False) for _ in range(_CHAIN_RUNS))
-    chain = _paired(functools.partial(body, x), checkpointed(body, x), clock)
-    contexts = functools.partial(create_selective_checkpoint_contexts, recompute_all)
-    selective = _paired(checkpointed(body, x), checkpointed(body, x, context_fn=contexts), clock)
-    per_saved = max(0.0, (chain - segment - again) / max(len(packed), 1))
-    return segment, per_saved, max(0.0, selective / (2 * _CHAIN_LENGTH))
-
-
-def _timed(run: Callable[[], torch.Tensor], clock: Callable[[], float], backward: bool = True) -> float:
-    """Seconds of one call of ``run``, and of a backward from its output's sum."""
-    start = clock()
-    out = run()
-    if backward:
-        out.sum().backward()
-    return clock() - start
-
-
-def _paired(first: Callable[[], torch.Tensor], then: Callable[[], torch.Tensor], clock: Callable[[], float]) -> float:
-    """Median over _CHAIN_RUNS pairs, run back to back after one warm-up each, of how much
-    longer ``then`` takes than ``first``."""
-    _timed(first, clock), _timed(then, clock)
-    return statistics.median(-_timed(first, clock) + _timed(then, clock) for _ in range(_CHAIN_RUNS))
+    return 2 ** round(math.log2(min(max(median, 64), CHAIN_NUMEL)))

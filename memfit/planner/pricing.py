@@ -31,7 +31,8 @@ class NodePrices:
         cost_selective: The same in a selective segment (its FLOP-heavy outputs kept).
         overhead: Per node, what checkpointing adds when a segment packs the node beyond the
             segment's fixed cost, in ns.
-        segment: The fixed cost of a checkpointed segment (torch's and the rewrite's module), in ns.
+        segment: The fixed cost of a checkpointed segment (torch's and the rewrite's module) as a
+            step pays it, with cold caches, in ns.
         buffers: Prefix sums of the buffer replays each node's writes cost, in ns.
         stop: Per position ``b``: the position before which a recomputation of a segment ending at
             ``b`` stops (torch's early stop).
@@ -103,13 +104,14 @@ def price_nodes(
     # What checkpointing adds beyond the recomputation grows with what the segment packs: every
     # node that saves a tensor (those it reruns, and the one where it stops, which packs without
     # running) adds what it added alone a segment, less the forward it reran there (one that
-    # saves only its inputs is stopped before it computes) and less the segment's fixed cost,
-    # which the segment pays once. Measured alone as whole segments (kept heap, one thread):
-    # MobileNetV2's seven-node inverted-residual block 1.69 ms beyond its rerun, its nodes'
-    # figures summing to 1.54 (their largest 0.28); the GPT's GELU+Linear 0.8-1.0 ms, its nodes
-    # 0.18 + 0.64. Counting each figure whole paid the 0.13 ms fixed cost twelve times in a
-    # 14-node ResNet-50 segment (its plan predicted 25.9 ms, measured 18.5). A node not timed
-    # checkpointed is priced per tensor it saves; one that saves nothing packs nothing.
+    # saves only its inputs is stopped before it computes) and less the segment's fixed cost as
+    # that figure includes it (hot), which the segment pays once (cold, as a step runs it).
+    # Measured alone as whole segments (kept heap, one thread): MobileNetV2's seven-node
+    # inverted-residual block 1.69 ms beyond its rerun, its nodes' figures summing to 1.54 (their
+    # largest 0.28); the GPT's GELU+Linear 0.8-1.0 ms, its nodes 0.18 + 0.64. Counting each
+    # figure whole paid the 0.13 ms fixed cost twelve times in a 14-node ResNet-50 segment (its
+    # plan predicted 25.9 ms, measured 18.5). A node not timed checkpointed is priced per tensor
+    # it saves; one that saves nothing packs nothing.
     saved = np.array([i.saved_tensors for i in infos], dtype=np.float64)
     measured = np.maximum(0.0, np.nan_to_num(times.checkpointed - np.where(own, solo, 0.0) - extra.segment, nan=0.0))
     unmeasured = extra.per_saved_tensor * saved
@@ -125,7 +127,7 @@ def price_nodes(
         cost=prefix(ns(times.forward)),
         cost_selective=prefix(ns(selective)),
         overhead=ns(overhead),
-        segment=int(ns(extra.segment + extra.wrapper)),
+        segment=int(ns(max(extra.in_step, extra.segment + extra.wrapper))),
         buffers=prefix(ns(extra.per_buffer * np.array(buffers, dtype=np.float64))),
         stop=stop,
     )

@@ -1,0 +1,171 @@
+"""What checkpointing a segment costs on this machine beyond rerunning its layers.
+
+The layers' own checkpointed figures (:mod:`memfit.cost.timing`) are measured one layer a segment;
+this module calibrates, once per machine and cached, what the chain's pricing needs beside them
+(:class:`~memfit.capture.graph.CheckpointCost`): the fixed cost of a segment, what one more saved
+tensor costs where a layer has no figure of its own, a selective segment's cost per operator, a
+written buffer's replay, and what the rewrite's own segment module adds to torch's checkpoint (the
+search hands down the rewrite's maker of segments, since this package sits below the rewrite).
+
+A segment in a step pays its fixed cost with cold caches: the layers between two segments leave
+the caches full of their own data, and the segment's code, objects and autograd records come back
+from memory. In a hot loop the rewrite's segment of a 64-element ReLU cost 0.19 ms over the ReLU,
+after a 64 MiB write before each run 0.46-0.55 ms; in the GPT's steps a segment of three layers
+took 0.25-0.34 ms more in its forward call than its layers and about 0.3-0.5 ms more in backward
+than its recomputation, where its plan was priced at the hot figure (2.2-2.4 ms predicted, 3.0-3.7
+measured). So the fixed cost is measured both ways: hot, what the layers' own figures include,
+and cold, what each segment of a step pays.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from ..capture.graph import CheckpointCost
+from .layers import DiskCache
+
+__all__ = ["CHAIN_NUMEL", "SegmentOf", "cost"]
+
+# Makes a one-tensor function into what the rewrite runs for a checkpointed segment of it (the
+# rewrite sits above this package, so the search hands its maker down).
+SegmentOf = Callable[[Callable[[torch.Tensor], torch.Tensor]], Callable[[torch.Tensor], torch.Tensor]]
+
+# A segment of one ReLU on _TINY elements (the fixed cost), and a chain of _CHAIN_LENGTH operator
+# pairs on tensors the size of the step's typical activation, up to CHAIN_NUMEL elements (per
+# saved tensor, for layers not timed alone), this many pairs each.
+_TINY, _CHAIN_LENGTH, _CHAIN_RUNS, CHAIN_NUMEL = 64, 8, 25, 2**17
+# Written over before each run of the cold pair: more than the last-level cache one core sees on
+# most machines (a 32 MiB write gave 0.46 ms above, a 64 MiB one 0.55).
+_FLUSH_BYTES = 64 * 2**20
+
+# The six figures of CheckpointCost per element count and segment maker ("checkpoint-1": the
+# figures were the first five of "timing-5"'s entries, with no cold fixed cost)
+_cache = DiskCache("checkpoint-1", lambda v: _figures(*v))
+
+
+def _figures(*values: float) -> tuple[float, ...]:
+    if len(values) != 6:
+        raise ValueError(f"a checkpoint cost entry has 6 figures, not {len(values)}")
+    return tuple(float(v) for v in values)
+
+
+def cost(numel: int, segment_of: SegmentOf | None = None) -> CheckpointCost:
+    """What checkpointing adds beyond recomputation on this machine for tensors of ``numel``
+    elements, and what ``segment_of``'s segments add to torch's checkpoint, measured once and
+    cached (CPU time of this thread)."""
+    key = repr(("checkpoint", numel, segment_of is not None))
+    with _cache.session():
+        if key not in _cache:
+            wrapper = 0.0 if segment_of is None else _wrapper_overhead(segment_of)
+            _cache[key] = (*_overheads(numel), _buffer_replay(), wrapper, _in_step(segment_of))
+    return CheckpointCost(*_cache[key])
+
+
+def _tiny() -> torch.Tensor:
+    return torch.randn(_TINY, generator=torch.Generator().manual_seed(0)).requires_grad_()
+
+
+def _torch_segment(fn: Callable[[torch.Tensor], torch.Tensor], **kw: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    return functools.partial(checkpoint, fn, use_reentrant=False, preserve_rng_state=False, **kw)
+
+
+def _wrapper_overhead(segment_of: SegmentOf) -> float:
+    """Median of paired differences: a ReLU of _TINY elements as ``segment_of``'s segment against
+    it under torch's checkpoint alone."""
+    tiny = _tiny()
+    plain = functools.partial(_torch_segment(torch.relu), tiny)
+    return max(0.0, _paired(plain, functools.partial(segment_of(torch.relu), tiny)))
+
+
+def _in_step(segment_of: SegmentOf | None) -> float:
+    """Median of paired differences, each run after a write over _FLUSH_BYTES: a ReLU of _TINY
+    elements as ``segment_of``'s segment (torch's checkpoint without one) against plain."""
+    tiny, flush = _tiny(), torch.zeros(_FLUSH_BYTES // 4)
+    segment = (segment_of or _torch_segment)(torch.relu)
+    cold = _paired(functools.partial(torch.relu, tiny), functools.partial(segment, tiny), lambda: flush.add_(1))
+    return max(0.0, cold)
+
+
+def _buffer_replay() -> float:
+    """Seconds per buffer of what the rewrite does to a buffer its segment writes: a snapshot in
+    the forward, and around the recomputation a snapshot, a restore and a restore (unpriced, they
+    put plans that recompute many BatchNorms low)."""
+    buffers = [torch.zeros(64), torch.ones(64), torch.zeros((), dtype=torch.long)]
+    samples = []
+    with torch.no_grad():
+        for _ in range(_CHAIN_RUNS):
+            start = time.thread_time()
+            for b in buffers:
+                before, after = b.clone(), b.clone()
+                b.copy_(before)
+                b.copy_(after)
+            samples.append(time.thread_time() - start)
+    return min(samples) / len(buffers)
+
+
+def _overheads(numel: int) -> tuple[float, float, float]:
+    """(per segment, per saved tensor, more per operator when selective), each a median of paired
+    differences of runs back to back: a ReLU of _TINY elements checkpointed against plain (its
+    recomputation is negligible); a chain of ReLU(t * 1.5) of ``numel`` elements checkpointed
+    against plain, less the segment and one more forward, per tensor the chain saves for backward
+    (counted, not assumed); the chain under a selective policy that recomputes everything against
+    plain checkpointing, per operator."""
+    tiny = _tiny()
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(1)).requires_grad_()
+
+    def body(t: torch.Tensor) -> torch.Tensor:
+        for _ in range(_CHAIN_LENGTH):
+            t = torch.relu(t * 1.5)  # two operators
+        return t
+
+    def recompute_all(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    packed: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        packed.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        body(x)
+    hot = _paired(functools.partial(torch.relu, tiny), functools.partial(_torch_segment(torch.relu), tiny))
+    segment = max(0.0, hot)
+    again = statistics.median(_timed(functools.partial(body, x), backward=False) for _ in range(_CHAIN_RUNS))
+    chain = _paired(functools.partial(body, x), functools.partial(_torch_segment(body), x))
+    contexts = functools.partial(create_selective_checkpoint_contexts, recompute_all)
+    selective = _paired(
+        functools.partial(_torch_segment(body), x), functools.partial(_torch_segment(body, context_fn=contexts), x)
+    )
+    per_saved = max(0.0, (chain - segment - again) / max(len(packed), 1))
+    return segment, per_saved, max(0.0, selective / (2 * _CHAIN_LENGTH))
+
+
+def _timed(run: Callable[[], torch.Tensor], backward: bool = True) -> float:
+    """Seconds of one call of ``run``, and of a backward from its output's sum."""
+    start = time.thread_time()
+    out = run()
+    if backward:
+        out.sum().backward()
+    return time.thread_time() - start
+
+
+def _paired(
+    first: Callable[[], torch.Tensor], then: Callable[[], torch.Tensor], before: Callable[[], object] = lambda: None
+) -> float:
+    """Median over _CHAIN_RUNS pairs, run back to back after one warm-up each, of how much
+    longer ``then`` takes than ``first``; ``before`` runs, untimed, before every run."""
+
+    def timed(run: Callable[[], torch.Tensor]) -> float:
+        before()
+        return _timed(run)
+
+    timed(first), timed(then)
+    return statistics.median(-timed(first) + timed(then) for _ in range(_CHAIN_RUNS))
