@@ -102,6 +102,15 @@ def test_a_rerun_is_priced_at_its_nodes_in_context_and_they_are_cached(small_cnn
         for i, t in zip(infos, times.forward, strict=True)
     ]
     assert chain.step_seconds == pytest.approx(2.0 * (sum(forward) + 1.5 * float(times.backward.sum())), rel=1e-9)
+    # checkpointing's own figures are dispatch and bookkeeping: at the pace, not the kernels' ratio
+    cost = graph.checkpoint_cost
+    assert cost is not None
+    assert chain.prices.segment == round(2.0 * max(cost.in_step, cost.segment + cost.wrapper) * 1e9)
+    for info in graph.nodes:
+        info.checkpointed_seconds = None  # priced per tensor it saves
+    prices = Chain(graph).prices
+    saved = [graph.info(n).saved_tensors for n in chain.names]
+    assert any(saved) and list(prices.overhead) == [round(2.0 * cost.per_saved_tensor * t * 1e9) for t in saved]
 
     def fails(*args, **kwargs):
         raise AssertionError("the nodes were timed in context again")

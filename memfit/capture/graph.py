@@ -151,8 +151,9 @@ class Pace:
         reference: The same forward when the nodes' in-context times were measured, or, where
             they were not, the nodes' calibrated forwards summed.
         alone: Over the nodes timed in context, their in-context forwards over their calibrated
-            ones, summed: what the figures only measured alone (backward, checkpointing) are
-            multiplied by to stand beside the in-context ones (1.0 where none was).
+            ones, summed: what the kernels' figures only measured alone (backward, a forward not
+            timed in context) are multiplied by to stand beside the in-context ones (1.0 where
+            none was); checkpointing's own figures are not (it is dispatch and bookkeeping).
     """
 
     measured: float

@@ -18,7 +18,7 @@ alone picks exactly the layers that are dearer in the step: its 97% plan recompu
 whose calibrated forwards summed 1.48 ms and took 2.09 inside the forward (its whole forward
 1.05x the calibrated sum). So each node's forward is also timed inside whole forwards (an fx
 interpreter that times each node), once per graph and cached like the layers; a recomputation
-is priced at those times, and the figures only measured alone (backward, checkpointing) at the
+is priced at those times, and the kernels' figures only measured alone (backward) at the
 in-context over alone ratio of the whole forward. The whole forward, timed again in every
 planning process against its time when the nodes were, then moves every price by one factor
 (:class:`memfit.capture.graph.Pace`), which leaves the ranking of plans as it was (plans stay

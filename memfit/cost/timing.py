@@ -86,15 +86,16 @@ MIN_PAIRS, MAX_PAIRS, PAIR_SECONDS = 5, 25, 0.1
 
 _OPS = ("placeholder", "get_attr")
 # (forward, backward, cheap forward seconds, operators, checkpointed extra seconds) per layer and
-# batch; checkpoint costs ("timing" held wall times taken with the step's threads, entries of a
-# loaded machine kept for good; "timing-2" no layer's checkpointed time; "timing-3" took it from
-# 5 to 9 pairs; "timing-4" had no figure of the rewrite's own segment module)
+# batch; up to "timing-5", checkpointing's own figures too (now memfit.cost.checkpointing's).
+# "timing" held wall times taken with the step's threads, entries of a loaded machine kept for
+# good; "timing-2" no layer's checkpointed time; "timing-3" took it from 5 to 9 pairs; "timing-4"
+# had no figure of the rewrite's own segment module.
 _cache = DiskCache("timing-5", lambda v: _entry(*v))
 
 
 def _entry(*values: float) -> tuple[float, ...]:
-    """A cache entry as read back: five figures of a layer or of checkpointing (NaN: the layer
-    could not run checkpointed alone)."""
+    """A cache entry as read back: five figures of a layer (NaN: the layer could not run
+    checkpointed alone)."""
     if len(values) != 5:
         raise ValueError(f"a timing entry has 5 figures, not {len(values)}")
     return tuple(float(v) for v in values)
