@@ -358,6 +358,33 @@ def test_a_segments_cold_fixed_cost_is_the_makers_whole_segment(fresh_timing_cac
     assert 0.0 < checkpointing.cost(64).in_step < 1.5e-3
 
 
+def test_the_cold_pair_flushes_between_forward_and_backward_untimed():
+    """A step's segment runs its backward long after its forward, so the cold fixed cost runs
+    ``before`` between them as well (the backward ran hot before), and leaves it out of the time:
+    a ``before`` that spins 2 ms of this thread's CPU time adds nothing to either side."""
+    order: list[str] = []
+
+    def spin() -> None:
+        order.append("between")
+        end = time.thread_time() + 2e-3
+        while time.thread_time() < end:
+            pass
+
+    x = torch.randn(64, requires_grad=True)
+    x.register_hook(lambda g: order.append("backward"))
+
+    def forward() -> torch.Tensor:
+        order.append("forward")
+        return torch.relu(x)
+
+    assert checkpointing._timed(forward, between=spin) < 1.5e-3
+    assert order == ["forward", "between", "backward"]
+    order.clear()
+    took = checkpointing._paired(forward, forward, spin, cold=True, runs=3)
+    assert abs(took) < 1e-3
+    assert order == ["between", "forward", "between", "backward"] * 2 * 4
+
+
 def test_the_rewrites_segment_of_a_function_is_a_checkpointed_segment():
     """What calibration times as the rewrite's segment is one: the function's values and
     gradients, and its ReLU runs again in backward."""

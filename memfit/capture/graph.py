@@ -120,10 +120,10 @@ class CheckpointCost:
         wrapper: More per segment for the rewrite's own module around torch's checkpoint (its fx
             body runs twice, its contexts are entered around the recomputation).
         in_step: Per segment as a step pays it: the rewrite's segment (or torch's checkpoint) of a
-            tiny op against the op, each run with the caches full of other data, as the layers
-            between a step's segments leave them; the segment's fixed cost where it is larger
-            than ``segment + wrapper``, the hot-loop figures the layers' own checkpointed times
-            include. 0.0 where not measured.
+            tiny op against the op, its forward and its backward each run with the caches full
+            of other data, as the layers between them in a step leave them; the segment's fixed
+            cost where it is larger than ``segment + wrapper``, the hot-loop figures the layers'
+            own checkpointed times include. 0.0 where not measured.
     """
 
     segment: float

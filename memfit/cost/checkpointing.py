@@ -7,14 +7,16 @@ tensor costs where a layer has no figure of its own, a selective segment's cost 
 written buffer's replay, and what the rewrite's own segment module adds to torch's checkpoint (the
 search hands down the rewrite's maker of segments, since this package sits below the rewrite).
 
-A segment in a step pays its fixed cost with cold caches: the layers between two segments leave
-the caches full of their own data, and the segment's code, objects and autograd records come back
-from memory. In a hot loop the rewrite's segment of a 64-element ReLU cost 0.19 ms over the ReLU,
-after a 64 MiB write before each run 0.46-0.55 ms; in the GPT's steps a segment of three layers
-took 0.25-0.34 ms more in its forward call than its layers and about 0.3-0.5 ms more in backward
-than its recomputation, where its plan was priced at the hot figure (2.2-2.4 ms predicted, 3.0-3.7
-measured). So the fixed cost is measured both ways: hot, what the layers' own figures include,
-and cold, what each segment of a step pays.
+A segment in a step pays its fixed cost with cold caches, twice: the layers between two segments
+leave the caches full of their own data, and the segment's code, objects and autograd records come
+back from memory in its forward, and again in its backward, which runs after the rest of the
+forward and the later layers' backward. In a hot loop the rewrite's segment of a 64-element ReLU
+cost 0.19 ms over the ReLU, after a 64 MiB write before each run 0.46-0.58 ms, and 0.74-0.93 ms
+with the write repeated between its forward and its backward; in the GPT's steps a segment of
+three layers took 0.25-0.38 ms more in its forward call than its layers run plainly, and its
+recomputation 0.2 ms more than in a hot loop, where its plan was priced at the hot figure (2.2-2.4
+ms predicted, 3.0-3.7 measured). So the fixed cost is measured both ways: hot, what the layers'
+own figures include, and cold, what each segment of a step pays.
 """
 
 from __future__ import annotations
@@ -41,13 +43,15 @@ SegmentOf = Callable[[Callable[[torch.Tensor], torch.Tensor]], Callable[[torch.T
 # pairs on tensors the size of the step's typical activation, up to CHAIN_NUMEL elements (per
 # saved tensor, for layers not timed alone), this many pairs each.
 _TINY, _CHAIN_LENGTH, _CHAIN_RUNS, CHAIN_NUMEL = 64, 8, 25, 2**17
-# Written over before each run of the cold pair: more than the last-level cache one core sees on
-# most machines (a 32 MiB write gave 0.46 ms above, a 64 MiB one 0.55).
-_FLUSH_BYTES = 64 * 2**20
+# Written over before each run of the cold pair and between its forward and backward: more than
+# the last-level cache one core sees on most machines (a 32 MiB write gave 0.46 ms above, a 64 MiB
+# one 0.55). The cold pair is the noisier (0.57 to 0.82 ms in three calibrations of 25 pairs), so
+# it takes more pairs.
+_FLUSH_BYTES, _COLD_RUNS = 64 * 2**20, 60
 
-# The six figures of CheckpointCost per element count and segment maker ("checkpoint-1": the
-# figures were the first five of "timing-5"'s entries, with no cold fixed cost)
-_cache = DiskCache("checkpoint-1", lambda v: _figures(*v))
+# The six figures of CheckpointCost per element count and segment maker ("checkpoint-1": the cold
+# fixed cost ran its backward hot, right after its forward)
+_cache = DiskCache("checkpoint-2", lambda v: _figures(*v))
 
 
 def _figures(*values: float) -> tuple[float, ...]:
@@ -85,12 +89,13 @@ def _wrapper_overhead(segment_of: SegmentOf) -> float:
 
 
 def _in_step(segment_of: SegmentOf | None) -> float:
-    """Median of paired differences, each run after a write over _FLUSH_BYTES: a ReLU of _TINY
-    elements as ``segment_of``'s segment (torch's checkpoint without one) against plain."""
+    """Median of paired differences, with a write over _FLUSH_BYTES before each forward and each
+    backward: a ReLU of _TINY elements as ``segment_of``'s segment (torch's checkpoint without
+    one) against plain."""
     tiny, flush = _tiny(), torch.zeros(_FLUSH_BYTES // 4)
     segment = (segment_of or _torch_segment)(torch.relu)
-    cold = _paired(functools.partial(torch.relu, tiny), functools.partial(segment, tiny), lambda: flush.add_(1))
-    return max(0.0, cold)
+    plain, checkpointed = functools.partial(torch.relu, tiny), functools.partial(segment, tiny)
+    return max(0.0, _paired(plain, checkpointed, lambda: flush.add_(1), cold=True, runs=_COLD_RUNS))
 
 
 def _buffer_replay() -> float:
@@ -148,24 +153,38 @@ def _overheads(numel: int) -> tuple[float, float, float]:
     return segment, per_saved, max(0.0, selective / (2 * _CHAIN_LENGTH))
 
 
-def _timed(run: Callable[[], torch.Tensor], backward: bool = True) -> float:
-    """Seconds of one call of ``run``, and of a backward from its output's sum."""
+def _timed(
+    run: Callable[[], torch.Tensor], backward: bool = True, between: Callable[[], object] | None = None
+) -> float:
+    """Seconds of one call of ``run``, and of a backward from its output's sum; ``between`` runs,
+    untimed, between the two."""
     start = time.thread_time()
     out = run()
-    if backward:
-        out.sum().backward()
-    return time.thread_time() - start
+    if not backward:
+        return time.thread_time() - start
+    loss = out.sum()
+    took = time.thread_time() - start
+    if between is not None:
+        between()
+    start = time.thread_time()
+    loss.backward()
+    return took + time.thread_time() - start
 
 
 def _paired(
-    first: Callable[[], torch.Tensor], then: Callable[[], torch.Tensor], before: Callable[[], object] = lambda: None
+    first: Callable[[], torch.Tensor],
+    then: Callable[[], torch.Tensor],
+    before: Callable[[], object] = lambda: None,
+    cold: bool = False,
+    runs: int = _CHAIN_RUNS,
 ) -> float:
-    """Median over _CHAIN_RUNS pairs, run back to back after one warm-up each, of how much
-    longer ``then`` takes than ``first``; ``before`` runs, untimed, before every run."""
+    """Median over ``runs`` pairs, run back to back after one warm-up each, of how much longer
+    ``then`` takes than ``first``; ``before`` runs, untimed, before every run, and with ``cold``
+    between its forward and its backward too."""
 
     def timed(run: Callable[[], torch.Tensor]) -> float:
         before()
-        return _timed(run)
+        return _timed(run, between=before if cold else None)
 
     timed(first), timed(then)
-    return statistics.median(-timed(first) + timed(then) for _ in range(_CHAIN_RUNS))
+    return statistics.median(-timed(first) + timed(then) for _ in range(runs))
