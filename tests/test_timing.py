@@ -329,13 +329,18 @@ def test_the_dry_run_counts_the_tensors_each_node_saves(fresh_timing_cache):
     assert counted == [real.get(k, 0) for k in range(len(model))] and counted[1] > counted[2] > 0
 
 
+def _spin(seconds: float = 2e-3) -> None:
+    """Busy-waits ``seconds`` of this thread's CPU time (the clock calibration reads)."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass  # the wait itself is the work
+
+
 def _slow_segment(fn):
     """A segment maker that spins 2 ms of this thread's CPU time per segment, then checkpoints."""
 
     def run(t):
-        end = time.thread_time() + 2e-3
-        while time.thread_time() < end:
-            pass
+        _spin()
         return checkpoint(fn, t, use_reentrant=False)
 
     return run
@@ -366,9 +371,7 @@ def test_the_cold_pair_flushes_between_forward_and_backward_untimed():
 
     def spin() -> None:
         order.append("between")
-        end = time.thread_time() + 2e-3
-        while time.thread_time() < end:
-            pass
+        _spin()
 
     x = torch.randn(64, requires_grad=True)
     x.register_hook(lambda g: order.append("backward"))
