@@ -121,43 +121,45 @@ class Stepper:
         return loss.detach()
 
 
-def step_times(
-    modules: dict[str, nn.Module], x: torch.Tensor, rounds: int, instances: int = 1
-) -> dict[str, list[float]]:
+def step_times(modules: dict[str, nn.Module], x: torch.Tensor, rounds: int, copies: int = 1) -> dict[str, list[float]]:
     """Every module's training-step CPU time (seconds) in each of ``rounds`` interleaved rounds.
 
     Every round steps every module once, starting one further along the list each round, so all
     see the same load from the rest of the machine and none always runs first after another's
     frees. Every module steps WARMUP_STEPS times before timing (first-call allocations, oneDNN
     caches, compilation, and the heap growing to where, kept by :func:`keep_freed_memory`, no step
-    faults a page). With ``instances`` > 1 each module steps as that many independent copies, and
-    its time in a round is their mean: where a module's tensors lie in memory moves its step by
-    more than a small plan recomputes (two copies of the unplanned GPT: 0.5 ms apart, a 97%
-    budget's plan 2.4 ms), and rounds of one copy do not average that out. Copies alternating
-    in the caches also make every step colder (two copies: each step 17-21% slower).
+    faults a page). With ``copies`` > 1 each module is that many independent copies (itself and
+    deep copies), and a round steps one of them, each in turn: where a module's tensors lie moves
+    its step by more than a small plan recomputes (two copies of the unplanned GPT: 0.5 ms apart,
+    a 97% budget's plan 2.4 ms), and rounds of one copy do not average that out. One copy a
+    round keeps each step as warm as a single module's (stepping every copy every round, their
+    working sets alternating in the caches, made each step 17-21% slower).
     """
     names = list(modules)
-    copies = [(n, c) for n in names for c in [modules[n], *(copy.deepcopy(modules[n]) for _ in range(instances - 1))]]
-    steppers = [(n, Stepper(c, x)) for n, c in copies]
+    steppers = {
+        n: [Stepper(m, x) for m in [modules[n], *(copy.deepcopy(modules[n]) for _ in range(copies - 1))]] for n in names
+    }
     threads = torch.get_num_threads()
     # One intra-op thread: CPU time then counts the work of a step, not how the scheduler shared
     # the cores with the neighbours' processes.
     torch.set_num_threads(1)
     try:
         for _ in range(WARMUP_STEPS):
-            for _, step in steppers:
-                step()
-        sums: list[dict[str, float]] = []
+            for n in names:
+                for step in steppers[n]:
+                    step()
+        took: dict[str, list[float]] = {n: [] for n in names}
         for r in range(max(1, rounds)):
-            sums.append(dict.fromkeys(names, 0.0))
-            shift = r % len(steppers)
-            for n, step in steppers[shift:] + steppers[:shift]:
+            shift = r % len(names)
+            # a copy for a whole cycle of orders, so that no copy always runs in one order
+            which = r // len(names) % copies
+            for n in names[shift:] + names[:shift]:
                 t0 = time.process_time()
-                step()
-                sums[-1][n] += time.process_time() - t0
+                steppers[n][which]()
+                took[n].append(time.process_time() - t0)
     finally:
         torch.set_num_threads(threads)
-    return {n: [s[n] / instances for s in sums] for n in names}
+    return took
 
 
 def median_ratio(took: Sequence[float], reference: Sequence[float]) -> float:

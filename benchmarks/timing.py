@@ -21,11 +21,9 @@ more interleaved rounds (SETTLE_ROUNDS at a time, against the unplanned step in 
 rounds) until the interval decides or the seconds are spent; the rounds column says how many it
 had. (Stopping once the interval decides leans a little toward deciding: a settled row is one
 run's verdict.) With
-``--instances K`` every timed module (the unplanned model too) steps as K independent copies a
-round, and the round's figure is their mean: where a module lies in memory moves a small plan's
-figure more than rounds average out. The copies also make every step colder (their working sets
-alternate in the caches: each unplanned step +17 to +21%, docs/benchmarks.md), so a run with
-copies measures another step, not the same one more often.
+``--copies K`` every timed module (the unplanned model too) is K independent copies, one stepped
+a round in turn: where a module lies in memory moves a small plan's figure more than rounds of
+one copy average out (docs/benchmarks.md).
 
     .venv/bin/python benchmarks/timing.py --quick             # smaller shapes, 2 budgets, 3 rounds
     .venv/bin/python benchmarks/timing.py                     # both models, 3 budgets, 7 rounds
@@ -161,7 +159,7 @@ def settle(
     timed: dict[str, nn.Module],
     pairs: dict[str, tuple[list[float], list[float]]],
     seconds: float,
-    instances: int = 1,
+    copies: int = 1,
 ) -> None:
     """More interleaved rounds, SETTLE_ROUNDS at a time for ``seconds`` at most, of the plans whose
     interval leaves their verdict open, each against the unplanned step in the same rounds."""
@@ -170,14 +168,14 @@ def settle(
         unsettled = {k: m for k, m in timed.items() if not judge(m.plan.extra_seconds, *pairs[k])[3].settled}
         if not unsettled:
             return
-        more = step_times({"unplanned": case.model, **unsettled}, case.x, SETTLE_ROUNDS, instances)
+        more = step_times({"unplanned": case.model, **unsettled}, case.x, SETTLE_ROUNDS, copies)
         for k in unsettled:
             pairs[k][0].extend(more[k])
             pairs[k][1].extend(more["unplanned"])
 
 
 def model_table(
-    case: Case, strategies: list[str], levels: list[float], rounds: int, settling: float, instances: int = 1
+    case: Case, strategies: list[str], levels: list[float], rounds: int, settling: float, copies: int = 1
 ) -> None:
     """Plan, time every distinct plan against the unplanned step and print the table for one case."""
     unplanned, rows = plans(case, strategies, levels)
@@ -186,9 +184,9 @@ def model_table(
     # Whatever it measures is what this run cannot tell from nothing (where each module's
     # activations lie, the rewrite's own dispatch, noise): the floor under every plan's figure.
     control = memfit.optimize(case.model, 2 * unplanned, case.x, optimizer=None)
-    took = step_times({"unplanned": case.model, "control": control, **timed}, case.x, rounds, instances)
+    took = step_times({"unplanned": case.model, "control": control, **timed}, case.x, rounds, copies)
     pairs = {k: (took[k], list(took["unplanned"])) for k in timed}
-    settle(case, timed, pairs, settling, instances)
+    settle(case, timed, pairs, settling, copies)
     ms = 1e3 * statistics.median(took["unplanned"])
     made = [r.planned.plan for r in rows if not isinstance(r.planned, str)]
     step_s = made[0].step_seconds if made else 0.0
@@ -279,16 +277,16 @@ def main(argv: list[str] | None = None) -> None:
         help="per model, time the plans whose interval leaves the verdict open for up to this long more (default 0)",
     )
     p.add_argument(
-        "--instances",
+        "--copies",
         type=int,
         default=1,
-        help="independent copies of every timed module, each round's figure their mean (default 1)",
+        help="independent copies of every timed module, one stepped a round in turn (default 1)",
     )
     p.add_argument("--quick", action="store_true", help="smaller shapes, levels 30 70, 3 rounds")
     p.add_argument("--cold", action="store_true", help=f"calibrate in an empty cache (${CACHE_ENV}), not the user's")
     args = p.parse_args(argv)
-    if args.instances < 1:
-        p.error(f"--instances {args.instances}: give at least 1 copy of each module (1 times the module itself)")
+    if args.copies < 1:
+        p.error(f"--copies {args.copies}: give at least 1 copy of each module (1 is the module itself)")
     shapes = QUICK if args.quick else MODELS
     levels = [v / 100 for v in (args.levels or (QUICK_LEVELS if args.quick else LEVELS))]
     rounds = args.rounds or (QUICK_ROUNDS if args.quick else ROUNDS)
@@ -302,14 +300,14 @@ def main(argv: list[str] | None = None) -> None:
     print("(100%). extra %: of the unplanned step, pred of its forward and backward, meas of the whole SGD step;")
     more = " (--settle: more where the rounds column says)" if args.settle else ""
     print(f"meas: median over {rounds} interleaved rounds{more} of planned over unplanned step CPU time,")
-    copies = f" (each round: the mean of {args.instances} copies of each module)" if args.instances > 1 else ""
-    print(f"after a warm-up{copies};", end=" ")
+    rotated = f" (each module as {args.copies} copies, one a round in turn)" if args.copies > 1 else ""
+    print(f"after a warm-up{rotated};", end=" ")
     print("90% interval: of the rounds resampled (bootstrap). 25%: whether pred is within 25% of meas.")
     print("Last row, none (control): the model rewritten with nothing recomputed, timed in the same rounds.\n")
     for name in args.models:
         batch, shape, options = shapes[name]
         case = build_case(name, batch, shape, **options)
-        model_table(case, args.strategies, levels, rounds, args.settle, args.instances)
+        model_table(case, args.strategies, levels, rounds, args.settle, args.copies)
     footer(started)
 
 

@@ -63,7 +63,7 @@ def test_settling_times_only_the_open_plans_and_keeps_their_rounds_paired(monkey
     rng = random.Random(0)
     calls: list[list[str]] = []
 
-    def fake_step_times(modules, x, rounds, instances=1):
+    def fake_step_times(modules, x, rounds, copies=1):
         calls.append(sorted(modules))
         reference = [0.2 * rng.uniform(0.9, 1.1) for _ in range(rounds)]
         took = {"unplanned": reference, "exact": [t + 0.01 for t in reference]}
@@ -85,13 +85,14 @@ def test_settling_times_only_the_open_plans_and_keeps_their_rounds_paired(monkey
     assert all(-0.0101 < a - b < 0.0301 for a, b in zip(took, reference, strict=True))  # same rounds
 
 
-def test_instances_step_as_independent_copies_whose_mean_is_the_round(monkeypatch) -> None:
-    """With instances=K every module steps as K copies a round (the module and K-1 deep copies,
-    parameters not shared) and its figure for the round is their mean CPU time."""
+def test_copies_step_one_a_round_in_turn(monkeypatch) -> None:
+    """With copies=K every module is K copies (the module and K-1 deep copies, parameters not
+    shared), all warmed up, and each round steps one of them: a round's figure is that copy's
+    CPU time, and every copy gets its share of the rounds."""
     stepped: list[int] = []
 
     class Costly(torch.nn.Module):
-        """A step whose CPU time the clock below reads as this copy's index."""
+        """A step whose CPU time the clock below reads as one more than this copy's index."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -116,17 +117,19 @@ def test_instances_step_as_independent_copies_whose_mean_is_the_round(monkeypatc
         return twin
 
     monkeypatch.setattr(common.copy, "deepcopy", numbered)
-    took = step_times({"m": original}, torch.ones(3), rounds=4, instances=3)
-    assert took == {"m": [2.0] * 4}  # copies 0, 1 and 2 take 1, 2 and 3 s: a mean of 2
-    assert sorted(set(stepped)) == [0, 1, 2] and len(stepped) == 3 * (common.WARMUP_STEPS + 4)
-    assert all(twin.weight is not original.weight for twin in made)
+    took = step_times({"m": original, "n": torch.nn.Linear(3, 1)}, torch.ones(1, 3), rounds=12, copies=3)
+    # two modules: a copy steps for two rounds (both orders), then the next
+    assert took["m"] == [1.0, 1.0, 2.0, 2.0, 3.0, 3.0] * 2
+    warmup = [0, 1, 2] * common.WARMUP_STEPS
+    assert stepped == warmup + [0, 0, 1, 1, 2, 2] * 2
+    assert all(twin.weight is not original.weight for twin in made[:2])
     assert all(p.grad is None for p in original.parameters())  # steps free their gradients
 
 
 def test_no_copies_is_refused_by_name(capsys) -> None:
     with pytest.raises(SystemExit):
-        bench_timing.main(["--instances", "0"])
-    assert "--instances 0: give at least 1 copy" in capsys.readouterr().err
+        bench_timing.main(["--copies", "0"])
+    assert "--copies 0: give at least 1 copy" in capsys.readouterr().err
 
 
 def test_every_table_times_a_control_that_recomputes_nothing(monkeypatch, capsys, tmp_path) -> None:
@@ -137,7 +140,7 @@ def test_every_table_times_a_control_that_recomputes_nothing(monkeypatch, capsys
     monkeypatch.setenv("MEMFIT_CACHE_DIR", str(tmp_path))
     timed: dict[str, torch.nn.Module] = {}
 
-    def fake_step_times(modules, x, rounds, instances=1):
+    def fake_step_times(modules, x, rounds, copies=1):
         timed.update(modules)
         return {name: [0.2] * rounds for name in modules}
 
