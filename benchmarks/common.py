@@ -5,13 +5,14 @@ Only memfit's public API is used here and in the parts, as a user would use it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import random
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -121,45 +122,71 @@ class Stepper:
         return loss.detach()
 
 
-def step_times(modules: dict[str, nn.Module], x: torch.Tensor, rounds: int, copies: int = 1) -> dict[str, list[float]]:
-    """Every module's training-step CPU time (seconds) in each of ``rounds`` interleaved rounds.
+class Rounds:
+    """Training steps of several modules, timed in interleaved rounds; a later call goes on where
+    the last one stopped (same copies, no second warm-up, the rotation continued).
 
-    Every round steps every module once, starting one further along the list each round, so all
-    see the same load from the rest of the machine and none always runs first after another's
-    frees. Every module steps WARMUP_STEPS times before timing (first-call allocations, oneDNN
-    caches, compilation, and the heap growing to where, kept by :func:`keep_freed_memory`, no step
-    faults a page). With ``copies`` > 1 each module is that many independent copies (itself and
-    deep copies), and a round steps one of them, each in turn: where a module's tensors lie moves
-    its step by more than a small plan recomputes (two copies of the unplanned GPT: 0.5 ms apart,
-    a 97% budget's plan 2.4 ms), and rounds of one copy do not average that out. One copy a
-    round keeps each step as warm as a single module's (stepping every copy every round, their
-    working sets alternating in the caches, made each step 17-21% slower).
+    Every round steps every module asked for once, starting one further along the list each
+    round, so all see the same load from the rest of the machine and none always runs first after
+    another's frees. Every module steps WARMUP_STEPS times before timing (first-call allocations,
+    oneDNN caches, compilation, and the heap growing to where, kept by :func:`keep_freed_memory`,
+    no step faults a page). With ``copies`` > 1 each module is that many independent copies
+    (itself and deep copies), and a round steps one of them, each in turn: where a module's
+    tensors lie moves its step by more than a small plan recomputes (two copies of the unplanned
+    GPT: 0.5 ms apart, a 97% budget's plan 2.4 ms), and rounds of one copy do not average that
+    out. One copy a round keeps each step as warm as a single module's (stepping every copy every
+    round, their working sets alternating in the caches, made each step 17-21% slower).
     """
-    names = list(modules)
-    steppers = {
-        n: [Stepper(m, x) for m in [modules[n], *(copy.deepcopy(modules[n]) for _ in range(copies - 1))]] for n in names
-    }
+
+    def __init__(self, modules: dict[str, nn.Module], x: torch.Tensor, copies: int = 1) -> None:
+        """Make the copies and warm every one up."""
+        self.names = list(modules)
+        self.copies = copies
+        self.steppers = {
+            n: [Stepper(m, x) for m in [modules[n], *(copy.deepcopy(modules[n]) for _ in range(copies - 1))]]
+            for n in self.names
+        }
+        self.done = 0  # rounds timed so far, over all calls
+        with one_thread():
+            for _ in range(WARMUP_STEPS):
+                for n in self.names:
+                    for step in self.steppers[n]:
+                        step()
+
+    def __call__(self, rounds: int, names: Sequence[str] | None = None) -> dict[str, list[float]]:
+        """Each of ``names`` (default: all) stepped once in each of ``rounds`` more rounds: its
+        step's CPU time (seconds) per round."""
+        names = list(names or self.names)
+        took: dict[str, list[float]] = {n: [] for n in names}
+        with one_thread():
+            for r in range(self.done, self.done + max(1, rounds)):
+                shift = r % len(names)
+                # a copy for a whole cycle of orders, so that no copy always runs in one order
+                which = r // len(names) % self.copies
+                for n in names[shift:] + names[:shift]:
+                    t0 = time.process_time()
+                    self.steppers[n][which]()
+                    took[n].append(time.process_time() - t0)
+        self.done += max(1, rounds)
+        return took
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one intra-op thread: CPU time then counts the work of a step, not how the
+    scheduler shared the cores with the neighbours' processes."""
     threads = torch.get_num_threads()
-    # One intra-op thread: CPU time then counts the work of a step, not how the scheduler shared
-    # the cores with the neighbours' processes.
     torch.set_num_threads(1)
     try:
-        for _ in range(WARMUP_STEPS):
-            for n in names:
-                for step in steppers[n]:
-                    step()
-        took: dict[str, list[float]] = {n: [] for n in names}
-        for r in range(max(1, rounds)):
-            shift = r % len(names)
-            # a copy for a whole cycle of orders, so that no copy always runs in one order
-            which = r // len(names) % copies
-            for n in names[shift:] + names[:shift]:
-                t0 = time.process_time()
-                steppers[n][which]()
-                took[n].append(time.process_time() - t0)
+        yield
     finally:
         torch.set_num_threads(threads)
-    return took
+
+
+def step_times(modules: dict[str, nn.Module], x: torch.Tensor, rounds: int, copies: int = 1) -> dict[str, list[float]]:
+    """Every module's training-step CPU time (seconds) in each of ``rounds`` interleaved rounds
+    (:class:`Rounds`, called once)."""
+    return Rounds(modules, x, copies)(rounds)
 
 
 def median_ratio(took: Sequence[float], reference: Sequence[float]) -> float:

@@ -8,7 +8,7 @@ Each row gives the plan's predicted peak and its predicted extra step time (``pl
 the calibrated times of what it recomputes; % of ``plan.step_seconds``, the unplanned forward and
 backward), and the extra time measured: CPU time of the training step (forward, loss, backward,
 SGD) on one intra-op thread, median over interleaved rounds of the planned step over the unplanned
-one (benchmarks/common.py's step_times and median_ratio), its 90% bootstrap interval over the
+one (benchmarks/common.py's Rounds and median_ratio), its 90% bootstrap interval over the
 rounds (how far one run's figure can be trusted), predicted over measured, and whether the
 prediction is within 25% of the measured figure (the time model's target). Every table ends with
 a control: the model rewritten with nothing recomputed (a budget above its peak), predicted at 0
@@ -48,6 +48,7 @@ from common import (
     PLAN_QUALITY_MODELS,
     Case,
     MiB,
+    Rounds,
     Table,
     begin,
     build_case,
@@ -59,7 +60,6 @@ from common import (
     percent,
     plans_between,
     section,
-    step_times,
 )
 from torch import nn
 
@@ -155,20 +155,20 @@ def measured_cells(measured: float, low: float, high: float, reference: list[flo
 
 
 def settle(
-    case: Case,
+    timer: Rounds,
     timed: dict[str, nn.Module],
     pairs: dict[str, tuple[list[float], list[float]]],
     seconds: float,
-    copies: int = 1,
 ) -> None:
-    """More interleaved rounds, SETTLE_ROUNDS at a time for ``seconds`` at most, of the plans whose
-    interval leaves their verdict open, each against the unplanned step in the same rounds."""
+    """More interleaved rounds of ``timer``, SETTLE_ROUNDS at a time for ``seconds`` at most, of
+    the plans whose interval leaves their verdict open, each against the unplanned step in the
+    same rounds."""
     started = time.perf_counter()
     while time.perf_counter() - started < seconds:
-        unsettled = {k: m for k, m in timed.items() if not judge(m.plan.extra_seconds, *pairs[k])[3].settled}
+        unsettled = [k for k, m in timed.items() if not judge(m.plan.extra_seconds, *pairs[k])[3].settled]
         if not unsettled:
             return
-        more = step_times({"unplanned": case.model, **unsettled}, case.x, SETTLE_ROUNDS, copies)
+        more = timer(SETTLE_ROUNDS, ["unplanned", *unsettled])
         for k in unsettled:
             pairs[k][0].extend(more[k])
             pairs[k][1].extend(more["unplanned"])
@@ -184,9 +184,11 @@ def model_table(
     # Whatever it measures is what this run cannot tell from nothing (where each module's
     # activations lie, the rewrite's own dispatch, noise): the floor under every plan's figure.
     control = memfit.optimize(case.model, 2 * unplanned, case.x, optimizer=None)
-    took = step_times({"unplanned": case.model, "control": control, **timed}, case.x, rounds, copies)
+    # built once: settling goes on with the same warm copies and the rotation where it stopped
+    timer = Rounds({"unplanned": case.model, "control": control, **timed}, case.x, copies)
+    took = timer(rounds)
     pairs = {k: (took[k], list(took["unplanned"])) for k in timed}
-    settle(case, timed, pairs, settling, copies)
+    settle(timer, timed, pairs, settling)
     ms = 1e3 * statistics.median(took["unplanned"])
     made = [r.planned.plan for r in rows if not isinstance(r.planned, str)]
     step_s = made[0].step_seconds if made else 0.0

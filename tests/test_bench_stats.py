@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import common
 import timing as bench_timing
-from common import Case, extra_interval, median_ratio, step_times
+from common import extra_interval, median_ratio, step_times
 
 
 def test_noiseless_rounds_give_a_point_interval() -> None:
@@ -63,21 +63,20 @@ def test_settling_times_only_the_open_plans_and_keeps_their_rounds_paired(monkey
     rng = random.Random(0)
     calls: list[list[str]] = []
 
-    def fake_step_times(modules, x, rounds, copies=1):
-        calls.append(sorted(modules))
+    def timer(rounds, names):
+        calls.append(sorted(names))
         reference = [0.2 * rng.uniform(0.9, 1.1) for _ in range(rounds)]
         took = {"unplanned": reference, "exact": [t + 0.01 for t in reference]}
         took["open"] = [t + 0.01 + rng.uniform(-0.02, 0.02) for t in reference]
-        return {name: took[name] for name in modules}
+        return {name: took[name] for name in names}
 
-    monkeypatch.setattr(bench_timing, "step_times", fake_step_times)
     planned = {}
     for name in ("exact", "open"):
         planned[name] = torch.nn.Identity()
         planned[name].plan = SimpleNamespace(extra_seconds=0.0105)
-    first = fake_step_times(["unplanned", "exact", "open"], None, 5)
+    first = timer(5, ["unplanned", "exact", "open"])
     pairs = {k: (first[k], list(first["unplanned"])) for k in planned}
-    bench_timing.settle(Case("toy", torch.nn.Identity(), torch.zeros(1)), planned, pairs, seconds=1.0)
+    bench_timing.settle(timer, planned, pairs, seconds=1.0)
     assert len(calls) > 2 and all(c == ["open", "unplanned"] for c in calls[1:])
     assert len(pairs["exact"][0]) == len(pairs["exact"][1]) == 5
     took, reference = pairs["open"]
@@ -124,6 +123,13 @@ def test_copies_step_one_a_round_in_turn(monkeypatch) -> None:
     assert stepped == warmup + [0, 0, 1, 1, 2, 2] * 2
     assert all(twin.weight is not original.weight for twin in made[:2])
     assert all(p.grad is None for p in original.parameters())  # steps free their gradients
+    # Rounds called again goes on: no new copies, no second warm-up, the rotation continued
+    made.clear()
+    stepped.clear()
+    timer = common.Rounds({"m": original, "n": torch.nn.Linear(3, 1)}, torch.ones(1, 3), copies=3)
+    first, second = timer(5), timer(7, ["m", "n"])
+    assert first["m"] + second["m"] == took["m"] and len(made) == 4  # two copies of each, made once
+    assert stepped == warmup + [0, 0, 1, 1, 2, 2] * 2
 
 
 def test_no_copies_is_refused_by_name(capsys) -> None:
@@ -140,11 +146,14 @@ def test_every_table_times_a_control_that_recomputes_nothing(monkeypatch, capsys
     monkeypatch.setenv("MEMFIT_CACHE_DIR", str(tmp_path))
     timed: dict[str, torch.nn.Module] = {}
 
-    def fake_step_times(modules, x, rounds, copies=1):
-        timed.update(modules)
-        return {name: [0.2] * rounds for name in modules}
+    class FakeRounds:
+        def __init__(self, modules, x, copies=1):
+            timed.update(modules)
 
-    monkeypatch.setattr(bench_timing, "step_times", fake_step_times)
+        def __call__(self, rounds, names=None):
+            return {name: [0.2] * rounds for name in names or timed}
+
+    monkeypatch.setattr(bench_timing, "Rounds", FakeRounds)
     bench_timing.main(["--quick", "--models", "gpt", "--strategies", "chen", "--levels", "50", "--rounds", "2"])
     control = timed["control"]
     assert control.plan.extra_seconds == 0.0
