@@ -157,9 +157,10 @@ class Rounds:
         """Each of ``names`` (default: all) stepped once in each of ``rounds`` more rounds: its
         step's CPU time (seconds) per round."""
         names = list(names or self.names)
+        rounds = max(1, rounds)
         took: dict[str, list[float]] = {n: [] for n in names}
         with one_thread():
-            for r in range(self.done, self.done + max(1, rounds)):
+            for r in range(self.done, self.done + rounds):
                 shift = r % len(names)
                 # a copy for a whole cycle of orders, so that no copy always runs in one order
                 which = r // len(names) % self.copies
@@ -167,7 +168,7 @@ class Rounds:
                     t0 = time.process_time()
                     self.steppers[n][which]()
                     took[n].append(time.process_time() - t0)
-        self.done += max(1, rounds)
+        self.done += rounds
         return took
 
 
