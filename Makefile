@@ -31,9 +31,10 @@ test: setup
 	$(BIN)/mypy memfit
 	$(BIN)/python -m pytest -q -n 2 --durations=15
 
-# The planner's correctness matrix over the rest of the zoo (CI runs one model per family): ~30 min.
+# The planner's correctness matrix over the rest of the zoo (CI runs one model per family) and the
+# cost model on the deeper family members: ~35 min.
 test-zoo: setup
-	MEMFIT_ZOO=1 $(BIN)/python -m pytest -q -n 2 --durations=15 tests/test_planner.py -m zoo
+	MEMFIT_ZOO=1 $(BIN)/python -m pytest -q -n 2 --durations=15 tests/test_planner.py tests/test_costmodel.py -m zoo
 
 # The foreign-model conformance matrix (torchvision, timm, transformers; CI runs a subset): ~8 min.
 test-models: setup
