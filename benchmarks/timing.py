@@ -11,9 +11,11 @@ SGD) on one intra-op thread, median over interleaved rounds of the planned step 
 one (benchmarks/common.py's Rounds and median_ratio), its 90% bootstrap interval over the
 rounds (how far one run's figure can be trusted), predicted over measured, and whether the
 prediction is within 25% of the measured figure (the time model's target). Every table ends with
-a control: the model rewritten with nothing recomputed (a budget above its peak), predicted at 0
-extra and timed in the same rounds; what it measures is the run's floor, the figure a plan's
-cannot be told apart from (where each module's activations lie, the rewrite's own dispatch, noise).
+two controls predicted at 0 extra and timed in the same rounds: the model rewritten with nothing
+recomputed (a budget above its peak), and an eager copy of the model itself. What the rewrite
+measures is the run's floor, the figure a plan's cannot be told apart from (where each module's
+activations lie, the rewrite's own dispatch, noise); what the copy measures is that floor without
+the rewrite: how far two identical modules' steps differ in this run.
 Planning runs on one intra-op thread too, so the time model is calibrated as the steps are
 measured. Each distinct plan is timed once; a row whose plan another row has already made says
 which. With ``--settle SECONDS``, a plan whose interval straddles an edge of the 25% band gets
@@ -35,6 +37,7 @@ one copy average out (docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import tempfile
@@ -144,6 +147,11 @@ def judge(predicted: float, took: list[float], reference: list[float]) -> tuple[
     return measured, low, high, Verdict(within(predicted, measured), lo <= low and high <= hi, high < lo or low > hi)
 
 
+def floor_cell(measured: float, low: float, high: float) -> str:
+    """A control's measured extra time and its 90% interval, in ms, for the summary line."""
+    return f"{1e3 * measured:+.1f} ms ({1e3 * low:.1f}..{1e3 * high:.1f})"
+
+
 def measured_cells(measured: float, low: float, high: float, reference: list[float]) -> list[str]:
     """A row's measured cells: extra ms, its 90% interval, extra % of the unplanned step, rounds."""
     return [
@@ -184,8 +192,9 @@ def model_table(
     # Whatever it measures is what this run cannot tell from nothing (where each module's
     # activations lie, the rewrite's own dispatch, noise): the floor under every plan's figure.
     control = memfit.optimize(case.model, 2 * unplanned, case.x, optimizer=None)
+    controls = {"control": control, "copy": copy.deepcopy(case.model)}
     # built once: settling goes on with the same warm copies and the rotation where it stopped
-    timer = Rounds({"unplanned": case.model, "control": control, **timed}, case.x, copies)
+    timer = Rounds({"unplanned": case.model, **controls, **timed}, case.x, copies)
     took = timer(rounds)
     pairs = {k: (took[k], list(took["unplanned"])) for k in timed}
     settle(timer, timed, pairs, settling)
@@ -240,25 +249,43 @@ def model_table(
             "yes" if verdicts[str(timed_at)].within else "no",
             note=note,
         )
-    floor, low, high, _ = judge(control.plan.extra_seconds, took["control"], took["unplanned"])
-    table.row(
-        "none (control)",
-        "",
-        fmt(control.plan.budget_bytes / MiB),
-        fmt(control.plan.peak_after_bytes / MiB),
-        fmt(1e3 * control.plan.extra_seconds, 1),
-        fmt(control.plan.extra_time_percent, 1),
-        *measured_cells(floor, low, high, took["unplanned"]),
-        "--",
-        "--",
-        note="nothing recomputed: the run's floor",
-    )
+    # each control's budget and predicted peak (MiB) and predicted extra seconds
+    floors = {}
+    for key, label, cells, note in (
+        (
+            "control",
+            "none (control)",
+            (control.plan.budget_bytes / MiB, control.plan.peak_after_bytes / MiB, control.plan.extra_seconds),
+            "nothing recomputed: the run's floor",
+        ),
+        (
+            "copy",
+            "none (eager copy)",
+            (None, unplanned, 0.0),
+            "the model itself, copied: the floor without the rewrite",
+        ),
+    ):
+        budget, peak, predicted = cells
+        floors[key] = judge(predicted, took[key], took["unplanned"])[:3]
+        table.row(
+            label,
+            "",
+            fmt(budget),
+            fmt(peak),
+            fmt(1e3 * predicted, 1),
+            fmt(100 * predicted / step_s if step_s > 0 else None, 1),
+            *measured_cells(*floors[key], took["unplanned"]),
+            "--",
+            "--",
+            note=note,
+        )
     hits = list(verdicts.values())
     print(
         f"\n{sum(v.within for v in hits)} of {len(hits)} distinct plans predicted within {WITHIN:.0%} of the "
         f"measured extra time; by the 90% intervals {sum(v.surely for v in hits)} surely within, "
         f"{sum(v.surely_not for v in hits)} surely not, the rest unsettled by this run; the control "
-        f"(nothing recomputed, predicted 0) measured {1e3 * floor:+.1f} ms ({1e3 * low:.1f}..{1e3 * high:.1f})\n"
+        f"(nothing recomputed, predicted 0) measured {floor_cell(*floors['control'])}, an eager copy of "
+        f"the model {floor_cell(*floors['copy'])}\n"
     )
 
 
@@ -305,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     rotated = f" (each module as {args.copies} copies, one a round in turn)" if args.copies > 1 else ""
     print(f"after a warm-up{rotated};", end=" ")
     print("90% interval: of the rounds resampled (bootstrap). 25%: whether pred is within 25% of meas.")
-    print("Last row, none (control): the model rewritten with nothing recomputed, timed in the same rounds.\n")
+    print("Last rows, timed in the same rounds: none (control), the model rewritten with nothing recomputed;")
+    print("and none (eager copy), a deep copy of the model itself.\n")
     for name in args.models:
         batch, shape, options = shapes[name]
         case = build_case(name, batch, shape, **options)

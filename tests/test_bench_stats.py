@@ -140,8 +140,8 @@ def test_no_copies_is_refused_by_name(capsys) -> None:
 
 def test_every_table_times_a_control_that_recomputes_nothing(monkeypatch, capsys, tmp_path) -> None:
     """Each model's rounds include the unplanned model rewritten with nothing recomputed, predicted
-    at 0 extra; its row and the summary give what it measured (here exactly the unplanned step's
-    time, so +0.0), the floor under the plans' figures."""
+    at 0 extra, and an eager copy of the model; their rows and the summary give what they measured
+    (here exactly the unplanned step's time, so +0.0), the floor under the plans' figures."""
     monkeypatch.setenv("MEMFIT_TIMING", "off")
     monkeypatch.setenv("MEMFIT_CACHE_DIR", str(tmp_path))
     timed: dict[str, torch.nn.Module] = {}
@@ -158,10 +158,16 @@ def test_every_table_times_a_control_that_recomputes_nothing(monkeypatch, capsys
     control = timed["control"]
     assert control.plan.extra_seconds == 0.0
     assert all(s.kind == "plain" for s in control.plan.segments)
-    plans = [m.plan for k, m in timed.items() if k not in ("unplanned", "control")]
+    twin = timed["copy"]
+    assert type(twin) is type(timed["unplanned"]) and twin is not timed["unplanned"]
+    assert all(a is not b for a, b in zip(twin.parameters(), timed["unplanned"].parameters(), strict=True))
+    plans = [m.plan for k, m in timed.items() if k not in ("unplanned", "control", "copy")]
     assert any(s.kind != "plain" for plan in plans for s in plan.segments)
     out = capsys.readouterr().out
     (row,) = [line for line in out.splitlines() if line.startswith("none (control)")]
     cells = row.split()  # name (2 words), budget, peak, extra ms pred, extra % pred, extra ms meas, interval
     assert cells[4] == "0.0" and cells[6:8] == ["0.0", "0.0..0.0"] and "the run's floor" in row
-    assert "the control (nothing recomputed, predicted 0) measured +0.0 ms (0.0..0.0)" in out
+    (row,) = [line for line in out.splitlines() if line.startswith("none (eager copy)")]
+    cells = row.split()  # name (3 words), budget, peak, extra ms pred, extra % pred, extra ms meas, interval
+    assert cells[3] == "--" and cells[5] == "0.0" and cells[7:9] == ["0.0", "0.0..0.0"]
+    assert "the control (nothing recomputed, predicted 0) measured +0.0 ms (0.0..0.0), an eager copy" in out
