@@ -141,3 +141,26 @@ def test_a_cnn_curve_never_costs_more_as_the_budget_rises(name: str, kwargs: dic
     costs = [p.extra_seconds for p in curve.points]
     assert all(c is not None for c in costs) and costs == sorted(costs, reverse=True), costs
     assert costs[0] > costs[-1] == 0
+
+
+def test_a_plan_two_strategies_propose_is_dry_run_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dp and selective propose the same spans where no segment is selective; the plan's module
+    and step do not depend on the name, so the second verification reuses the first's dry run,
+    and each still gets its own module and plan."""
+    from memfit import search as search_module
+    from memfit.capture.inputs import as_inputs
+    from memfit.capture.trainstep import StepConfig
+    from memfit.search import PlanSearch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[m for _ in range(4) for m in (torch.nn.Linear(64, 64), torch.nn.Tanh())])
+    search = PlanSearch(model, as_inputs(torch.randn(32, 64)), StepConfig(optimizer=None), [], None)
+    runs = []
+    real_capture = search_module.capture
+    monkeypatch.setattr(search_module, "capture", lambda *a, **k: runs.append(1) or real_capture(*a, **k))
+    spans = search._lowest("dp")
+    first, second = search.verify(spans, "dp"), search.verify(spans, "selective")
+    assert first is not None and second is not None and len(runs) == 1
+    assert (first.plan.strategy, second.plan.strategy) == ("dp", "selective")
+    assert first.module is not second.module and first.peak_bytes == second.peak_bytes
+    assert search.verify(list(spans), "dp") is first and len(runs) == 1
