@@ -5,7 +5,8 @@ simulation) and answers for it the three questions the public functions ask: the
 under a budget (:func:`memfit.optimize`), the feasible minimum (:func:`memfit.minimum`) and the
 curve between them (:func:`memfit.tradeoff`). Every plan it returns was enacted by the rewrite and
 its whole training step dry-run under FakeTensorMode with the kernel workspaces added; the chain's
-prices only decide the order in which plans are tried.
+prices only decide the order in which plans are tried. A plan tried against a budget stops its dry
+run once its live tensors alone pass the budget: most plans the feasible minimum rules out.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -22,6 +24,7 @@ from .capture.dryrun import capture
 from .capture.graph import MemGraph
 from .capture.inputs import Inputs
 from .capture.trace import graph_of
+from .capture.tracker import LimitExceeded
 from .capture.trainstep import StepConfig
 from .cost import simulate, timing, workspace
 from .cost.parallel import Parallel
@@ -108,8 +111,9 @@ class PlanSearch:
         self._verified: dict[tuple, Verified | None] = {}
         # Dry runs by spans alone: two strategies often propose the same plan (dp and selective
         # where no segment is selective: 8 of EfficientNet-B0's 21 dry runs to its minimum), and
-        # the module and its step are the same whatever the strategy is called.
-        self._dry_runs: dict[tuple, tuple[MemGraph, Timeline] | str] = {}
+        # the module and its step are the same whatever the strategy is called. A failure is its
+        # message; a run stopped by a room, that room.
+        self._dry_runs: dict[tuple, tuple[MemGraph, Timeline] | str | int] = {}
         self._floors: dict[tuple, Verified] = {}
         self._lists: dict[str, list] = {}  # per strategy: its fixed plans, or its chain targets
         self._rungs: dict[tuple[str, int], tuple[int, Spans] | None] = {}
@@ -136,33 +140,59 @@ class PlanSearch:
         """The plan enacted and dry-run (once per plan); None when that raised: a torch feature
         the plan leans on may refuse the model where another plan or strategy does not. It is then
         discarded like a plan that does not fit."""
-        key = (tuple(spans), name)
-        if key not in self._verified:
-            self._verified[key] = self._enact(spans, name)
-        return self._verified[key]
+        return self._verify(spans, name, None)
 
-    def _enact(self, spans: Spans, name: str) -> Verified | None:
+    def fits(self, spans: Spans, name: str, room: int) -> Verified | None:
+        """The plan verified, if its peak is within ``room``; None if not, or if it cannot run.
+
+        Its dry run stops once the step's live tensors pass ``room``, so a plan that cannot fit
+        costs part of one (the floor's search dry-runs many such plans). Whether a plan fits is
+        decided as :meth:`verify` decides it: a stopped step's peak is above the room, and one
+        that fits is never stopped."""
+        found = self._verify(spans, name, room)
+        return found if found is not None and found.peak_bytes <= room else None
+
+    def _verify(self, spans: Spans, name: str, room: int | None) -> Verified | None:
+        key = (tuple(spans), name)
+        if key in self._verified:
+            return self._verified[key]
         plan = Plan(
             segments=self.chain.to_segments(spans),
             strategy=name,
             forward_flops=self.chain.forward_flops,
             step_seconds=self.chain.step_seconds,
         )
-        key = tuple(spans)
         try:
             planned = rewrite(self.model, self.gm, plan)
-            if key not in self._dry_runs:
-                vgraph = capture(planned, self.inputs, self.config)
-                _carry_workspace(self.graph, vgraph)
-                self._dry_runs[key] = vgraph, simulate.simulate(vgraph, inner=self.graph, parallel=self.parallel)
+            run = self._dry_run(planned, key[0], room)
         except Exception as e:  # noqa: BLE001  whatever torch raises, the plan is only discarded
-            self._dry_runs[key] = f"{type(e).__name__}: {e}"
-        run = self._dry_runs[key]
+            run = self._dry_runs[key[0]] = f"{type(e).__name__}: {e}"
+        if isinstance(run, int):  # stopped above the room: not verified in full
+            return None
         if isinstance(run, str):
             self.failures.append(f"a {name} plan failed its dry run ({run})")
             log.warning("memfit: %s", self.failures[-1])
-            return None
-        return Verified(planned, plan, *run, self.chain.cost(spans))
+            self._verified[key] = None
+        else:
+            self._verified[key] = Verified(planned, plan, *run, self.chain.cost(spans))
+        return self._verified[key]
+
+    def _dry_run(self, planned: PlannedModule, spans: tuple, room: int | None) -> tuple[MemGraph, Timeline] | str | int:
+        """The planned step's graph and timeline; or the room its dry run stopped above, if that
+        room was as loose as ``room`` or looser (the plan cannot fit this one either). Under data
+        parallelism a process's step is not the captured one, so no run stops."""
+        run = self._dry_runs.get(spans)
+        if run is None or (isinstance(run, int) and (room is None or room > run)):
+            limit = room if self.parallel is None else None
+            try:
+                vgraph = capture(planned, self.inputs, self.config, limit=limit)
+            except LimitExceeded:
+                run = cast(int, limit)  # raised only with one
+            else:
+                _carry_workspace(self.graph, vgraph)
+                run = vgraph, simulate.simulate(vgraph, inner=self.graph, parallel=self.parallel)
+            self._dry_runs[spans] = run
+        return run
 
     # -- the three questions --------------------------------------------------------------------
     def cheapest(self, budget_bytes: int, names: Sequence[str], deadline: float = math.inf) -> Verified:
@@ -261,8 +291,8 @@ class PlanSearch:
             for cost, spans in self._offers(name, room):
                 if best is not None and cost >= best.cost:
                     break  # the rest cost at least as much
-                result = self.verify(spans, name)
-                if result is not None and result.peak_bytes <= room:
+                result = self.fits(spans, name, room)
+                if result is not None:
                     best = result
                     break
         # The least-peak plans are offered to every budget whatever the chain predicts, so that a
@@ -270,8 +300,8 @@ class PlanSearch:
         for name in names:
             spans = self._lowest(name)
             if best is None or self.chain.cost(spans) < best.cost:
-                result = self.verify(spans, name)
-                if result is not None and result.peak_bytes <= room and (best is None or result.cost < best.cost):
+                result = self.fits(spans, name, room)
+                if result is not None and (best is None or result.cost < best.cost):
                     best = result
         if best is None:
             self.least(names, budget_bytes)  # raises where no plan of these strategies can run

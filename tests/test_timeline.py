@@ -4,12 +4,13 @@ the allocator-free replay of a real captured step."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from memfit.capture.dryrun import capture
 from memfit.capture.graph import CATEGORIES
-from memfit.capture.tracker import Event
+from memfit.capture.tracker import Event, LimitExceeded
 from memfit.capture.trainstep import StepConfig
 from memfit.cost.timeline import replay
 
@@ -93,3 +94,23 @@ def test_a_real_steps_peak_is_the_highest_level_of_its_live_storages() -> None:
     assert sum(t.at_peak.values()) == t.peak_bytes
     assert set(t.phase_peaks) == {"forward", "backward", "optimizer"}
     assert max(t.phase_peaks.values()) == t.peak_bytes
+
+
+@pytest.mark.parametrize("where", ["baseline", "forward", "backward"])
+def test_a_limited_dry_run_stops_exactly_above_its_tensor_peak(where: str) -> None:
+    """capture(limit=) stops the step once its live tensors pass the limit, wherever that falls:
+    not at the tensor peak the replay of the whole step finds, but one byte below it. (Raising
+    inside the operator that passed it aborted the process where that was a ``prim.device`` query,
+    as with a limit under the parameters and inputs themselves.)"""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Tanh(), nn.Flatten())
+    x = torch.randn(4, 3, 16, 16)
+    graph = capture(model, x, StepConfig())
+    timeline = replay(graph.baseline.values(), graph.events, graph.category_of)
+    forward_peak = max(level for p, _, level in timeline.levels if p == "forward")
+    assert timeline.tensor_peak_bytes > forward_peak, "the step should peak after its forward"
+    limit = {"baseline": 0, "forward": forward_peak - 1, "backward": timeline.tensor_peak_bytes - 1}[where]
+    with pytest.raises(LimitExceeded):
+        capture(model, x, StepConfig(), limit=limit)
+    limited = capture(model, x, StepConfig(), limit=timeline.tensor_peak_bytes)
+    assert limited.events == graph.events

@@ -7,6 +7,7 @@ import torch
 
 import memfit
 from memfit.cli import main
+from memfit.planner import STRATEGIES
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +165,36 @@ def test_a_plan_two_strategies_propose_is_dry_run_once(monkeypatch: pytest.Monke
     assert (first.plan.strategy, second.plan.strategy) == ("dp", "selective")
     assert first.module is not second.module and first.peak_bytes == second.peak_bytes
     assert search.verify(list(spans), "dp") is first and len(runs) == 1
+
+
+def test_a_plan_fits_a_room_as_its_whole_dry_run_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fits() stops a dry run once its tensors pass the room; it must decide every plan and room
+    as the whole dry run does (a stopped run above the room, a fitting one never stopped), and a
+    looser room later must run the plan again, not take the stop for its peak."""
+    from memfit.capture.inputs import as_inputs
+    from memfit.capture.trainstep import StepConfig
+    from memfit.cost.timing import TIMING_ENV
+    from memfit.search import PlanSearch
+
+    monkeypatch.setenv(TIMING_ENV, "off")
+    torch.manual_seed(0)
+    model = memfit.models.create("resnet18", stem="cifar", num_classes=10, width=4)
+    make = lambda: PlanSearch(model, as_inputs(torch.randn(2, 3, 16, 16)), StepConfig(), [], None)  # noqa: E731
+    limited, whole = make(), make()
+    chain = limited.chain
+    low, high = chain.peak(limited._lowest("dp")), chain.peak(chain.unplanned())
+    targets = range(low, high, max(1, (high - low) // 6))
+    plans = [s for t in targets if (s := STRATEGIES["dp"].cheapest(chain, t)) is not None]
+    peaks = sorted({whole.verify(s, "dp").peak_bytes for s in plans})
+    assert len(peaks) >= 3, "the plans should span several peaks"
+    rooms = [p - 1 for p in peaks] + [peaks[-1]]
+    stopped = 0
+    for room in rooms:  # tightest first: later rooms meet runs an earlier one stopped
+        for spans in plans:
+            fits = limited.fits(spans, "dp", room)
+            stopped += isinstance(limited._dry_runs[tuple(spans)], int)
+            expected = whole.verify(spans, "dp")
+            assert (fits is not None) == (expected.peak_bytes <= room), (room, expected.peak_bytes)
+            if fits is not None:
+                assert fits.peak_bytes == expected.peak_bytes
+    assert stopped > 0, "no dry run was stopped: the test did not exercise the limit"

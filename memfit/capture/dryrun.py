@@ -40,8 +40,8 @@ class _CountingTracker(StorageTracker):
     """The storage tracker that also totals FLOPs by torch.utils.flop_counter's formulas (one
     dispatch mode instead of two: the dry run's cost is per-op Python overhead)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, limit: int | None = None) -> None:
+        super().__init__(limit)
         self.flops = 0
         self.random_nodes: set[str] = set()  # nodes whose forward ran an op that draws random numbers
         self.writes: dict[str, set[int]] = {}  # node -> storages its forward wrote in place
@@ -152,12 +152,14 @@ class _Recorder(fx.Interpreter):
         table[self.tracker.node] = table.get(self.tracker.node, 0) + delta
 
     def switch(self, name: str) -> None:
-        """Attribute what ran so far to the current node, then make ``name`` current."""
+        """Attribute what ran so far to the current node, then make ``name`` current; past the limit, stop."""
+        self.tracker.check()
         self._account_flops()
         self.tracker.node = name
 
     def enter(self, phase: str, node: str) -> None:
         """Step-level transition (loss, backward, optimizer) from :func:`run_step`."""
+        self.tracker.check()
         self._account_flops()
         self.tracker.phase, self.tracker.node = phase, node
 
@@ -322,6 +324,7 @@ def capture(
     *,
     leaf_modules: LeafSpec = (),
     gm: fx.GraphModule | None = None,
+    limit: int | None = None,
 ) -> MemGraph:
     """Trace ``model`` and dry-run one steady-state training step on fake tensors.
 
@@ -333,6 +336,8 @@ def capture(
         leaf_modules: Module types or qualified names to keep opaque (for untraceable code).
         gm: The model's graph when the caller has it (:func:`memfit.capture.trace.graph_of`):
             one trace then serves capture, calibration and the rewrite.
+        limit: Raise ``LimitExceeded`` once the step's live storage bytes (baseline included)
+            pass it: a prediction adds workspaces to these, so the step's peak is then above it.
 
     Returns:
         The MemGraph of the step.
@@ -367,7 +372,7 @@ def capture(
     every_param = [*fmodel.parameters(), *gm.parameters()]
     params = unique_trainable(iter(every_param))
     device = params[0].device.type
-    tracker = _CountingTracker()
+    tracker = _CountingTracker(limit)
     with mode:
         optimizer = make_optimizer(config.optimizer, params)
         init_optimizer_state(optimizer, params)  # steady state: the state exists before the step
@@ -399,7 +404,12 @@ def capture(
             try:
                 output = run_step(lambda: rec.run(*fake_inputs), config, device, optimizer, rec.enter)
             except _NodeFailure as f:
-                raise _explain(f, gm, inputs) from f.error
+                if not tracker.exceeded:
+                    raise _explain(f, gm, inputs) from f.error
+            except Exception:
+                if not tracker.exceeded:
+                    raise
+            tracker.check()  # its error arrives as raised, wrapped, or (caught by the model) not at all
             grads = {tracker.sid_of(p.grad) for p in params if p.grad is not None}
             owners = _owners(gm, rec.param_names, optimizer, tracker)
             buffer_sids = {name: tracker.sid_of(b) for name, b in gm.named_buffers(remove_duplicate=False)}

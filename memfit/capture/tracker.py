@@ -19,7 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["Event", "StorageTracker", "tensors_in"]
+__all__ = ["Event", "LimitExceeded", "StorageTracker", "tensors_in"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,10 @@ class Event:
     node: str
 
 
+class LimitExceeded(Exception):
+    """A tracked run's live storages passed its ``limit``: the step's peak is above it."""
+
+
 def tensors_in(obj: Any) -> list[torch.Tensor]:
     """All tensors in a (nested) container, in pytree order."""
     return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
@@ -49,11 +53,19 @@ class StorageTracker(TorchDispatchMode):
 
     Storages that exist before the step (parameters, buffers, optimizer state, inputs) are
     registered with :meth:`register` and form the baseline; everything else is an event.
-    ``phase`` and ``node`` are set by the caller as the step advances.
+    ``phase`` and ``node`` are set by the caller as the step advances. With a ``limit``, an
+    allocation that takes the live bytes (baseline included) above it sets ``exceeded`` and stops
+    recording: whatever the step does next, its peak is above the limit, so a caller that only asks
+    whether it fits may stop the step (:meth:`check`) at the next point where Python may raise (an
+    error raised here, inside an operator, can abort the process: a ``prim.device`` query that
+    C++ makes does).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None) -> None:
         super().__init__()
+        self.limit = limit
+        self.level = 0  # live bytes: the baseline and every event so far
+        self.exceeded = False
         self.phase = "forward"
         self.node = ""
         self.events: list[Event] = []
@@ -86,12 +98,19 @@ class StorageTracker(TorchDispatchMode):
             sid, new = self._add(t.untyped_storage())
             if new:
                 self.baseline[sid] = (self.nbytes[sid], category)
+                self.level += self.nbytes[sid]
 
     def _on_free(self, key: int, sid: int) -> None:
         if self._live.get(key) == sid:
             del self._live[key]
         if self._recording:
             self.events.append(Event(sid, -self.nbytes[sid], self.phase, self.node))
+            self.level -= self.nbytes[sid]
+
+    def check(self) -> None:
+        """Raise :class:`LimitExceeded` if the step has passed its limit."""
+        if self.exceeded:
+            raise LimitExceeded(f"the step passed its limit of {self.limit} bytes")
 
     def stop(self) -> None:
         """Stop recording; frees after this point (end of the step) are not events."""
@@ -111,6 +130,10 @@ class StorageTracker(TorchDispatchMode):
                     sid, new = self._add(t.untyped_storage(), t.numel() * 4 if i in wider else None)
                     if new:
                         self.events.append(Event(sid, self.nbytes[sid], self.phase, self.node))
+                        self.level += self.nbytes[sid]
+            if self.limit is not None and self.level > self.limit:
+                self.exceeded = True
+                self.stop()
         return out
 
 
