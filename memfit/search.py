@@ -156,6 +156,8 @@ class PlanSearch:
         key = (tuple(spans), name)
         if key in self._verified:
             return self._verified[key]
+        if self._stopped(key[0], room):  # known not to fit: no module to rewrite for it
+            return None
         plan = Plan(
             segments=self.chain.to_segments(spans),
             strategy=name,
@@ -182,7 +184,7 @@ class PlanSearch:
         room was as loose as ``room`` or looser (the plan cannot fit this one either). Under data
         parallelism a process's step is not the captured one, so no run stops."""
         run = self._dry_runs.get(spans)
-        if run is None or (isinstance(run, int) and (room is None or room > run)):
+        if run is None or (isinstance(run, int) and not self._stopped(spans, room)):
             limit = room if self.parallel is None else None
             try:
                 vgraph = capture(planned, self.inputs, self.config, limit=limit)
@@ -193,6 +195,11 @@ class PlanSearch:
                 run = vgraph, simulate.simulate(vgraph, inner=self.graph, parallel=self.parallel)
             self._dry_runs[spans] = run
         return run
+
+    def _stopped(self, spans: tuple, room: int | None) -> bool:
+        """Whether the plan's dry run stopped above a room at least as loose as ``room``."""
+        run = self._dry_runs.get(spans)
+        return isinstance(run, int) and room is not None and room <= run
 
     # -- the three questions --------------------------------------------------------------------
     def cheapest(self, budget_bytes: int, names: Sequence[str], deadline: float = math.inf) -> Verified:

@@ -192,9 +192,15 @@ def test_a_plan_fits_a_room_as_its_whole_dry_run_says(monkeypatch: pytest.Monkey
     for room in rooms:  # tightest first: later rooms meet runs an earlier one stopped
         for spans in plans:
             fits = limited.fits(spans, "dp", room)
-            stopped += isinstance(limited._dry_runs[tuple(spans)], int)
             expected = whole.verify(spans, "dp")
             assert (fits is not None) == (expected.peak_bytes <= room), (room, expected.peak_bytes)
             if fits is not None:
                 assert fits.peak_bytes == expected.peak_bytes
+            if isinstance(stop := limited._dry_runs[tuple(spans)], int):
+                stopped += 1
+                # Asked again for a room no looser than the one it stopped above, the plan is
+                # answered from that stop: neither rewritten nor dry-run.
+                with monkeypatch.context() as m:
+                    m.setattr("memfit.search.rewrite", lambda *a: pytest.fail("rewrote a plan known not to fit"))
+                    assert limited.fits(spans, "dp", stop) is None and limited.fits(spans, "dp", stop - 1) is None
     assert stopped > 0, "no dry run was stopped: the test did not exercise the limit"
