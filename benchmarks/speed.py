@@ -1,11 +1,14 @@
-"""Planning time: the wall time of memfit.optimize, each call in a fresh process, cold and warm.
+"""Planning time: the wall time of memfit.optimize (or memfit.minimum), each call in a fresh
+process, cold and warm.
 
 ResNet-152 at batch 64, 224x224, at 40% of the unplanned predicted peak by default. cold: an
 empty workspace cache ($MEMFIT_CACHE_DIR); warm: the cache the cold run left. The median and the
-fastest of --repeats such pairs, each pair with its own cache.
+fastest of --repeats such pairs, each pair with its own cache. ``--call minimum`` times the
+search for the feasible minimum instead (no budget; the floor's rounds of dry runs).
 
     .venv/bin/python benchmarks/speed.py                    # about three minutes
     .venv/bin/python benchmarks/speed.py --models resnet50 --batch 16 --repeats 1
+    .venv/bin/python benchmarks/speed.py --call minimum --models densenet_bc_100 --batch 4 --input 3x32x32
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import tempfile
 import time
 
 _started = time.perf_counter()  # before torch: import time is reported apart from planning time
-from common import CACHE_ENV, MiB, Table, build_case, fmt, footer, section  # noqa: E402  timed: see _started
+from common import CACHE_ENV, CIFAR_STEM, Case, MiB, Table, build_case, fmt, footer, section  # noqa: E402  timed: see _started
 
 import memfit  # noqa: E402  timed: see _started
 
@@ -32,13 +35,22 @@ REPEATS = 3
 
 
 def worker(job_json: str) -> None:
-    """One timed optimize in this (fresh) process; prints a JSON line."""
+    """One timed call in this (fresh) process; prints a JSON line. ``mb``: the planned peak
+    (optimize) or the feasible minimum (minimum), both predicted."""
     job = json.loads(job_json)
-    case = build_case(job["model"], job["batch"], job["input"], stem="imagenet")
+    case = _case(job["model"], job["batch"], job["input"], job["stem"])
     started = time.perf_counter()
-    planned = memfit.optimize(case.model, job["budget"], case.x, strategy=job["strategy"])
+    if job["call"] == "minimum":
+        mb = memfit.minimum(case.model, case.x, strategy=job["strategy"])
+    else:
+        mb = memfit.optimize(case.model, job["budget"], case.x, strategy=job["strategy"]).plan.peak_after_bytes / MiB
     plan_s = time.perf_counter() - started
-    print(json.dumps({"import_s": IMPORT_SECONDS, "plan_s": plan_s, "peak_mb": planned.plan.peak_after_bytes / MiB}))
+    print(json.dumps({"import_s": IMPORT_SECONDS, "plan_s": plan_s, "mb": mb}))
+
+
+def _case(name: str, batch: int, shape: str, stem: str) -> Case:
+    """The zoo model; ``stem`` for the models that have one (DenseNet-BC is CIFAR's alone)."""
+    return build_case(name, batch, shape, **({"stem": stem} if name.startswith(CIFAR_STEM) else {}))
 
 
 def timed_runs(job: dict, repeats: int) -> tuple[dict[str, list[dict]], dict[str, str]]:
@@ -70,18 +82,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--input", default="3x224x224")
     p.add_argument("--strategies", nargs="+", default=STRATEGIES, help=f"default {' '.join(STRATEGIES)}")
     p.add_argument("--repeats", type=int, default=REPEATS, help=f"cold/warm pairs (default {REPEATS})")
+    p.add_argument("--call", choices=["optimize", "minimum"], default="optimize", help="what to time")
+    p.add_argument("--stem", choices=["imagenet", "cifar"], default="imagenet", help="the zoo CNNs' stem")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker is not None:
         worker(args.worker)
         return
     started = time.perf_counter()
-    section(
-        f"Planning time: memfit.optimize at {100 * BUDGET:.0f}% of the unplanned peak, "
-        f"batch {args.batch} at {args.input}"
-    )
-    print("Each run is a new process. import: `import memfit` (torch, torch._dynamo); plan: the optimize")
-    print("call (capture, calibration, planning, the verifying dry run). cold: empty workspace cache;")
+    minimum = args.call == "minimum"
+    at = "" if minimum else f" at {100 * BUDGET:.0f}% of the unplanned peak"
+    section(f"Planning time: memfit.{args.call}{at}, batch {args.batch} at {args.input}")
+    print(f"Each run is a new process. import: `import memfit` (torch, torch._dynamo); plan: the {args.call}")
+    print("call (capture, calibration, planning, the dry runs). cold: empty workspace cache;")
     print(f"warm: the cache the cold run left ({CACHE_ENV}). Median of {args.repeats} cold/warm pairs, each")
     print("with its own cache; best: the fastest of them.\n")
     table = Table(
@@ -93,32 +106,35 @@ def main(argv: list[str] | None = None) -> None:
             ("import s", "meas", 9),
             ("plan s", "meas", 8),
             ("best s", "meas", 8),
-            ("peak MiB", "pred", 10),
+            ("minimum MiB" if minimum else "peak MiB", "pred", 12),
         ],
         left=4,
     )
     for name in args.models:
-        case = build_case(name, args.batch, args.input, stem="imagenet")
-        with tempfile.TemporaryDirectory() as scratch:
-            os.environ[CACHE_ENV] = scratch  # this process's estimate must not warm the runs' cache
-            budget = BUDGET * memfit.estimate(case.model, case.x).peak_mb
+        budget = None
+        if not minimum:
+            case = _case(name, args.batch, args.input, args.stem)
+            with tempfile.TemporaryDirectory() as scratch:
+                os.environ[CACHE_ENV] = scratch  # this process's estimate must not warm the runs' cache
+                budget = BUDGET * memfit.estimate(case.model, case.x).peak_mb
+        shape = {"model": name, "batch": args.batch, "input": args.input, "stem": args.stem, "call": args.call}
         for strategy in args.strategies:
-            job = {"model": name, "batch": args.batch, "input": args.input, "budget": budget, "strategy": strategy}
+            job = {**shape, "budget": budget, "strategy": strategy}
             runs, failures = timed_runs(job, args.repeats)
             for state, got in runs.items():
                 if state in failures:
-                    table.row(name, strategy, fmt(budget), state, note=failures[state])
+                    table.row(name, strategy, fmt(budget) if budget else "-", state, note=failures[state])
                     continue
                 plan_s = [g["plan_s"] for g in got]
                 table.row(
                     name,
                     strategy,
-                    fmt(budget),
+                    fmt(budget) if budget else "-",
                     state,
                     fmt(statistics.median(g["import_s"] for g in got), 1),
                     fmt(statistics.median(plan_s), 1),
                     fmt(min(plan_s), 1),
-                    fmt(got[0]["peak_mb"]),
+                    fmt(got[0]["mb"]),
                 )
     footer(started)
 
