@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     print("with its own cache; best: the fastest of them.\n")
     table = Table(
         [
-            ("model", "", 11),
+            ("model", "", 16),
             ("strategy", "", 10),
             ("budget MiB", "given", 11),
             ("cache", "", 6),

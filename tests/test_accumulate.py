@@ -26,7 +26,9 @@ def test_accumulating_steps_are_predicted_and_planned_within_budget(name: str, a
     assert predicted.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.03)
     # the gradients are there from the start: the forward's peak rises by about their size
     assert predicted.phase_peaks["forward"] - plain.phase_peaks["forward"] >= 0.9 * predicted.gradients_bytes
+    # one strategy: the accumulating step is what is under test, and the planner's search over
+    # strategies is the same with or without it (tests/test_tradeoff.py)
     lowest = memfit.minimum(model, x, strategy="dp", amp=amp, optimizer="adam", accumulate=True)
     budget = lowest + 0.5 * (predicted.peak_mb - lowest)
-    planned = memfit.optimize(model, budget, x, amp=amp, optimizer="adam", accumulate=True)
+    planned = memfit.optimize(model, budget, x, strategy="dp", amp=amp, optimizer="adam", accumulate=True)
     assert memfit.measure(planned, x, amp=amp, optimizer="adam", accumulate=True).peak_mb <= budget
