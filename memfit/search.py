@@ -225,8 +225,9 @@ class PlanSearch:
         key = tuple(names)
         if key not in self._floors:
             best = self.least(names, budget_bytes)
-            plain = self.verify([(0, self.chain.m, "plain")], "none")
-            if plain is not None and plain.peak_bytes < best.peak_bytes:
+            # the unplanned step matters only below that peak: a run past it stops there
+            plain = self.fits([(0, self.chain.m, "plain")], "none", best.peak_bytes - 1)
+            if plain is not None:
                 best = plain
             for _ in range(FLOOR_ROUNDS):
                 lower = self._fitting(self.budget_for(best.peak_bytes) - 1, names)
@@ -238,8 +239,18 @@ class PlanSearch:
 
     def least(self, names: Sequence[str], budget_bytes: int | None = None) -> Verified:
         """The verified plan of least peak among the strategies' least-peak plans (``budget_bytes``:
-        the budget asked for, for the error when none can run)."""
-        results = [r for n in names if (r := self.verify(self._lowest(n), n)) is not None]
+        the budget asked for, for the error when none can run).
+
+        Only the first plan that runs is dry-run whole; each later one with the least peak so
+        far as its room, since a plan stopped above it cannot be the least (one of equal peak is
+        not stopped, and the cost decides)."""
+        results: list[Verified] = []
+        for n in names:
+            spans = self._lowest(n)
+            least = min((r.peak_bytes for r in results), default=None)
+            found = self.verify(spans, n) if least is None else self.fits(spans, n, least)
+            if found is not None:
+                results.append(found)
         if not results:
             raise MemfitBudgetError(
                 f"no plan of strategies {', '.join(names)} could run: {'; '.join(self.failures)}. Try another "

@@ -144,6 +144,37 @@ def test_a_cnn_curve_never_costs_more_as_the_budget_rises(name: str, kwargs: dic
     assert costs[0] > costs[-1] == 0
 
 
+def test_the_least_and_the_floor_are_what_whole_dry_runs_find(monkeypatch: pytest.MonkeyPatch) -> None:
+    """least() dry-runs each strategy's least-peak plan after the first with the least peak so far
+    as its room (here the hand-written policies' plan, which on a chain without blocks is the
+    unplanned step, stops), and the floor the unplanned step with that: the plans they return must
+    be those of whole dry runs."""
+    from memfit import search as search_module
+    from memfit.capture.inputs import as_inputs
+    from memfit.capture.trainstep import StepConfig
+    from memfit.cost.timing import TIMING_ENV
+    from memfit.search import PlanSearch
+
+    monkeypatch.setenv(TIMING_ENV, "off")
+    torch.manual_seed(0)
+    # no kernel workspaces: the strategies' least peaks differ by tensors, which a limit sees
+    model = torch.nn.Sequential(*[m for _ in range(8) for m in (torch.nn.Linear(64, 64), torch.nn.Tanh())])
+    make = lambda: PlanSearch(model, as_inputs(torch.randn(256, 64)), StepConfig(), [], None)  # noqa: E731
+    names = memfit.fit.AUTO_ORDER
+    real_capture = search_module.capture
+    with monkeypatch.context() as m:
+        m.setattr(search_module, "capture", lambda *a, limit=None, **k: real_capture(*a, **k))
+        whole = make()
+        expected = whole.least(names), whole.floor(names)
+    limited = make()
+    least = limited.least(names)
+    assert any(isinstance(run, int) for run in limited._dry_runs.values()), "least() stopped no dry run"
+    got = least, limited.floor(names)
+    for g, e in zip(got, expected, strict=True):
+        assert (g.plan.strategy, g.plan.segments, g.peak_bytes) == (e.plan.strategy, e.plan.segments, e.peak_bytes)
+    assert not any(isinstance(run, int) for run in whole._dry_runs.values())
+
+
 def test_a_plan_two_strategies_propose_is_dry_run_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """dp and selective propose the same spans where no segment is selective; the plan's module
     and step do not depend on the name, so the second verification reuses the first's dry run,
