@@ -21,6 +21,13 @@ from memfit.cost.measurement import event_bytes, memory_events, memory_profile
 from memfit.planner import Chain, Plan
 
 
+@pytest.mark.parametrize(("seconds", "runs"), [(2.0, 2), (0.4, 1 + pace.MIN_REPEATS), (1e-4, 1 + pace.MAX_REPEATS)])
+def test_a_long_forward_is_timed_once_after_its_warm_up(seconds: float, runs: int) -> None:
+    ticks, calls = iter(range(10**6)), []
+    samples = pace._repeated(lambda: calls.append(1), lambda: seconds * next(ticks))
+    assert len(calls) == runs and samples == pytest.approx([seconds] * (runs - 1))
+
+
 def test_the_timed_forward_trains_yet_leaves_the_model_and_rng_as_they_were(small_cnn):
     model, x = small_cnn.train(), torch.randn(8, 3, 16, 16)
     bn, dropout = model[1], model[8]

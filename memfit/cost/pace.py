@@ -48,7 +48,7 @@ from ..capture.graph import NodeInfo, Pace
 from ..capture.trainstep import StepConfig
 from .layers import DiskCache
 
-__all__ = ["MAX_REPEATS", "MIN_REPEATS", "TARGET_SECONDS", "forward_seconds", "measure", "node_seconds"]
+__all__ = ["LONG_SECONDS", "MAX_REPEATS", "MIN_REPEATS", "TARGET_SECONDS", "forward_seconds", "measure", "node_seconds"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 # 10; a forward of a second or more averages its own noise, and planning should not wait on it.
 TARGET_SECONDS = 0.5
 MIN_REPEATS, MAX_REPEATS = 3, 15
+# A warm-up this long is followed by one timed forward: it averages its own noise over thousands of
+# kernels, and every repeat is planning time (ResNet-152 at batch 64, 224x224, one thread: four
+# forwards of about a minute were most of a warm optimize's 265 s).
+LONG_SECONDS = 1.0
 
 _CALLS = ("call_module", "call_function", "call_method")
 
@@ -198,7 +202,8 @@ def _repeated(run: Callable[[], None], clock: Callable[[], float]) -> list[float
     run()
     warm = clock() - start
     samples = []
-    for _ in range(min(MAX_REPEATS, max(MIN_REPEATS, round(TARGET_SECONDS / max(warm, 1e-9))))):
+    repeats = 1 if warm >= LONG_SECONDS else min(MAX_REPEATS, max(MIN_REPEATS, round(TARGET_SECONDS / max(warm, 1e-9))))
+    for _ in range(repeats):
         start = clock()
         run()
         samples.append(clock() - start)
