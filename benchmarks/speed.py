@@ -6,7 +6,7 @@ empty workspace cache ($MEMFIT_CACHE_DIR); warm: the cache the cold run left. Th
 fastest of --repeats such pairs, each pair with its own cache. ``--call minimum`` times the
 search for the feasible minimum instead (no budget; the floor's rounds of dry runs).
 
-    .venv/bin/python benchmarks/speed.py                    # about three minutes
+    .venv/bin/python benchmarks/speed.py                    # hours: ResNet-152 at batch 64 (docs/benchmarks.md)
     .venv/bin/python benchmarks/speed.py --models resnet50 --batch 16 --repeats 1
     .venv/bin/python benchmarks/speed.py --call minimum --models densenet_bc_100 --batch 4 --input 3x32x32
 """
