@@ -180,11 +180,12 @@ class PlanSearch:
         return self._verified[key]
 
     def _dry_run(self, planned: PlannedModule, spans: tuple, room: int | None) -> tuple[MemGraph, Timeline] | str | int:
-        """The planned step's graph and timeline; or the room its dry run stopped above, if that
-        room was as loose as ``room`` or looser (the plan cannot fit this one either). Under data
-        parallelism a process's step is not the captured one, so no run stops."""
+        """The planned step's graph and timeline, or ``room`` if its dry run stopped above it. A
+        stop kept from a tighter room is run again (:meth:`_verify` answers a room no looser from
+        the stop itself). Under data parallelism a process's step is not the captured one, so no
+        run stops."""
         run = self._dry_runs.get(spans)
-        if run is None or (isinstance(run, int) and not self._stopped(spans, room)):
+        if run is None or isinstance(run, int):
             limit = room if self.parallel is None else None
             try:
                 vgraph = capture(planned, self.inputs, self.config, limit=limit)
