@@ -97,5 +97,6 @@ def fresh_timing_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(timing.TIMING_ENV, "on")
     monkeypatch.setattr(timing, "_cache", DiskCache(timing._cache.kind, timing._cache.decode))
     monkeypatch.setattr(pace, "_context", DiskCache(pace._context.kind, pace._context.decode))
+    monkeypatch.setattr(pace, "_this_process", {})
     monkeypatch.setattr(checkpointing, "_cache", DiskCache(checkpointing._cache.kind, checkpointing._cache.decode))
     return tmp_path

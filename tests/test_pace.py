@@ -124,11 +124,29 @@ def test_a_rerun_is_priced_at_its_nodes_in_context_and_they_are_cached(small_cnn
 
     timing._cache.clear()
     pace._context.clear()  # as a new process: read back from the file
+    pace._this_process.clear()
     monkeypatch.setattr(pace, "node_seconds", fails)
     again = capture(small_cnn, x, StepConfig(), gm=gm)
     timing.calibrate_times(again, gm, (x,), StepConfig())
     assert [i.context_seconds for i in again.nodes] == [i.context_seconds for i in graph.nodes]
     assert again.pace is not None and again.pace.measured > 0
+
+
+def test_a_process_times_the_whole_forward_once_per_graph(small_cnn, fresh_timing_cache, monkeypatch):
+    x = torch.randn(4, 3, 16, 16)
+    gm = graph_of(small_cnn, (), x)
+    first = capture(small_cnn, x, StepConfig(), gm=gm)
+    timing.calibrate_times(first, gm, (x,), StepConfig())
+    timing._cache.clear()
+    pace._context.clear()  # a new process would read the prices back and time the forward
+    calls = []
+    monkeypatch.setattr(pace, "forward_seconds", lambda *a, **k: calls.append(a) or 1.0)
+    again = capture(small_cnn, x, StepConfig(), gm=gm)
+    timing.calibrate_times(again, gm, (x,), StepConfig())
+    assert not calls and first.pace is not None and again.pace == first.pace
+    pace._this_process.clear()  # this one does
+    timing.calibrate_times(capture(small_cnn, x, StepConfig(), gm=gm), gm, (x,), StepConfig())
+    assert len(calls) == 1
 
 
 def test_where_the_forward_cannot_run_the_layers_times_stand(small_cnn, fresh_timing_cache, monkeypatch, caplog):

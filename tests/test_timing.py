@@ -51,13 +51,31 @@ def test_cache_round_trip(small_cnn, fresh_timing_cache, monkeypatch):
     timing._cache.clear()
     checkpointing._cache.clear()
     monkeypatch.setattr(timing, "_run_layer", no_runs)
-    monkeypatch.setattr(checkpointing, "_overheads", no_runs)
-    monkeypatch.setattr(checkpointing, "_in_step", no_runs)
+    for measure in ("_segment", "_chain_overheads", "_in_step", "_wrapper_overhead", "_buffer_replay"):
+        monkeypatch.setattr(checkpointing, measure, no_runs)
     again = _timed(small_cnn, x)
     assert [
         (i.fwd_seconds, i.bwd_seconds, i.cheap_seconds, i.operators, i.checkpointed_seconds) for i in again.nodes
     ] == times
     assert again.checkpoint_cost == graph.checkpoint_cost
+
+
+def test_checkpointings_fixed_figures_are_measured_once_for_every_tensor_size(fresh_timing_cache, monkeypatch):
+    small = checkpointing.cost(64)
+    runs = {"_segment": 0, "_in_step": 0, "_chain_overheads": 0}
+
+    def counted(name: str, measure):
+        def run(*args, **kwargs):
+            runs[name] += 1
+            return measure(*args, **kwargs)
+
+        return run
+
+    for name in runs:
+        monkeypatch.setattr(checkpointing, name, counted(name, getattr(checkpointing, name)))
+    large = checkpointing.cost(2**12)
+    assert runs == {"_segment": 0, "_in_step": 0, "_chain_overheads": 1}
+    assert (large.segment, large.per_buffer, large.in_step) == (small.segment, small.per_buffer, small.in_step)
 
 
 def test_unreadable_cache_is_remeasured(small_cnn, fresh_timing_cache):

@@ -49,14 +49,16 @@ _TINY, _CHAIN_LENGTH, _CHAIN_RUNS, CHAIN_NUMEL = 64, 8, 25, 2**17
 # it takes more pairs.
 _FLUSH_BYTES, _COLD_RUNS = 64 * 2**20, 60
 
-# The six figures of CheckpointCost per element count and segment maker ("checkpoint-1": the cold
-# fixed cost ran its backward hot, right after its forward)
-_cache = DiskCache("checkpoint-2", lambda v: _figures(*v))
+# Per segment maker, the figures of CheckpointCost that no tensor size enters (segment, per_buffer,
+# wrapper, in_step); per element count, the chain's (per_saved_tensor, selective_per_operator).
+# ("checkpoint-1": the cold fixed cost ran its backward hot; "checkpoint-2": all six per element
+# count, so each model of another typical size paid the cold fixed cost's 2 s again.)
+_cache = DiskCache("checkpoint-3", lambda v: _figures(*v))
 
 
 def _figures(*values: float) -> tuple[float, ...]:
-    if len(values) != 6:
-        raise ValueError(f"a checkpoint cost entry has 6 figures, not {len(values)}")
+    if len(values) not in (2, 4):
+        raise ValueError(f"a checkpoint cost entry has 2 or 4 figures, not {len(values)}")
     return tuple(float(v) for v in values)
 
 
@@ -64,12 +66,16 @@ def cost(numel: int, segment_of: SegmentOf | None = None) -> CheckpointCost:
     """What checkpointing adds beyond recomputation on this machine for tensors of ``numel``
     elements, and what ``segment_of``'s segments add to torch's checkpoint, measured once and
     cached (CPU time of this thread)."""
-    key = repr(("checkpoint", numel, segment_of is not None))
+    fixed, chain = repr(("segment", segment_of is not None)), repr(("chain", numel))
     with _cache.session():
-        if key not in _cache:
+        if fixed not in _cache:
             wrapper = 0.0 if segment_of is None else _wrapper_overhead(segment_of)
-            _cache[key] = (*_overheads(numel), _buffer_replay(), wrapper, _in_step(segment_of))
-    return CheckpointCost(*_cache[key])
+            _cache[fixed] = (_segment(), _buffer_replay(), wrapper, _in_step(segment_of))
+        segment, per_buffer, wrapper, in_step = _cache[fixed]
+        if chain not in _cache:
+            _cache[chain] = _chain_overheads(numel, segment)
+        per_saved, selective = _cache[chain]
+    return CheckpointCost(segment, per_saved, selective, per_buffer, wrapper, in_step)
 
 
 def _tiny() -> torch.Tensor:
@@ -115,14 +121,19 @@ def _buffer_replay() -> float:
     return min(samples) / len(buffers)
 
 
-def _overheads(numel: int) -> tuple[float, float, float]:
-    """(per segment, per saved tensor, more per operator when selective), each a median of paired
-    differences of runs back to back: a ReLU of _TINY elements checkpointed against plain (its
-    recomputation is negligible); a chain of ReLU(t * 1.5) of ``numel`` elements checkpointed
-    against plain, less the segment and one more forward, per tensor the chain saves for backward
+def _segment() -> float:
+    """Per segment: a median of paired differences of runs back to back, a ReLU of _TINY elements
+    checkpointed against plain (its recomputation is negligible)."""
+    tiny = _tiny()
+    return max(0.0, _paired(functools.partial(torch.relu, tiny), functools.partial(_torch_segment(torch.relu), tiny)))
+
+
+def _chain_overheads(numel: int, segment: float) -> tuple[float, float]:
+    """(per saved tensor, more per operator when selective), each a median of paired differences
+    of runs back to back: a chain of ReLU(t * 1.5) of ``numel`` elements checkpointed against
+    plain, less ``segment`` and one more forward, per tensor the chain saves for backward
     (counted, not assumed); the chain under a selective policy that recomputes everything against
     plain checkpointing, per operator."""
-    tiny = _tiny()
     x = torch.randn(numel, generator=torch.Generator().manual_seed(1)).requires_grad_()
 
     def body(t: torch.Tensor) -> torch.Tensor:
@@ -141,8 +152,6 @@ def _overheads(numel: int) -> tuple[float, float, float]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         body(x)
-    hot = _paired(functools.partial(torch.relu, tiny), functools.partial(_torch_segment(torch.relu), tiny))
-    segment = max(0.0, hot)
     again = statistics.median(_timed(functools.partial(body, x), backward=False) for _ in range(_CHAIN_RUNS))
     chain = _paired(functools.partial(body, x), functools.partial(_torch_segment(body), x))
     contexts = functools.partial(create_selective_checkpoint_contexts, recompute_all)
@@ -150,7 +159,7 @@ def _overheads(numel: int) -> tuple[float, float, float]:
         functools.partial(_torch_segment(body), x), functools.partial(_torch_segment(body, context_fn=contexts), x)
     )
     per_saved = max(0.0, (chain - segment - again) / max(len(packed), 1))
-    return segment, per_saved, max(0.0, selective / (2 * _CHAIN_LENGTH))
+    return per_saved, max(0.0, selective / (2 * _CHAIN_LENGTH))
 
 
 def _timed(

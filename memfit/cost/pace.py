@@ -68,6 +68,10 @@ _CALLS = ("call_module", "call_function", "call_method")
 # held the whole forward's median, not its least)
 _context = DiskCache("context-2", lambda v: {str(k): float(x) for k, x in v.items()})
 _WHOLE = "<the whole forward>"
+# Per captured forward: its time in this process. One sample of the process's speed serves every
+# later plan of the same graph here (the factor scales every price alike, so plans rank the same
+# whatever it is): a second optimize, or minimum then optimize, does not time it again.
+_this_process: dict[str, float] = {}
 
 
 def measure(
@@ -107,7 +111,9 @@ def measure(
                     _context[key] = {**nodes, _WHOLE: forward_seconds(model, inputs, config, device, clock)}
                 context = _context[key]
             # when just measured, this process's pace is that forward's
-            measured = context[_WHOLE] if fresh else forward_seconds(model, inputs, config, device, clock)
+            if key not in _this_process:
+                _this_process[key] = context[_WHOLE] if fresh else forward_seconds(model, inputs, config, device, clock)
+            measured = _this_process[key]
     except Exception as e:  # noqa: BLE001  only the correction is lost
         log.warning("memfit: the whole forward could not be timed, times are the layers' alone: %s", e)
         return None
