@@ -280,8 +280,9 @@ class PlanSearch:
             plan.notes.append(f"Memory figures: {self.parallel.describe()}.")
         pace = self.graph.pace
         if pace is not None:
+            at = "" if pace.batch is None else f" at batch {pace.batch}"
             plan.notes.append(
-                f"Times: priced x{pace.factor:.2f}, this process's pace: the whole forward took "
+                f"Times: priced x{pace.factor:.2f}, this process's pace: the whole forward{at} took "
                 f"{1e3 * pace.measured:.1f} ms (meas) against {1e3 * pace.reference:.1f} ms when the prices were made"
                 + (f"; in it the layers ran {pace.alone:.2f}x their figures alone." if pace.alone != 1.0 else ".")
             )

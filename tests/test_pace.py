@@ -149,6 +149,45 @@ def test_a_process_times_the_whole_forward_once_per_graph(small_cnn, fresh_timin
     assert len(calls) == 1
 
 
+class _FixedBatch(nn.Module):
+    """A model with its batch written in: it runs at no other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.reshape(8, 48))
+
+
+@pytest.mark.parametrize(("model", "batch"), [("cnn", 2), ("fixed", None)])
+def test_a_long_forward_is_sampled_on_the_first_samples_of_the_batch(
+    model, batch, small_cnn, fresh_timing_cache, monkeypatch
+):
+    net = small_cnn if model == "cnn" else _FixedBatch()
+    x = torch.randn(8, 3, 4, 4)
+    monkeypatch.setattr(pace, "SAMPLE_SECONDS", 1e-9)  # every forward is long
+    gm = graph_of(net, (), x)
+    first = capture(net, x, StepConfig(), gm=gm)
+    timing.calibrate_times(first, gm, (x,), StepConfig())
+    assert first.pace is not None and first.pace.batch == batch
+    assert all(i.context_seconds is not None for i in first.nodes if i.fwd_seconds is not None)
+
+    timing._cache.clear()
+    pace._context.clear()
+    pace._this_process.clear()  # a new process: the prices from the file, the sample timed again
+    shapes = []
+    timed = pace.forward_seconds
+    monkeypatch.setattr(
+        pace, "forward_seconds", lambda m, inputs, *a: shapes.append(inputs[0].shape[0]) or timed(m, inputs, *a)
+    )
+    again = capture(net, x, StepConfig(), gm=gm)
+    timing.calibrate_times(again, gm, (x,), StepConfig())
+    assert shapes == [batch or 8] and again.pace is not None and again.pace.reference == first.pace.reference
+    (note,) = [n for n in memfit.optimize(net, 1e4, x).plan.notes if "pace" in n]
+    assert ("whole forward at batch 2 took" in note) == (batch == 2), note
+
+
 def test_where_the_forward_cannot_run_the_layers_times_stand(small_cnn, fresh_timing_cache, monkeypatch, caplog):
     x = torch.randn(4, 3, 16, 16)
     graph = capture(small_cnn, x, StepConfig())

@@ -154,11 +154,14 @@ class Pace:
             ones, summed: what the kernels' figures only measured alone (backward, a forward not
             timed in context) are multiplied by to stand beside the in-context ones (1.0 where
             none was); checkpointing's own figures are not (it is dispatch and bookkeeping).
+        batch: The batch both forwards ran at where it is smaller than the step's (a long forward
+            is sampled on its first samples), else None.
     """
 
     measured: float
     reference: float
     alone: float = 1.0
+    batch: int | None = None
 
     @property
     def factor(self) -> float:

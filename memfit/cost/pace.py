@@ -22,7 +22,9 @@ is priced at those times, and the kernels' figures only measured alone (backward
 in-context over alone ratio of the whole forward. The whole forward, timed again in every
 planning process against its time when the nodes were, then moves every price by one factor
 (:class:`memfit.capture.graph.Pace`), which leaves the ranking of plans as it was (plans stay
-the same for the same cache) and moves their predicted times to this process's speed.
+the same for the same cache) and moves their predicted times to this process's speed. It is a
+sample of that speed, so a long forward is sampled on the first samples of the batch (both
+times at the same batch), and a process times it once per graph.
 
 The forward runs with its saved tensors dropped as autograd packs them, so it holds no more
 memory than an inference forward, yet dispatches what a training forward does (autograd's
@@ -48,7 +50,16 @@ from ..capture.graph import NodeInfo, Pace
 from ..capture.trainstep import StepConfig
 from .layers import DiskCache
 
-__all__ = ["LONG_SECONDS", "MAX_REPEATS", "MIN_REPEATS", "TARGET_SECONDS", "forward_seconds", "measure", "node_seconds"]
+__all__ = [
+    "LONG_SECONDS",
+    "MAX_REPEATS",
+    "MIN_REPEATS",
+    "SAMPLE_SECONDS",
+    "TARGET_SECONDS",
+    "forward_seconds",
+    "measure",
+    "node_seconds",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +75,17 @@ LONG_SECONDS = 1.0
 
 _CALLS = ("call_module", "call_function", "call_method")
 
-# Per captured forward: each node's forward timed in context, and the whole forward then ("context-1"
-# held the whole forward's median, not its least)
-_context = DiskCache("context-2", lambda v: {str(k): float(x) for k, x in v.items()})
-_WHOLE = "<the whole forward>"
+# A forward whose nodes took longer than this in context is sampled at a smaller batch, the same one
+# each time (kept with the entry), of about SAMPLE_SECONDS: the sample is of the process's speed,
+# and a forward of thousands of kernels at any batch gives it (ResNet-152 at batch 64, 224x224, one
+# thread: a minute a forward, two per planning process).
+SAMPLE_SECONDS = 0.25
+
+# Per captured forward: each node's forward timed in context, and the whole forward then, at the
+# batch _BATCH ("context-1" held the whole forward's median, not its least; "context-2" always at
+# the step's batch)
+_context = DiskCache("context-3", lambda v: {str(k): float(x) for k, x in v.items()})
+_WHOLE, _BATCH = "<the whole forward>", "<its batch>"
 # Per captured forward: its time in this process. One sample of the process's speed serves every
 # later plan of the same graph here (the factor scales every price alike, so plans rank the same
 # whatever it is): a second optimize, or minimum then optimize, does not time it again.
@@ -82,6 +100,7 @@ def measure(
     inputs: Sequence[torch.Tensor],
     config: StepConfig,
     clock: Callable[[], float],
+    batch_size: int,
 ) -> Pace | None:
     """The step's pace, and each compute node's ``context_seconds`` where ``model`` is a
     GraphModule (timed once per graph and cached); None where the forward cannot run (the plans
@@ -95,6 +114,8 @@ def measure(
         inputs: The batch's tensors, flat.
         config: The training step (its autocast).
         clock: The calibration's clock.
+        batch_size: The step's batch: a long forward is timed on the first samples of it
+            (``SAMPLE_SECONDS``).
     """
     if device == "meta":
         return None
@@ -108,11 +129,12 @@ def measure(
                 fresh = key not in _context
                 if fresh:
                     nodes = node_seconds(model, inputs, config, device, clock)
-                    _context[key] = {**nodes, _WHOLE: forward_seconds(model, inputs, config, device, clock)}
+                    batch, seconds = _sampled(model, inputs, batch_size, sum(nodes.values()), config, device, clock)
+                    _context[key] = {**nodes, _BATCH: batch, _WHOLE: seconds}
                 context = _context[key]
-            # when just measured, this process's pace is that forward's
-            if key not in _this_process:
-                _this_process[key] = context[_WHOLE] if fresh else forward_seconds(model, inputs, config, device, clock)
+            if key not in _this_process:  # when just measured, this process's pace is that forward's
+                sample = _batch_of(inputs, batch_size, round(context[_BATCH]))
+                _this_process[key] = context[_WHOLE] if fresh else forward_seconds(model, sample, config, device, clock)
             measured = _this_process[key]
     except Exception as e:  # noqa: BLE001  only the correction is lost
         log.warning("memfit: the whole forward could not be timed, times are the layers' alone: %s", e)
@@ -123,7 +145,36 @@ def measure(
     for k in timed:
         compute[k].context_seconds = context[compute[k].name]
     alone = sum(context[compute[k].name] for k in timed) / max(float(calibrated[timed].sum()), 1e-12)
-    return Pace(measured, context[_WHOLE], alone if timed else 1.0)
+    sampled = round(context[_BATCH])
+    return Pace(measured, context[_WHOLE], alone if timed else 1.0, sampled if sampled < batch_size else None)
+
+
+def _sampled(
+    model: torch.nn.Module,
+    inputs: Sequence[torch.Tensor],
+    batch_size: int,
+    estimate: float,
+    config: StepConfig,
+    device: str,
+    clock: Callable[[], float],
+) -> tuple[int, float]:
+    """The batch the process's pace is sampled at, and the whole forward's seconds at it: the
+    step's batch, unless a forward of ``estimate`` seconds is longer than ``SAMPLE_SECONDS`` and a
+    smaller one runs (2 at least: some kernels have a one-sample path, and BatchNorm refuses one)."""
+    batch = max(2, int(batch_size * SAMPLE_SECONDS / max(estimate, 1e-12)))
+    if batch < batch_size:
+        try:
+            return batch, forward_seconds(model, _batch_of(inputs, batch_size, batch), config, device, clock)
+        except Exception as e:  # noqa: BLE001  a model with its batch written in: sampled whole
+            log.info("memfit: the forward does not run at batch %d (%s); its pace is timed at %d", batch, e, batch_size)
+    return batch_size, forward_seconds(model, inputs, config, device, clock)
+
+
+def _batch_of(inputs: Sequence[torch.Tensor], batch_size: int, batch: int) -> list[torch.Tensor]:
+    """The first ``batch`` samples of every input whose leading dimension is the step's batch."""
+    if batch >= batch_size:
+        return list(inputs)
+    return [t[:batch] if t.dim() and t.shape[0] == batch_size else t for t in inputs]
 
 
 def _graph_key(compute: list[NodeInfo], config: StepConfig, device: str) -> str:

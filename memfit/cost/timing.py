@@ -159,7 +159,9 @@ def _calibrate(
     compute = [i for i in graph.nodes if i.op not in _OPS]
     times = node_times(compute)
     if times is not None:
-        graph.pace = pace.measure(graph.device, compute, times.forward, model, inputs, config, _clock(graph.device))
+        graph.pace = pace.measure(
+            graph.device, compute, times.forward, model, inputs, config, _clock(graph.device), graph.batch_size
+        )
 
 
 def unmeasured(graph: MemGraph) -> dict[str, str]:
