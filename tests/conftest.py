@@ -99,4 +99,5 @@ def fresh_timing_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(pace, "_context", DiskCache(pace._context.kind, pace._context.decode))
     monkeypatch.setattr(pace, "_this_process", {})
     monkeypatch.setattr(checkpointing, "_cache", DiskCache(checkpointing._cache.kind, checkpointing._cache.decode))
+    monkeypatch.setattr(checkpointing, "_chains", DiskCache(checkpointing._chains.kind, checkpointing._chains.decode))
     return tmp_path

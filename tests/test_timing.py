@@ -78,6 +78,17 @@ def test_checkpointings_fixed_figures_are_measured_once_for_every_tensor_size(fr
     assert (large.segment, large.per_buffer, large.in_step) == (small.segment, small.per_buffer, small.in_step)
 
 
+def test_a_checkpoint_entry_of_the_wrong_arity_is_measured_again(fresh_timing_cache):
+    first = checkpointing.cost(64)
+    (path,) = fresh_timing_cache.glob("checkpoint-3-*.json")
+    entries = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v[:2] for k, v in entries.items()}))  # a chain's arity under the fixed key
+    checkpointing._cache.clear()
+    again = checkpointing.cost(64)
+    assert again.per_saved_tensor == first.per_saved_tensor  # the chain's file is another one
+    assert len(json.loads(path.read_text())[repr(("segment", False))]) == 4
+
+
 def test_unreadable_cache_is_remeasured(small_cnn, fresh_timing_cache):
     x = torch.randn(4, 3, 16, 16)
     _timed(small_cnn, x)

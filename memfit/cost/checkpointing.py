@@ -53,12 +53,13 @@ _FLUSH_BYTES, _COLD_RUNS = 64 * 2**20, 60
 # wrapper, in_step); per element count, the chain's (per_saved_tensor, selective_per_operator).
 # ("checkpoint-1": the cold fixed cost ran its backward hot; "checkpoint-2": all six per element
 # count, so each model of another typical size paid the cold fixed cost's 2 s again.)
-_cache = DiskCache("checkpoint-3", lambda v: _figures(*v))
+_cache = DiskCache("checkpoint-3", lambda v: _figures(4, v))
+_chains = DiskCache("checkpoint-chain-1", lambda v: _figures(2, v))
 
 
-def _figures(*values: float) -> tuple[float, ...]:
-    if len(values) not in (2, 4):
-        raise ValueError(f"a checkpoint cost entry has 2 or 4 figures, not {len(values)}")
+def _figures(count: int, values: Any) -> tuple[float, ...]:
+    if len(values) != count:
+        raise ValueError(f"a checkpoint cost entry has {count} figures, not {len(values)}")
     return tuple(float(v) for v in values)
 
 
@@ -67,14 +68,14 @@ def cost(numel: int, segment_of: SegmentOf | None = None) -> CheckpointCost:
     elements, and what ``segment_of``'s segments add to torch's checkpoint, measured once and
     cached (CPU time of this thread)."""
     fixed, chain = repr(("segment", segment_of is not None)), repr(("chain", numel))
-    with _cache.session():
+    with _cache.session(), _chains.session():
         if fixed not in _cache:
             wrapper = 0.0 if segment_of is None else _wrapper_overhead(segment_of)
             _cache[fixed] = (_segment(), _buffer_replay(), wrapper, _in_step(segment_of))
         segment, per_buffer, wrapper, in_step = _cache[fixed]
-        if chain not in _cache:
-            _cache[chain] = _chain_overheads(numel, segment)
-        per_saved, selective = _cache[chain]
+        if chain not in _chains:
+            _chains[chain] = _chain_overheads(numel, segment)
+        per_saved, selective = _chains[chain]
     return CheckpointCost(segment, per_saved, selective, per_buffer, wrapper, in_step)
 
 
