@@ -132,8 +132,9 @@ def measure(
                     batch, seconds = _sampled(model, inputs, batch_size, sum(nodes.values()), config, device, clock)
                     _context[key] = {**nodes, _BATCH: batch, _WHOLE: seconds}
                 context = _context[key]
+            sampled = round(context[_BATCH])
             if key not in _this_process:  # when just measured, this process's pace is that forward's
-                sample = _batch_of(inputs, batch_size, round(context[_BATCH]))
+                sample = _batch_of(inputs, batch_size, sampled)
                 _this_process[key] = context[_WHOLE] if fresh else forward_seconds(model, sample, config, device, clock)
             measured = _this_process[key]
     except Exception as e:  # noqa: BLE001  only the correction is lost
@@ -145,7 +146,6 @@ def measure(
     for k in timed:
         compute[k].context_seconds = context[compute[k].name]
     alone = sum(context[compute[k].name] for k in timed) / max(float(calibrated[timed].sum()), 1e-12)
-    sampled = round(context[_BATCH])
     return Pace(measured, context[_WHOLE], alone if timed else 1.0, sampled if sampled < batch_size else None)
 
 
@@ -172,8 +172,6 @@ def _sampled(
 
 def _batch_of(inputs: Sequence[torch.Tensor], batch_size: int, batch: int) -> list[torch.Tensor]:
     """The first ``batch`` samples of every input whose leading dimension is the step's batch."""
-    if batch >= batch_size:
-        return list(inputs)
     return [t[:batch] if t.dim() and t.shape[0] == batch_size else t for t in inputs]
 
 
