@@ -29,7 +29,7 @@ test: setup
 	$(BIN)/ruff check memfit tests examples benchmarks
 	$(BIN)/ruff format --check memfit tests examples benchmarks
 	$(BIN)/mypy memfit
-	$(BIN)/python -m pytest -q -n 2 --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=15
 
 # The planner's correctness matrix over the rest of the zoo (CI runs one model per family) and the
 # cost model on the deeper family members: ~35 min.

@@ -24,8 +24,14 @@ install_torchvision_shim()
 # test share this setting (workspace calibration is keyed by the thread count).
 torch.set_num_threads(1)
 
-# Calibrated workspaces are cached on disk between runs; tests start from an empty cache of their own.
-os.environ["MEMFIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="memfit-test-cache-")
+# Calibrated workspaces and times are cached on disk between runs; a test run starts from an empty
+# cache of its own, which its pytest-xdist workers share (the controller, importing this first, makes
+# it; each worker inherits its environment), as parallel runs of memfit share the user's: a layer
+# one worker calibrated, the other reads from the file instead of calibrating it again.
+_RUN_CACHE = "MEMFIT_TEST_RUN_CACHE"
+if "PYTEST_XDIST_WORKER" not in os.environ or _RUN_CACHE not in os.environ:
+    os.environ[_RUN_CACHE] = tempfile.mkdtemp(prefix="memfit-test-cache-")
+os.environ[CACHE_ENV] = os.environ[_RUN_CACHE]
 
 # Small shapes keep the suite in budget; deep ImageNet-stem models at 32x32 still run every layer.
 IMAGE_BATCH = 8
@@ -33,11 +39,16 @@ GPT_SEQ = 128
 GPT2_SEQ = 32  # the 124M preset: its 50257-way head dominates, and bf16 matmuls are slow on CPU
 
 
+def zoo_matrix() -> bool:
+    """Whether this run is the whole zoo matrix (``make test-zoo``, MEMFIT_ZOO=1), not CI's subset."""
+    return os.environ.get("MEMFIT_ZOO") == "1"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Zoo-matrix cases beyond CI's 15 minutes run only when asked for (``make test-zoo``), and so
     do the foreign models beyond CI's subset (``make test-models``)."""
     skips = []
-    if os.environ.get("MEMFIT_ZOO") != "1":
+    if not zoo_matrix():
         skips.append(
             ("zoo", pytest.mark.skip(reason="zoo matrix beyond CI's budget: run `make test-zoo` (MEMFIT_ZOO=1)"))
         )

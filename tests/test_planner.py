@@ -17,7 +17,7 @@ from memfit.capture.trainstep import default_loss
 from memfit.planner import STRATEGIES, Chain, Plan, dp
 from memfit.rewrite.checkpoint import Checkpointed, rewrite
 
-from .conftest import zoo_case
+from .conftest import zoo_case, zoo_matrix
 
 STRATEGY_NAMES = sorted(set(STRATEGIES) - {"milp"})  # milp: tests/test_milp.py
 # CI runs one model of each family at small shapes (gpt has dropout and tied embeddings); DenseNet-BC-
@@ -44,6 +44,9 @@ CASES = [
     if not (s == "handwritten" and n.startswith("vgg"))  # no repeated block: nothing to write by hand
 ]
 FRACTIONS = (0.25, 0.5, 0.75)
+# DenseNet-BC-100 takes the longest to plan (its minimum and each plan search a minute on a slow
+# machine): CI plans it at the middle budget, the zoo matrix at all three.
+SLOW_TO_PLAN = {"densenet_bc_100": (0.5,)}
 # Models whose peak no plan moves at the test's shape: GPT-2's tied 50257x768 embedding gets its
 # gradient at the very end of backward, when every activation is gone; so do the 10-20M weights of
 # a VGG without BatchNorm at 32x32, while the first layers' activations are still needed. They
@@ -98,7 +101,7 @@ def test_measured_peak_fits_and_training_is_unchanged(name: str, strategy: str) 
     unplanned = memfit.estimate(model, x).peak_mb
     lowest = memfit.minimum(model, x, strategy=strategy)
     assert lowest < unplanned or name in FIXED_PEAK, f"{name}: nothing to plan at this shape"
-    for fraction in FRACTIONS:
+    for fraction in FRACTIONS if zoo_matrix() else SLOW_TO_PLAN.get(name, FRACTIONS):
         # a fixed-peak model's minimum (with its margin) can sit a hair above its unplanned peak
         budget = max(lowest, lowest + fraction * (unplanned - lowest))
         reference = copy.deepcopy(model)

@@ -78,6 +78,19 @@ def test_cache_keeps_thread_counts_apart(fresh_cache, monkeypatch):
     assert one != two, "a LayerNorm's backward buffer should grow with the threads"
 
 
+def test_a_file_another_process_wrote_is_read_again_without_moving_known_figures(fresh_cache):
+    # two processes sharing the cache directory (parallel runs, pytest's workers, a job's ranks)
+    first, second = DiskCache("share-1", float), DiskCache("share-1", float)
+    with second.session():
+        second["kept"] = 1.0
+    with first.session() as entries:
+        assert entries["kept"] == 1.0
+        entries["kept"], entries["new"] = 2.0, 3.0  # first's own figure of "kept", then a new one
+    with second.session() as entries:
+        assert entries["new"] == 3.0, "an entry another process wrote since the last read was missed"
+        assert entries["kept"] == 1.0, "a figure this process already had was replaced by the file's"
+
+
 def test_a_frozen_layer_is_not_priced_as_its_trainable_twin(tmp_path, monkeypatch) -> None:
     # Seen in a replay of the N=2000 minimum property (tests/test_fuzz.py): a trainable LayerNorm
     # read the workspace a frozen one of the same shape had cached earlier in the run (0 B for the

@@ -47,7 +47,9 @@ class DiskCache(dict):
     def __init__(self, kind: str, decode: Callable[[Any], Any]) -> None:
         super().__init__()
         self.kind, self.decode = kind, decode
-        self._loaded: set[Path] = set()
+        # each file's modification stamp when last read: a file another process has written since
+        # is read again (parallel runs, pytest's workers, a job's ranks share it)
+        self._loaded: dict[Path, int] = {}
 
     def clear(self) -> None:
         """Forget every entry and which files were read, as a new process would."""
@@ -121,15 +123,27 @@ class _Session:
 
     def __enter__(self) -> DiskCache:
         self.path = self.cache.path()
-        if self.path is not None and self.path not in self.cache._loaded:
-            self.cache.update(self.cache.read(self.path))
-            self.cache._loaded.add(self.path)
+        if self.path is not None:
+            stamp = _stamp(self.path)
+            if self.cache._loaded.get(self.path) != stamp:
+                # only entries this process lacks: a figure it has planned with stays what it was
+                read = self.cache.read(self.path)
+                self.cache.update({k: v for k, v in read.items() if k not in self.cache})
+                self.cache._loaded[self.path] = stamp
         self.known = len(self.cache)
         return self.cache
 
     def __exit__(self, *exc: object) -> None:
         if self.path is not None and len(self.cache) > self.known:
             self.cache.write(self.path)
+
+
+def _stamp(path: Path) -> int:
+    """The file's modification time in nanoseconds; -1 when it does not exist."""
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return -1
 
 
 def _cpu_model() -> str:
