@@ -109,6 +109,6 @@ def fresh_timing_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(timing, "_cache", DiskCache(timing._cache.kind, timing._cache.decode))
     monkeypatch.setattr(pace, "_context", DiskCache(pace._context.kind, pace._context.decode))
     monkeypatch.setattr(pace, "_this_process", {})
-    monkeypatch.setattr(checkpointing, "_cache", DiskCache(checkpointing._cache.kind, checkpointing._cache.decode))
+    monkeypatch.setattr(checkpointing, "_fixed", DiskCache(checkpointing._fixed.kind, checkpointing._fixed.decode))
     monkeypatch.setattr(checkpointing, "_chains", DiskCache(checkpointing._chains.kind, checkpointing._chains.decode))
     return tmp_path

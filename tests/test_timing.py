@@ -49,7 +49,7 @@ def test_cache_round_trip(small_cnn, fresh_timing_cache, monkeypatch):
         raise AssertionError("a cached layer was measured again")
 
     timing._cache.clear()
-    checkpointing._cache.clear()
+    checkpointing._fixed.clear()
     monkeypatch.setattr(timing, "_run_layer", no_runs)
     for measure in ("_segment", "_chain_overheads", "_in_step", "_wrapper_overhead", "_buffer_replay"):
         monkeypatch.setattr(checkpointing, measure, no_runs)
@@ -83,7 +83,7 @@ def test_a_checkpoint_entry_of_the_wrong_arity_is_measured_again(fresh_timing_ca
     (path,) = fresh_timing_cache.glob("checkpoint-3-*.json")
     entries = json.loads(path.read_text())
     path.write_text(json.dumps({k: v[:2] for k, v in entries.items()}))  # a chain's arity under the fixed key
-    checkpointing._cache.clear()
+    checkpointing._fixed.clear()
     again = checkpointing.cost(64)
     assert again.per_saved_tensor == first.per_saved_tensor  # the chain's file is another one
     assert len(json.loads(path.read_text())[repr(("segment", False))]) == 4

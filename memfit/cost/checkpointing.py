@@ -53,7 +53,7 @@ _FLUSH_BYTES, _COLD_RUNS = 64 * 2**20, 60
 # wrapper, in_step); per element count, the chain's (per_saved_tensor, selective_per_operator).
 # ("checkpoint-1": the cold fixed cost ran its backward hot; "checkpoint-2": all six per element
 # count, so each model of another typical size paid the cold fixed cost's 2 s again.)
-_cache = DiskCache("checkpoint-3", lambda v: _figures(4, v))
+_fixed = DiskCache("checkpoint-3", lambda v: _figures(4, v))
 _chains = DiskCache("checkpoint-chain-1", lambda v: _figures(2, v))
 
 
@@ -68,11 +68,11 @@ def cost(numel: int, segment_of: SegmentOf | None = None) -> CheckpointCost:
     elements, and what ``segment_of``'s segments add to torch's checkpoint, measured once and
     cached (CPU time of this thread)."""
     fixed, chain = repr(("segment", segment_of is not None)), repr(("chain", numel))
-    with _cache.session(), _chains.session():
-        if fixed not in _cache:
+    with _fixed.session(), _chains.session():
+        if fixed not in _fixed:
             wrapper = 0.0 if segment_of is None else _wrapper_overhead(segment_of)
-            _cache[fixed] = (_segment(), _buffer_replay(), wrapper, _in_step(segment_of))
-        segment, per_buffer, wrapper, in_step = _cache[fixed]
+            _fixed[fixed] = (_segment(), _buffer_replay(), wrapper, _in_step(segment_of))
+        segment, per_buffer, wrapper, in_step = _fixed[fixed]
         if chain not in _chains:
             _chains[chain] = _chain_overheads(numel, segment)
         per_saved, selective = _chains[chain]
