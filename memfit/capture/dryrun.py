@@ -8,10 +8,9 @@ allocated and freed, what autograd saves, and the FLOPs, exactly as a real step 
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
-from typing import Any, TypeVar
+from typing import Any
 
 import networkx as nx
 import torch
@@ -23,6 +22,7 @@ from torch.utils.flop_counter import flop_registry
 from ..errors import MemfitInputError, MemfitTraceError
 from . import subgraph
 from .attrs import lookup
+from .fake import fake_copy, on_fake
 from .graph import MemGraph, NodeInfo
 from .inputs import Inputs, as_inputs
 from .trace import LeafSpec, check_model, graph_of
@@ -85,39 +85,6 @@ def _written(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         if value(hidden[2]):
             out += tensors_in([value(hidden[0]), value(hidden[1])])
     return out
-
-
-def _on_fake(gm: fx.GraphModule, fmodel: torch.nn.Module, mode: FakeTensorMode) -> fx.GraphModule:
-    """``gm``'s graph over the fake copy of its model: the copy's modules and tensors, and fake
-    copies of what only the capture created (tensor constants, export's region bodies)."""
-    root: dict[str, Any] = {}
-    for n in gm.graph.nodes:
-        if n.op in ("call_module", "get_attr"):
-            target = str(n.target)
-            found = lookup(fmodel, target)
-            if found is None:
-                found = lookup(gm, target)
-                if isinstance(found, torch.Tensor):
-                    found = mode.from_tensor(found, static_shapes=True)
-            root[target] = found
-    out = fx.GraphModule(root, copy.deepcopy(gm.graph), type(fmodel).__name__)
-    out.meta.update(gm.meta)
-    out.train()
-    return out
-
-
-_M = TypeVar("_M", bound=torch.nn.Module)
-
-
-def _fake_copy(model: _M, mode: FakeTensorMode) -> _M:
-    """A structural copy whose parameters and buffers are fake: no real memory, user model untouched."""
-    memo: dict[int, Any] = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in memo:
-            memo[id(t)] = mode.from_tensor(t, static_shapes=True)
-    clone = copy.deepcopy(model, memo)
-    clone.train()
-    return clone
 
 
 def _describe_target(node: fx.Node) -> str:
@@ -353,11 +320,11 @@ def capture(
     model = check_model(model)
     inputs = as_inputs(example_inputs)
     mode = FakeTensorMode(allow_non_fake_inputs=False)
-    fmodel = _fake_copy(model, mode)
+    fmodel = fake_copy(model, mode)
     if isinstance(fmodel, fx.GraphModule):  # a planned model already is its graph: no new names
         gm = fmodel
     else:
-        gm = _on_fake(gm if gm is not None else graph_of(model, leaf_modules, inputs), fmodel, mode)
+        gm = on_fake(gm if gm is not None else graph_of(model, leaf_modules, inputs), fmodel, mode)
     fake_inputs = [mode.from_tensor(x, static_shapes=True) for x in inputs.tensors]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     required = [n for n in placeholders if not n.args]  # the others have defaults
