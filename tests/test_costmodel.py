@@ -25,7 +25,7 @@ CASES = [(n, opt, None) for n in list_models() for opt in ("sgd", "adam")] + [
 DEEPER = {"resnet101", "resnet152", "densenet169", "densenet201", "densenet264"}
 # Under bf16 (its kernels slow on CPU) CI runs one model of each block kind: the basic and the
 # bottleneck residual block, the dense block, the inverted residual, VGG with and without
-# BatchNorm, the transformer block; the wider or deeper members of a family (GPT-2's bf16 step
+# BatchNorm, the transformer block; the wider or deeper members of a family (GPT-2's bf16 case
 # took 59 s, its blocks are gpt's) run in the zoo matrix.
 BF16_IN_CI = {"resnet18", "resnet50", "densenet_bc_100", "mobilenet_v2", "vgg11", "vgg11_bn", "gpt"}
 

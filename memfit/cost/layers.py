@@ -47,9 +47,9 @@ class DiskCache(dict):
     def __init__(self, kind: str, decode: Callable[[Any], Any]) -> None:
         super().__init__()
         self.kind, self.decode = kind, decode
-        # each file's modification stamp when last read: a file another process has written since
-        # is read again (parallel runs, pytest's workers, a job's ranks share it)
-        self._loaded: dict[Path, int] = {}
+        # each file's stamp when last read: a file another process has written since is read
+        # again (parallel runs, pytest's workers, a job's ranks share it)
+        self._loaded: dict[Path, tuple[int, int]] = {}
 
     def clear(self) -> None:
         """Forget every entry and which files were read, as a new process would."""
@@ -138,12 +138,14 @@ class _Session:
             self.cache.write(self.path)
 
 
-def _stamp(path: Path) -> int:
-    """The file's modification time in nanoseconds; -1 when it does not exist."""
+def _stamp(path: Path) -> tuple[int, int]:
+    """The file's modification time and size ((-1, -1) when it does not exist): the size tells two
+    writes apart that fall in one tick of the file system's clock."""
     try:
-        return path.stat().st_mtime_ns
+        st = path.stat()
     except OSError:
-        return -1
+        return -1, -1
+    return st.st_mtime_ns, st.st_size
 
 
 def _cpu_model() -> str:
