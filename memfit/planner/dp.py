@@ -58,32 +58,40 @@ def _solve(chain: Chain, kinds: Sequence[SegmentKind], quantum: float, room: int
     back = np.full((m + 1, 2, size, 4), -1, dtype=np.int64)  # (a, kind, class before, h before)
     best[0, 0, 0] = held[0, 0, 0] = 0.0
     grads = chain.grads_table()
-    # [a, before, b] per kind: a segment's figures after a plain (0) or a checkpointed (1) one
+    # [b, a * 2 + before] per kind: a segment [a, b)'s figures after a plain (0) or a checkpointed
+    # (1) one, laid out so that one take gathers them for every state of the rows before b
     tables = {
         kind: [
             np.stack(
                 [getattr(chain.table(kind, after_plain=True), f), getattr(chain.table(kind, after_plain=False), f)],
                 axis=1,
             )
+            .transpose(2, 0, 1)
+            .reshape(m + 1, -1)
             for f in ("hold", "local", "cost")
         ]
         for kind in kinds
     }
+    # The reachable states of the rows done so far, in the order (a, before, h): a row is final
+    # once its b has passed, so each is listed once instead of searched for at every later b.
+    states = _States()
+    states.add_row(0, best[0], held[0])
     for b in range(1, m + 1):
         for k, kind in enumerate(kinds):
-            lo = b - 1 if kind == "plain" else 0  # consecutive plain intervals are one plain segment
-            hold, local, cost = (t[lo:b, :, b, None] for t in tables[kind])
-            value0, held0 = best[lo:b], held[lo:b]
-            a, before, h = np.nonzero(np.isfinite(value0))
+            # consecutive plain intervals are one plain segment: a plain one starts at b - 1 only
+            first = states.starts[b - 1] if kind == "plain" else 0
+            end = states.n
+            a, row, h = states.a[first:end], states.row[first:end], states.h[first:end]
+            v0, h0 = states.v[first:end], states.held[first:end]
             if not a.size:
                 continue
-            v0, h0 = value0[a, before, h], held0[a, before, h]
-            need = h0 + local[a, before, 0] + grads[lo + a]
+            hold, local, cost = (t[b].take(row) for t in tables[kind])
+            need = h0 + local + grads.take(a)
             if room is None:
                 value, ok = np.maximum(v0, need), np.ones(a.size, dtype=bool)
             else:
-                value, ok = v0 + cost[a, before, 0], need <= room
-            new_held = h0 + hold[a, before, 0]
+                value, ok = v0 + cost, need <= room
+            new_held = h0 + hold
             target = np.floor(new_held / quantum).astype(np.int64)
             if room is None:
                 target = np.minimum(target, size - 1)
@@ -91,8 +99,9 @@ def _solve(chain: Chain, kinds: Sequence[SegmentKind], quantum: float, room: int
             sel = np.flatnonzero(ok)
             if sel.size:
                 c = int(kind != "plain")
-                steps = np.stack([lo + a[sel], np.full(sel.size, k), before[sel], h[sel]], axis=1)
-                _relax(best[b, c], held[b, c], back[b, c], value[sel], new_held[sel], target[sel], steps)
+                pick = sel[_relax(best[b, c], held[b, c], value[sel], new_held[sel], target[sel])]
+                back[b, c, target[pick]] = np.stack([a[pick], np.full(pick.size, k), row[pick] % 2, h[pick]], axis=1)
+        states.add_row(b, best[b], held[b])
     final = best[m]
     if not np.isfinite(final).any():
         return None
@@ -106,26 +115,55 @@ def _solve(chain: Chain, kinds: Sequence[SegmentKind], quantum: float, room: int
     return spans[::-1]
 
 
+class _States:
+    """The finite entries of the rows of ``best``, appended row by row (arrays grown by doubling)."""
+
+    def __init__(self) -> None:
+        self.a = np.empty(0, dtype=np.int64)
+        self.row = np.empty(0, dtype=np.int64)  # a * 2 + before: the tables' column
+        self.h = np.empty(0, dtype=np.int64)
+        self.v = np.empty(0)
+        self.held = np.empty(0)
+        self.n = 0
+        self.starts: list[int] = []  # where each row's states begin
+
+    def add_row(self, a: int, best: np.ndarray, held: np.ndarray) -> None:
+        before, h = np.nonzero(np.isfinite(best))
+        lo, hi = self.n, self.n + before.size
+        if hi > self.a.size:  # grown by doubling: appending stays linear in the states
+            grow = max(hi, 2 * self.a.size) - self.a.size
+            for name in ("a", "row", "h", "v", "held"):
+                old = getattr(self, name)
+                setattr(self, name, np.concatenate([old, np.empty(grow, dtype=old.dtype)]))
+        self.starts.append(lo)
+        self.a[lo:hi] = a
+        self.row[lo:hi] = 2 * a + before
+        self.h[lo:hi] = h
+        self.v[lo:hi] = best[before, h]
+        self.held[lo:hi] = held[before, h]
+        self.n = hi
+
+
 def _relax(
-    best: np.ndarray,
-    held: np.ndarray,
-    back: np.ndarray,
-    value: np.ndarray,
-    new_held: np.ndarray,
-    target: np.ndarray,
-    steps: np.ndarray,
-) -> None:
-    """Improve the entries ``target`` with candidate plans (objective, exact held bytes, and the
-    step that made each: a, kind, class before, bucket before)."""
+    best: np.ndarray, held: np.ndarray, value: np.ndarray, new_held: np.ndarray, target: np.ndarray
+) -> np.ndarray:
+    """Improve the entries ``target`` with candidate plans (objective, exact held bytes); the
+    candidates that replaced an entry, one per entry (the caller records how each was made)."""
     # Only a candidate that beats its entry can replace it, and the best candidate of a target beats
-    # it if any does: dropping the others first picks the same plans from a much shorter sort.
-    better = (value < best[target]) | ((value == best[target]) & (new_held < held[target]))
-    if not better.any():
-        return
-    value, new_held, target, steps = value[better], new_held[better], target[better], steps[better]
-    order = np.lexsort((new_held, value, target))  # per target: best objective, then least held
-    first = np.r_[True, target[order][1:] != target[order][:-1]]
-    pick = order[first]
-    t = target[pick]
-    best[t], held[t] = value[pick], new_held[pick]
-    back[t] = steps[pick]
+    # it if any does: dropping the others first leaves fewer to compare.
+    better = np.flatnonzero((value < best[target]) | ((value == best[target]) & (new_held < held[target])))
+    if not better.size:
+        return better
+    # per target: the least objective, then the least held, then the first candidate (as a stable
+    # sort by the three would pick), by three reductions instead of a sort
+    least = np.full(best.size, np.inf)
+    np.minimum.at(least, target[better], value[better])
+    keep = better[value[better] == least[target[better]]]
+    least[:] = np.inf
+    np.minimum.at(least, target[keep], new_held[keep])
+    keep = keep[new_held[keep] == least[target[keep]]]
+    first = np.full(best.size, keep.size)
+    np.minimum.at(first, target[keep], np.arange(keep.size))
+    pick = keep[first[first < keep.size]]
+    best[target[pick]], held[target[pick]] = value[pick], new_held[pick]
+    return pick
