@@ -44,6 +44,11 @@ def zoo_matrix() -> bool:
     return os.environ.get("MEMFIT_ZOO") == "1"
 
 
+def models_matrix() -> bool:
+    """Whether this run is the whole foreign-model matrix (``make test-models``, MEMFIT_MODELS=all)."""
+    return os.environ.get("MEMFIT_MODELS") == "all"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Zoo-matrix cases beyond CI's 15 minutes run only when asked for (``make test-zoo``), and so
     do the foreign models beyond CI's subset (``make test-models``)."""
@@ -52,7 +57,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         skips.append(
             ("zoo", pytest.mark.skip(reason="zoo matrix beyond CI's budget: run `make test-zoo` (MEMFIT_ZOO=1)"))
         )
-    if os.environ.get("MEMFIT_MODELS") != "all":
+    if not models_matrix():
         reason = "foreign model beyond CI's subset: run `make test-models` (MEMFIT_MODELS=all)"
         skips.append(("models", pytest.mark.skip(reason=reason)))
     for item in items:
