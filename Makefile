@@ -32,9 +32,9 @@ test: setup
 	$(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=15
 
 # The planner's correctness matrix over the rest of the zoo (CI runs one model per family) and the
-# cost model on the deeper family members: ~35 min.
+# cost model on the deeper family members, and the tradeoff curve of the CNN beyond CI's: ~35 min.
 test-zoo: setup
-	MEMFIT_ZOO=1 $(BIN)/python -m pytest -q -n 2 --durations=15 tests/test_planner.py tests/test_costmodel.py -m zoo
+	MEMFIT_ZOO=1 $(BIN)/python -m pytest -q -n 2 --durations=15 tests/test_planner.py tests/test_costmodel.py tests/test_tradeoff.py -m zoo
 
 # The foreign-model conformance matrix (torchvision, timm, transformers; CI runs a subset): ~8 min.
 test-models: setup

@@ -130,7 +130,8 @@ def test_a_looser_budget_never_gets_a_plan_predicted_costlier(monkeypatch: pytes
 
 @pytest.mark.parametrize(
     ("name", "kwargs"),
-    [("resnet50", {"width": 8}), ("mobilenet_v2", {"width_mult": 0.25})],
+    # CI: the ResNet-50, whose curve rose before the ladder; the zoo matrix adds MobileNetV2's
+    [("resnet50", {"width": 8}), pytest.param("mobilenet_v2", {"width_mult": 0.25}, marks=pytest.mark.zoo)],
 )
 def test_a_cnn_curve_never_costs_more_as_the_budget_rises(name: str, kwargs: dict) -> None:
     """The predicted extra time of the plan for each budget (every strategy, priced in time as
