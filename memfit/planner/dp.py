@@ -57,7 +57,7 @@ def _solve(chain: Chain, kinds: Sequence[SegmentKind], quantum: float, room: int
     held = np.full((m + 1, 2, size), np.inf)
     back = np.full((m + 1, 2, size, 4), -1, dtype=np.int64)  # (a, kind, class before, h before)
     best[0, 0, 0] = held[0, 0, 0] = 0.0
-    grads = chain.grads_table()
+    grads = np.repeat(chain.grads_table(), 2)  # [a * 2 + before], as the tables' columns
     # [b, a * 2 + before] per kind: a segment [a, b)'s figures after a plain (0) or a checkpointed
     # (1) one, laid out so that one take gathers them for every state of the rows before b
     tables = {
@@ -81,14 +81,14 @@ def _solve(chain: Chain, kinds: Sequence[SegmentKind], quantum: float, room: int
             # consecutive plain intervals are one plain segment: a plain one starts at b - 1 only
             first = states.starts[b - 1] if kind == "plain" else 0
             end = states.n
-            a, row, h = states.a[first:end], states.row[first:end], states.h[first:end]
+            row, h = states.row[first:end], states.h[first:end]
             v0, h0 = states.v[first:end], states.held[first:end]
-            if not a.size:
+            if not row.size:
                 continue
             hold, local, cost = (t[b].take(row) for t in tables[kind])
-            need = h0 + local + grads.take(a)
+            need = h0 + local + grads.take(row)
             if room is None:
-                value, ok = np.maximum(v0, need), np.ones(a.size, dtype=bool)
+                value, ok = np.maximum(v0, need), np.ones(row.size, dtype=bool)
             else:
                 value, ok = v0 + cost, need <= room
             new_held = h0 + hold
@@ -100,7 +100,8 @@ def _solve(chain: Chain, kinds: Sequence[SegmentKind], quantum: float, room: int
             if sel.size:
                 c = int(kind != "plain")
                 pick = sel[_relax(best[b, c], held[b, c], value[sel], new_held[sel], target[sel])]
-                back[b, c, target[pick]] = np.stack([a[pick], np.full(pick.size, k), row[pick] % 2, h[pick]], axis=1)
+                start, before = np.divmod(row[pick], 2)
+                back[b, c, target[pick]] = np.stack([start, np.full(pick.size, k), before, h[pick]], axis=1)
         states.add_row(b, best[b], held[b])
     final = best[m]
     if not np.isfinite(final).any():
@@ -119,7 +120,6 @@ class _States:
     """The finite entries of the rows of ``best``, appended row by row (arrays grown by doubling)."""
 
     def __init__(self) -> None:
-        self.a = np.empty(0, dtype=np.int64)
         self.row = np.empty(0, dtype=np.int64)  # a * 2 + before: the tables' column
         self.h = np.empty(0, dtype=np.int64)
         self.v = np.empty(0)
@@ -130,13 +130,12 @@ class _States:
     def add_row(self, a: int, best: np.ndarray, held: np.ndarray) -> None:
         before, h = np.nonzero(np.isfinite(best))
         lo, hi = self.n, self.n + before.size
-        if hi > self.a.size:  # grown by doubling: appending stays linear in the states
-            grow = max(hi, 2 * self.a.size) - self.a.size
-            for name in ("a", "row", "h", "v", "held"):
+        if hi > self.row.size:  # grown by doubling: appending stays linear in the states
+            grow = max(hi, 2 * self.row.size) - self.row.size
+            for name in ("row", "h", "v", "held"):
                 old = getattr(self, name)
                 setattr(self, name, np.concatenate([old, np.empty(grow, dtype=old.dtype)]))
         self.starts.append(lo)
-        self.a[lo:hi] = a
         self.row[lo:hi] = 2 * a + before
         self.h[lo:hi] = h
         self.v[lo:hi] = best[before, h]
