@@ -130,22 +130,27 @@ class Rounds:
     round, so all see the same load from the rest of the machine and none always runs first after
     another's frees. Every module steps WARMUP_STEPS times before timing (first-call allocations,
     oneDNN caches, compilation, and the heap growing to where, kept by :func:`keep_freed_memory`,
-    no step faults a page). With ``copies`` > 1 each module is that many independent copies
-    (itself and deep copies), and a round steps one of them, each in turn: where a module's
-    tensors lie moves its step by more than a small plan recomputes (two copies of the unplanned
-    GPT: 0.5 ms apart, a 97% budget's plan 2.4 ms), and rounds of one copy do not average that
-    out. One copy a round keeps each step as warm as a single module's (stepping every copy every
-    round, their working sets alternating in the caches, made each step 17-21% slower).
+    no step faults a page). With ``copies`` > 1 each module is that many independent copies,
+    and a round steps one of them, each in turn: where a module's tensors lie moves its step by
+    more than a small plan recomputes (two copies of the unplanned GPT: 0.5 ms apart, a 97%
+    budget's plan 2.4 ms), and rounds of one copy do not average that out. One copy a round keeps
+    each step as warm as a single module's (stepping every copy every round, their working sets
+    alternating in the caches, made each step 17-21% slower). The copies are all deep copies,
+    one of every module in turn, and the modules given are not stepped: the given ones are not
+    alike (the model was made before planning, in an empty heap; a plan and the control share its
+    parameters, so in the rounds of their first copies the second to step found weights the first
+    had just updated in the caches, where the eager copy's were its own).
     """
 
     def __init__(self, modules: dict[str, nn.Module], x: torch.Tensor, copies: int = 1) -> None:
         """Make the copies and warm every one up."""
         self.names = list(modules)
         self.copies = copies
-        self.steppers = {
-            n: [Stepper(m, x) for m in [modules[n], *(copy.deepcopy(modules[n]) for _ in range(copies - 1))]]
-            for n in self.names
-        }
+        self.steppers: dict[str, list[Stepper]] = {n: [] for n in self.names}
+        for _ in range(copies):
+            for n in self.names:
+                # one copy keeps the module itself: a compiled module cannot be copied
+                self.steppers[n].append(Stepper(copy.deepcopy(modules[n]) if copies > 1 else modules[n], x))
         self.done = 0  # rounds timed so far, over all calls
         with one_thread():
             for _ in range(WARMUP_STEPS):

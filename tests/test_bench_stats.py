@@ -85,9 +85,9 @@ def test_settling_times_only_the_open_plans_and_keeps_their_rounds_paired(monkey
 
 
 def test_copies_step_one_a_round_in_turn(monkeypatch) -> None:
-    """With copies=K every module is K copies (the module and K-1 deep copies, parameters not
-    shared), all warmed up, and each round steps one of them: a round's figure is that copy's
-    CPU time, and every copy gets its share of the rounds."""
+    """With copies=K every module is K deep copies (parameters not shared, one of every module in
+    turn, the module given never stepped), all warmed up, and each round steps one of them: a
+    round's figure is that copy's CPU time, and every copy gets its share of the rounds."""
     stepped: list[int] = []
 
     class Costly(torch.nn.Module):
@@ -117,19 +117,22 @@ def test_copies_step_one_a_round_in_turn(monkeypatch) -> None:
 
     monkeypatch.setattr(common.copy, "deepcopy", numbered)
     took = step_times({"m": original, "n": torch.nn.Linear(3, 1)}, torch.ones(1, 3), rounds=12, copies=3)
+    # made in turn, m's copy then n's: m's copies are the 1st, 3rd and 5th made
+    assert [twin.index for twin in made if isinstance(twin, Costly)] == [1, 3, 5]
     # two modules: a copy steps for two rounds (both orders), then the next
-    assert took["m"] == [1.0, 1.0, 2.0, 2.0, 3.0, 3.0] * 2
-    warmup = [0, 1, 2] * common.WARMUP_STEPS
-    assert stepped == warmup + [0, 0, 1, 1, 2, 2] * 2
-    assert all(twin.weight is not original.weight for twin in made[:2])
-    assert all(p.grad is None for p in original.parameters())  # steps free their gradients
+    assert took["m"] == [2.0, 2.0, 4.0, 4.0, 6.0, 6.0] * 2
+    warmup = [1, 3, 5] * common.WARMUP_STEPS
+    assert stepped == warmup + [1, 1, 3, 3, 5, 5] * 2
+    assert all(twin.weight is not original.weight for twin in made if isinstance(twin, Costly))
+    assert all(p.grad is None for twin in made for p in twin.parameters())  # steps free their gradients
+    assert original.index == 0 and original.weight.grad is None  # never stepped
     # Rounds called again goes on: no new copies, no second warm-up, the rotation continued
     made.clear()
     stepped.clear()
     timer = common.Rounds({"m": original, "n": torch.nn.Linear(3, 1)}, torch.ones(1, 3), copies=3)
     first, second = timer(5), timer(7, ["m", "n"])
-    assert first["m"] + second["m"] == took["m"] and len(made) == 4  # two copies of each, made once
-    assert stepped == warmup + [0, 0, 1, 1, 2, 2] * 2
+    assert first["m"] + second["m"] == took["m"] and len(made) == 6  # three copies of each, made once
+    assert stepped == warmup + [1, 1, 3, 3, 5, 5] * 2
 
 
 def test_no_copies_is_refused_by_name(capsys) -> None:
