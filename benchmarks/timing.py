@@ -23,9 +23,10 @@ more interleaved rounds (SETTLE_ROUNDS at a time, against the unplanned step in 
 rounds) until the interval decides or the seconds are spent; the rounds column says how many it
 had. (Stopping once the interval decides leans a little toward deciding: a settled row is one
 run's verdict.) With
-``--copies K`` every timed module (the unplanned model too) is K independent copies, one stepped
-a round in turn: where a module lies in memory moves a small plan's figure more than rounds of
-one copy average out (docs/benchmarks.md).
+``--copies K`` every timed module (the unplanned model too) is K deep copies, one stepped a
+round in turn: where a module lies in memory moves a small plan's figure more than rounds of one
+copy average out, and the modules given are not alike (a plan shares the model's parameters, the
+eager copy has its own), so none of them is stepped (docs/benchmarks.md).
 
     .venv/bin/python benchmarks/timing.py --quick             # smaller shapes, 2 budgets, 3 rounds
     .venv/bin/python benchmarks/timing.py                     # both models, 3 budgets, 7 rounds
